@@ -1,0 +1,21 @@
+"""psiopt: optimization on the PSI manifold of positively scale-invariant weights."""
+
+import warnings as _warnings
+
+# geoopt 0.5 calls torch.jit.script at import, which torch >= 2.10 deprecates; the
+# warning is geoopt's, not the user's, so it is silenced for that one import only.
+with _warnings.catch_warnings():
+    _warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+    import geoopt as _geoopt  # noqa: F401
+
+from ._version import __version__
+from .grouping import Grouping, as_grouping
+from .manifold import PSIManifold, ZeroGroupError
+
+__all__ = [
+    "__version__",
+    "Grouping",
+    "as_grouping",
+    "PSIManifold",
+    "ZeroGroupError",
+]
