@@ -1,0 +1,1 @@
+"""Benchmark helpers for psiopt: a small model zoo and the benchmark suite."""

@@ -1,0 +1,293 @@
+"""A small zoo of batch-normalized models for the tests and the benchmarks.
+
+torchvision has no CPU build on this project's machines, so the standard
+architectures are written here. Every convolution or linear layer that feeds a
+normalization layer has ``bias=False`` (BN's shift makes such a bias redundant), so
+each model's scale-invariant weights are exactly its convolution / hidden linear
+weights, and its classifier head is the only weight that is not scale invariant.
+
+==================  ====================================================================
+builder             architecture
+==================  ====================================================================
+:func:`mlp_bn`      ``Linear -> BatchNorm1d -> ReLU`` blocks, then a ``Linear`` head
+:func:`cnn_bn`      VGG-style ``Conv -> BN -> ReLU`` stages with max pooling, linear head
+:func:`resnet18`    CIFAR-style ResNet-18 (BasicBlocks, 1x1-conv + BN shortcuts)
+:func:`small_resnet`  a narrower, shallower ResNet of the same blocks, for CPU runs
+:func:`vgg16_bn`    CIFAR-style VGG-16 with batch normalization
+==================  ====================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BasicBlock",
+    "ResNet",
+    "mlp_bn",
+    "cnn_bn",
+    "resnet18",
+    "small_resnet",
+    "vgg16_bn",
+]
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def mlp_bn(in_features: int, hidden: Sequence[int] = (256, 256), num_classes: int = 10) -> nn.Sequential:
+    """A multilayer perceptron with batch normalization after every hidden layer.
+
+    Parameters
+    ----------
+    in_features : int
+        Size of one (flat) input sample; inputs of shape ``(N, in_features)``.
+    hidden : sequence of int, default (256, 256)
+        Width of each hidden ``Linear(bias=False) -> BatchNorm1d -> ReLU`` block.
+    num_classes : int, default 10
+        Output size of the final ``Linear`` head (which keeps its bias).
+
+    Returns
+    -------
+    torch.nn.Sequential
+        Maps ``(N, in_features)`` to logits ``(N, num_classes)``.
+    """
+    _check_positive("in_features", in_features)
+    _check_positive("num_classes", num_classes)
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        _check_positive("each hidden width", h)
+        layers += [nn.Linear(width, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+
+
+def _vgg(config: Sequence[int | str], in_channels: int, num_classes: int) -> nn.Sequential:
+    """VGG body from a config of widths and ``"M"`` (2x2 max pooling), then a linear head.
+
+    A global average pool before the head makes the model work for any input size
+    that survives the pooling stages.
+    """
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for item in config:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            assert isinstance(item, int)
+            layers += _conv_bn_relu(channels, item)
+            channels = item
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def cnn_bn(in_channels: int = 3, num_classes: int = 10, width: int = 32) -> nn.Sequential:
+    """A small VGG-style CNN: three stages of ``Conv3x3 -> BN -> ReLU`` and max pooling.
+
+    Parameters
+    ----------
+    in_channels : int, default 3
+        Channels of the input images ``(N, in_channels, H, W)``; ``H, W >= 4``.
+    num_classes : int, default 10
+        Output size of the linear head.
+    width : int, default 32
+        Channels of the first stage; the stages have ``width, 2*width, 4*width``.
+
+    Returns
+    -------
+    torch.nn.Sequential
+        Maps ``(N, in_channels, H, W)`` to logits ``(N, num_classes)``.
+    """
+    _check_positive("in_channels", in_channels)
+    _check_positive("num_classes", num_classes)
+    _check_positive("width", width)
+    config: list[int | str] = [width, "M", 2 * width, "M", 4 * width, 4 * width]
+    return _vgg(config, in_channels, num_classes)
+
+
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg16_bn(num_classes: int = 10, width_multiplier: float = 1.0, in_channels: int = 3) -> nn.Sequential:
+    """CIFAR-style VGG-16 with batch normalization (13 conv layers, 5 max pools, linear head).
+
+    Parameters
+    ----------
+    num_classes : int, default 10
+        Output size of the linear head.
+    width_multiplier : float, default 1.0
+        Scales every conv width (``64 .. 512`` at 1.0); each width stays at least 1.
+    in_channels : int, default 3
+        Channels of the input images; inputs must be at least 32x32 (five 2x2 pools).
+
+    Returns
+    -------
+    torch.nn.Sequential
+        Maps ``(N, in_channels, H, W)`` to logits ``(N, num_classes)``.
+    """
+    _check_positive("num_classes", num_classes)
+    _check_positive("in_channels", in_channels)
+    if not (isinstance(width_multiplier, (int, float)) and width_multiplier > 0):
+        raise ValueError(f"width_multiplier must be a positive number, got {width_multiplier!r}")
+    config = [c if c == "M" else max(1, round(int(c) * width_multiplier)) for c in _VGG16]
+    return _vgg(config, in_channels, num_classes)
+
+
+class BasicBlock(nn.Module):
+    """The ResNet basic block: two ``Conv3x3 -> BN`` layers and a residual shortcut.
+
+    When the block changes resolution or width, the shortcut is a
+    ``Conv1x1(stride) -> BN`` *downsample* branch; otherwise it is the identity.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Channels in and out of the block.
+    stride : int, default 1
+        Stride of the first convolution (and of the downsample branch).
+    """
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet: a 3x3 stem, four stages of :class:`BasicBlock`, a linear head.
+
+    Unlike the ImageNet ResNet, the stem is a single stride-1 ``Conv3x3 -> BN -> ReLU``
+    with no max pooling, which suits 32x32 inputs.
+
+    Parameters
+    ----------
+    blocks_per_stage : sequence of int
+        Number of blocks in each stage (``(2, 2, 2, 2)`` is ResNet-18). Stage ``i``
+        has ``width * 2**i`` channels and every stage after the first halves the
+        resolution.
+    num_classes : int, default 10
+        Output size of the ``fc`` head.
+    in_channels : int, default 3
+        Channels of the input images.
+    width : int, default 64
+        Channels of the stem and the first stage.
+    """
+
+    def __init__(
+        self,
+        blocks_per_stage: Sequence[int],
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 64,
+    ):
+        super().__init__()
+        _check_positive("num_classes", num_classes)
+        _check_positive("in_channels", in_channels)
+        _check_positive("width", width)
+        if len(blocks_per_stage) == 0:
+            raise ValueError("blocks_per_stage must name at least one stage")
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        channels = width
+        for i, n_blocks in enumerate(blocks_per_stage):
+            _check_positive("each stage's block count", n_blocks)
+            out_channels = width * 2**i
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for b in range(n_blocks):
+                blocks.append(BasicBlock(channels, out_channels, stride if b == 0 else 1))
+                channels = out_channels
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.num_stages = len(blocks_per_stage)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
+    """CIFAR-style ResNet-18: four stages of two :class:`BasicBlock` each.
+
+    Parameters
+    ----------
+    num_classes : int, default 10
+        Output size of the ``fc`` head.
+    in_channels : int, default 3
+        Channels of the input images.
+    width : int, default 64
+        Channels of the first stage (the stages have ``width * (1, 2, 4, 8)``);
+        a smaller width gives a cheap model with the same structure.
+
+    Returns
+    -------
+    ResNet
+        Maps ``(N, in_channels, H, W)`` to logits ``(N, num_classes)``; 20 conv
+        weights (17 main-path convs and 3 downsample convs), all followed by BN.
+    """
+    return ResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def small_resnet(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: int = 16,
+    blocks_per_stage: Sequence[int] = (1, 1, 1),
+) -> ResNet:
+    """A small ResNet of the same blocks as :func:`resnet18`, fast enough for CPU runs.
+
+    Parameters
+    ----------
+    num_classes : int, default 10
+        Output size of the ``fc`` head.
+    in_channels : int, default 3
+        Channels of the input images.
+    width : int, default 16
+        Channels of the first stage.
+    blocks_per_stage : sequence of int, default (1, 1, 1)
+        Blocks in each stage; the default has three stages (widths 16, 32, 64),
+        two of them with a downsample shortcut.
+
+    Returns
+    -------
+    ResNet
+        Maps ``(N, in_channels, H, W)`` to logits ``(N, num_classes)``.
+    """
+    return ResNet(blocks_per_stage, num_classes=num_classes, in_channels=in_channels, width=width)

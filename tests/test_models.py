@@ -1,0 +1,48 @@
+"""The benchmark model zoo builds, runs, and has the structure the tests rely on."""
+
+import pytest
+import torch
+from torch import nn
+
+from psiopt.bench import models
+
+
+@pytest.mark.parametrize(
+    "build, x, n_out",
+    [
+        (lambda: models.mlp_bn(12, hidden=(16, 8), num_classes=5), torch.randn(4, 12), 5),
+        (lambda: models.cnn_bn(3, 7, width=4), torch.randn(2, 3, 16, 16), 7),
+        (lambda: models.resnet18(num_classes=10, width=4), torch.randn(2, 3, 16, 16), 10),
+        (lambda: models.small_resnet(num_classes=3, in_channels=1, width=4), torch.randn(2, 1, 12, 12), 3),
+        (lambda: models.vgg16_bn(num_classes=4, width_multiplier=1 / 16), torch.randn(2, 3, 32, 32), 4),
+    ],
+)
+def test_model_builds_and_gives_logits(build, x, n_out):
+    torch.manual_seed(0)
+    model = build()
+    assert model(x).shape == (x.shape[0], n_out)
+
+
+
+def test_resnet18_structure():
+    model = models.resnet18(width=4)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 20
+    assert sum("downsample" in n for n in convs) == 3
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert model.fc.bias is not None
+
+
+def test_vgg16_has_13_convs_and_widths_scale():
+    model = models.vgg16_bn(width_multiplier=0.25)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13
+    assert [c.out_channels for c in convs][:2] == [16, 16] and convs[-1].out_channels == 128
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_bad_sizes_raise(bad):
+    with pytest.raises(ValueError):
+        models.mlp_bn(bad)
+    with pytest.raises(ValueError):
+        models.cnn_bn(width=bad)
