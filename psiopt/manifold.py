@@ -349,7 +349,7 @@ class PSIManifold(geoopt.manifolds.Manifold):
         as a :class:`geoopt.ManifoldTensor` on this manifold."""
         if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
             size = tuple(size[0])
-        self.assert_check_shape(tuple(size))
+        self._assert_check_shape(tuple(size), "x")
         x = torch.randn(*size, dtype=dtype, device=device)
         return geoopt.ManifoldTensor(x, manifold=self)
 
@@ -357,7 +357,7 @@ class PSIManifold(geoopt.manifolds.Manifold):
         """A fixed point: every group the unit vector along its first coordinate."""
         if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
             size = tuple(size[0])
-        self.assert_check_shape(tuple(size))
+        self._assert_check_shape(tuple(size), "x")
         x = torch.zeros(*size, dtype=dtype, device=device)
         self.rows(x)[:, 0] = 1.0
         return geoopt.ManifoldTensor(x, manifold=self)
