@@ -40,6 +40,7 @@ __all__ = [
     "horizontal_lift_rows",
     "transport_rows",
     "expmap_rows",
+    "parallel_transport_rows",
     "normalize_rows",
 ]
 
@@ -111,6 +112,32 @@ def expmap_rows(w: torch.Tensor, xi: torch.Tensor, w_sq: torch.Tensor | None = N
     # sin(θ)/θ is smooth at 0; torch.sinc(x) = sin(πx)/(πx) gives it without a branch.
     sin_over_theta = torch.sinc(theta / torch.pi)
     return torch.cos(theta) * w + sin_over_theta * xi
+
+
+def parallel_transport_rows(
+    w: torch.Tensor, xi: torch.Tensor, v: torch.Tensor, w_sq: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""Parallel transport of ``v`` along the great circle :math:`t \mapsto \mathrm{Exp}_w(t\xi)`, to ``expmap_rows(w, xi)``.
+
+    With :math:`\theta_j = \|\xi_j\|/\|w_j\|`, :math:`u_j = \xi_j/\|\xi_j\|`,
+    :math:`\hat w_j = w_j/\|w_j\|` (all rows horizontal: :math:`\langle \xi_j, w_j\rangle =
+    \langle v_j, w_j\rangle = 0`):
+    :math:`v_j - \langle u_j, v_j\rangle\,(\sin\theta_j\,\hat w_j + (1-\cos\theta_j)\,u_j)`.
+    The component along :math:`u_j` turns with the geodesic, the rest is unchanged, so
+    norms and inner products are kept. This is the sphere's Levi-Civita transport (each
+    factor of the quotient is a sphere), exact where :func:`transport_rows` is a
+    projection; rows with :math:`\xi_j = 0` are returned unchanged.
+    """
+    w, xi, v = _acc(w), _acc(xi), _acc(v)
+    if w_sq is None:
+        w_sq = group_sq_norms(w)
+    w_norm = torch.sqrt(w_sq)
+    xi_norm = torch.linalg.vector_norm(xi, dim=1, keepdim=True)
+    moving = xi_norm > 0
+    u = torch.where(moving, xi / torch.where(moving, xi_norm, torch.ones_like(xi_norm)), torch.zeros_like(xi))
+    theta = xi_norm / w_norm
+    along = (u * v).sum(dim=1, keepdim=True)
+    return v - along * (torch.sin(theta) * (w / w_norm) + (1.0 - torch.cos(theta)) * u)
 
 
 def normalize_rows(w: torch.Tensor, target_sq: torch.Tensor) -> torch.Tensor:
