@@ -11,6 +11,15 @@ with _warnings.catch_warnings():
 from ._version import __version__
 from .grouping import Grouping, as_grouping
 from .manifold import PSIManifold, ZeroGroupError
+from .discovery import (
+    RejectedCandidate,
+    ScaleInvarianceReport,
+    ScaleInvariantWeight,
+    find_scale_invariant,
+    is_scale_invariant,
+    mark_scale_invariant,
+    scale_invariant_parameters,
+)
 
 __all__ = [
     "__version__",
@@ -18,4 +27,11 @@ __all__ = [
     "as_grouping",
     "PSIManifold",
     "ZeroGroupError",
+    "find_scale_invariant",
+    "mark_scale_invariant",
+    "ScaleInvariantWeight",
+    "RejectedCandidate",
+    "ScaleInvarianceReport",
+    "scale_invariant_parameters",
+    "is_scale_invariant",
 ]
