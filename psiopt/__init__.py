@@ -20,6 +20,9 @@ from .discovery import (
     mark_scale_invariant,
     scale_invariant_parameters,
 )
+from . import baselines, nn
+from .enorm import ENorm
+from .sbwn import SBWN
 
 __all__ = [
     "__version__",
@@ -34,4 +37,8 @@ __all__ = [
     "ScaleInvarianceReport",
     "scale_invariant_parameters",
     "is_scale_invariant",
+    "nn",
+    "baselines",
+    "ENorm",
+    "SBWN",
 ]
