@@ -226,15 +226,16 @@ class ScaleInvariantWeight:
     path : tuple of str
         The operations between the layer and the normalization layer (``("ReLU",)``).
     proof_deviation : float
-        Worst relative output change measured by the proof (normalization eps set to
-        the proof eps); at most the proof's ``rtol``.
+        Worst relative output change measured by the proof that accepted the weight
+        (the joint test of all candidates, or its own test if the joint one failed),
+        with normalization eps set to the proof eps; at most the proof's ``rtol``.
     eps : float or None
         The normalization layer's real ``eps`` (``None`` for weight norm and given
         candidates).
-    eps_sensitivity : tuple of float
+    eps_sensitivity : (float, float) or None
         Relative output change at the model's real eps when *all* groups are
         multiplied by the low and by the high factor (default 0.1 and 10): how much
-        eps breaks invariance on these inputs.
+        eps breaks invariance on these inputs (``None`` with ``measure_eps=False``).
     eps_bound : float or None
         First-order prediction of the relative change of the most eps-sensitive
         normalized group when shrunk by the low factor :math:`c`:
@@ -251,7 +252,7 @@ class ScaleInvariantWeight:
     path: tuple[str, ...] = ()
     proof_deviation: float = 0.0
     eps: float | None = None
-    eps_sensitivity: tuple[float, float] = (0.0, 0.0)
+    eps_sensitivity: tuple[float, float] | None = None
     eps_bound: float | None = None
 
     @property
@@ -362,7 +363,7 @@ class ScaleInvarianceReport(Sequence[ScaleInvariantWeight]):
                     w.grouping.describe(),
                     str(w.num_groups),
                     w.cause,
-                    f"{w.eps_sensitivity[0]:.1e} / {w.eps_sensitivity[1]:.1e}",
+                    "-" if w.eps_sensitivity is None else "{:.1e} / {:.1e}".format(*w.eps_sensitivity),
                 )
                 for w in self.weights
             ]
@@ -457,7 +458,12 @@ class _FxGraph(_Graph):
             if user.op == "call_module":
                 module = self.model.get_submodule(user.target)
                 out.append(
-                    (_Consumer("module", _module_label(user.target, module), module, user.target, first_arg_only=first), user)
+                    (
+                        _Consumer(
+                            "module", _module_label(user.target, module), module, user.target, first_arg_only=first
+                        ),
+                        user,
+                    )
                 )
             elif user.op == "call_function":
                 label = getattr(user.target, "__name__", str(user.target))
@@ -516,7 +522,8 @@ class _HookGraph(_Graph):
         if any(t is tensor for t in self.outputs):
             out.append((_Consumer("output", "the model output"), None))
         if not out:
-            out.append((_Consumer("unseen", "an operation that is not a module call (not visible without torch.fx)"), None))
+            unseen = "an operation that is not a module call (not visible without torch.fx)"
+            out.append((_Consumer("unseen", unseen), None))
         return out
 
 
@@ -548,16 +555,25 @@ def _norm_grouping(norm: nn.Module, layer: nn.Module, ndim: int) -> tuple[Groupi
     kind = type(norm).__name__
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
         if lc != 1 or norm.num_features != channels:
-            return None, f"{kind} normalizes dim 1 with {norm.num_features} features, not the layer's {channels} output channels (dim {lc})", False
+            return None, (
+                f"{kind} normalizes dim 1 with {norm.num_features} features, not the layer's "
+                f"{channels} output channels (dim {lc})"
+            ), False
         return Grouping.per_channel(), "", True
     if isinstance(norm, nn.modules.instancenorm._InstanceNorm):
         nc = ndim - norm._get_no_batch_dim()
         if lc != nc or norm.num_features != channels:
-            return None, f"{kind} normalizes channels in dim {nc} ({norm.num_features}), not the layer's {channels} output channels (dim {lc})", False
+            return None, (
+                f"{kind} normalizes channels in dim {nc} ({norm.num_features}), not the layer's "
+                f"{channels} output channels (dim {lc})"
+            ), False
         return Grouping.per_channel(), "", True
     if isinstance(norm, nn.GroupNorm):
         if lc != 1 or norm.num_channels != channels:
-            return None, f"GroupNorm has {norm.num_channels} channels in dim 1, not the layer's {channels} output channels (dim {lc})", False
+            return None, (
+                f"GroupNorm has {norm.num_channels} channels in dim 1, not the layer's "
+                f"{channels} output channels (dim {lc})"
+            ), False
         cpg = channels // norm.num_groups
         if norm.num_groups == 1:
             return Grouping.whole(), "", False
@@ -581,7 +597,10 @@ def _follow(graph: _Graph, site: _Site, handle: Any, has_bias: bool):
         users = graph.users(cur)
         if len(users) != 1:
             names = ", ".join(c.label for c, _ in users)
-            return f"its output is used by {len(users)} operations ({names}); it must reach a normalization layer and nothing else"
+            return (
+                f"its output is used by {len(users)} operations ({names}); it must reach a normalization "
+                "layer and nothing else"
+            )
         consumer, nxt = users[0]
         if consumer.kind == "output":
             return "its output reaches the model output without passing a normalization layer"
@@ -664,7 +683,9 @@ def _structural_pass(
             rejected.append(RejectedCandidate(param_names[pid], reasons[0], "structural"))
         elif len({c.grouping for c in found}) > 1:
             rejected.append(
-                RejectedCandidate(param_names[pid], "its layer is called at several places with different groupings", "structural")
+                RejectedCandidate(
+                    param_names[pid], "its layer is called at several places with different groupings", "structural"
+                )
             )
         else:
             first = found[0]
@@ -777,7 +798,8 @@ class _SavedState:
 
     def __init__(self, model: nn.Module):
         self.modes = [(m, m.training) for m in model.modules()]
-        self.buffers = [(b, b.detach().clone()) for b in _unique(t for _, t in model.named_buffers(remove_duplicate=False)) if b is not None]
+        buffers = _unique(t for _, t in model.named_buffers(remove_duplicate=False))
+        self.buffers = [(b, b.detach().clone()) for b in buffers]
         self.params = [(p, p.data) for p in _unique(model.parameters())]
         self.eps = [(m, m.eps) for m in model.modules() if isinstance(m, _NORMS)]
         self.py_rng = random.getstate()
@@ -863,7 +885,9 @@ def _scaled(param: torch.Tensor, grouping: Grouping, factors: torch.Tensor) -> t
     return (rows * factors.to(device=rows.device, dtype=rows.dtype).unsqueeze(1)).reshape(param.shape)
 
 
-def _check_options(factors: Sequence[float], rtol: float | None, atol: float, proof_eps: float, trials: int) -> tuple[float, float]:
+def _check_options(
+    factors: Sequence[float], rtol: float | None, atol: float, proof_eps: float, trials: int
+) -> tuple[float, float]:
     try:
         low, high = (float(f) for f in factors)
     except (TypeError, ValueError):
@@ -916,6 +940,7 @@ def find_scale_invariant(
     seed: int = 0,
     candidates: Mapping[str, GroupingLike] | None = None,
     structure: str = "auto",
+    measure_eps: bool = True,
 ) -> ScaleInvarianceReport:
     """Find the weights of ``model`` whose groups can be rescaled without changing its output.
 
@@ -939,8 +964,9 @@ def find_scale_invariant(
     proof_eps : float, default 1e-30
         The eps every normalization layer gets during the proof.
     trials : int, default 1
-        Number of random factor draws per candidate (each draw is tested with the
-        factors and with their mirror images, so both ends of the range are hit).
+        Number of random factor draws (each draw is tested with the factors and with
+        their mirror images :math:`ab/a_j`, so every group is both shrunk and grown and
+        both ends of the range are hit).
     seed : int, default 0
         Seed of the factors and of the forward passes (dropout masks); the global
         random state is not used nor changed.
@@ -950,6 +976,16 @@ def find_scale_invariant(
     structure : {"auto", "fx", "hooks"}, default "auto"
         How to see the model: torch.fx with a fallback to forward hooks (``"auto"``),
         or only one of them (``"fx"`` raises if tracing fails).
+    measure_eps : bool, default True
+        Measure each found weight's :attr:`~ScaleInvariantWeight.eps_sensitivity`
+        (two forward passes per weight); ``False`` leaves it ``None``.
+
+    Notes
+    -----
+    Cost: two forward passes (real and proof eps), two for the joint proof of all
+    candidates (one per trial and mirror image), two more per candidate only if the
+    joint proof fails, and two per found weight with ``measure_eps``; all under
+    ``torch.no_grad()``. A small batch (a few samples) is enough.
 
     Returns
     -------
@@ -1058,16 +1094,24 @@ def find_scale_invariant(
                 "inputs, or a larger proof_eps"
             )
         gen = torch.Generator().manual_seed(seed)
-        accepted: list[tuple[_Candidate, float]] = []
-        for cand in proposed:
-            k = cand.grouping.num_groups(cand.param.shape)
+
+        def prove(group: list[_Candidate]) -> tuple[float, bool]:
             worst, ok = 0.0, True
             for _ in range(trials):
-                draw = _group_factors(k, low, high, gen)
-                for fac in (draw, low * high / draw):
-                    out = _forward_with(model, example_inputs, seed, saved, cand, fac)
+                draws = [_group_factors(c.grouping.num_groups(c.param.shape), low, high, gen) for c in group]
+                for mirrored in (False, True):
+                    scaling = [(c, low * high / d if mirrored else d) for c, d in zip(group, draws)]
+                    out = _forward_with(model, example_inputs, seed, saved, scaling)
                     dev, within = _relative_change(ref_proof, out, atol, tol)
                     worst, ok = max(worst, dev), ok and within
+            return worst, ok
+
+        # All candidates at once first (independent random factors: one weight's failure
+        # cannot be cancelled by another's); only if that fails, each on its own.
+        accepted: list[tuple[_Candidate, float]] = []
+        joint_worst, joint_ok = prove(proposed) if len(proposed) > 1 else (0.0, False)
+        for cand in proposed:
+            worst, ok = (joint_worst, True) if joint_ok else prove([cand])
             if ok:
                 accepted.append((cand, worst))
             else:
@@ -1086,10 +1130,14 @@ def find_scale_invariant(
         found = []
         for cand, worst in accepted:
             k = cand.grouping.num_groups(cand.param.shape)
-            sens = []
-            for c in (low, high):
-                fac = torch.full((k,), c, dtype=torch.float64)
-                sens.append(_relative_change(ref_real_leaves, _forward_with(model, example_inputs, seed, saved, cand, fac), 0.0, 0.0)[0])
+            sensitivity = None
+            if measure_eps:
+                changes = []
+                for c in (low, high):
+                    uniform = torch.full((k,), c, dtype=torch.float64)
+                    out = _forward_with(model, example_inputs, seed, saved, [(cand, uniform)])
+                    changes.append(_relative_change(ref_real_leaves, out, 0.0, 0.0)[0])
+                sensitivity = (changes[0], changes[1])
             bound = None
             norm = norm_by_name.get(cand.norm_layer or "")
             if norm is not None and cand.eps is not None:
@@ -1106,7 +1154,7 @@ def find_scale_invariant(
                     cand.path,
                     worst,
                     cand.eps,
-                    (sens[0], sens[1]),
+                    sensitivity,
                     bound,
                 )
             )
@@ -1187,14 +1235,25 @@ def _forward(model: nn.Module, inputs: tuple[Any, ...], seed: int, saved: _Saved
 
 
 def _forward_with(
-    model: nn.Module, inputs: tuple[Any, ...], seed: int, saved: _SavedState, cand: _Candidate, factors: torch.Tensor
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    seed: int,
+    saved: _SavedState,
+    scaling: list[tuple[_Candidate, torch.Tensor]],
 ) -> list[torch.Tensor]:
-    original = cand.param.data
-    cand.param.data = _scaled(cand.param, cand.grouping, factors)
+    """The output with each candidate's groups multiplied by its factors.
+
+    The scaled copies are swapped in through ``.data``, so the original storage is
+    never written; ``saved.restore`` would put it back even if this were interrupted.
+    """
+    originals = [(c.param, c.param.data) for c, _ in scaling]
     try:
+        for c, factors in scaling:
+            c.param.data = _scaled(c.param, c.grouping, factors)
         return _float_leaves(_forward(model, inputs, seed, saved))
     finally:
-        cand.param.data = original
+        for param, data in originals:
+            param.data = data
 
 
 # -- marking ---------------------------------------------------------------------------

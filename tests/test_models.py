@@ -23,7 +23,6 @@ def test_model_builds_and_gives_logits(build, x, n_out):
     assert model(x).shape == (x.shape[0], n_out)
 
 
-
 def test_resnet18_structure():
     model = models.resnet18(width=4)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
