@@ -814,8 +814,7 @@ class _SavedState:
 
     def restore(self) -> None:
         for p, data in self.params:
-            if p.data is not data:
-                p.data = data
+            p.data = data  # the storage itself was never written, only swapped
         self.reset_buffers()
         for m, eps in self.eps:
             m.eps = eps
@@ -1035,7 +1034,9 @@ def find_scale_invariant(
 
     saved = _SavedState(model)
     try:
-        model.train()
+        # Flags set directly: a model's own train() override (freezing BN, say) must not run.
+        for m, _ in saved.modes:
+            m.training = True
         out_ndims: dict[str, set[int]] = {}
         stats: dict[int, _NormStats] = {}
         events: list[_Event] = []
@@ -1204,9 +1205,9 @@ def _check_conditioning(
 ) -> None:
     """Refuse inputs on which a norm layer's groups are (nearly) constant: rounding noise
     divided by a tiny standard deviation would decide the proof, not the model."""
-    # A group whose std is below 100*eps_machine/tol of its RMS has relative rounding noise
-    # above tol/100 after normalization.
-    limit = (100.0 * torch.finfo(dtype).eps / tol) ** 2
+    # Rounding leaves (z - mean) a relative error of about eps_machine * RMS/std; require it
+    # below tol/10 after normalization.
+    limit = (10.0 * torch.finfo(dtype).eps / tol) ** 2
     for cand in proposed:
         for norm_name in (cand.norm_layer or "").split(", "):
             norm = norms.get(norm_name)
@@ -1348,6 +1349,7 @@ def mark_scale_invariant(model: nn.Module, *example_inputs: Any, **options: Any)
         plan.append((rec, old))
     for rec, old in plan:
         new = geoopt.ManifoldParameter(old.data, manifold=PSIManifold(rec.grouping), requires_grad=old.requires_grad)
+        new.grad = old.grad
         for module, attr in owners[rec.name]:
             setattr(module, attr, new)
         setattr(old, _REPLACED_TAG, rec.name)
