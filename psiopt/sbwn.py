@@ -1,4 +1,4 @@
-r"""Scaling-based weight normalization, SBWN (after Yuan & Xiao, IEEE Access 2019).
+r"""Scaling-based weight normalization, SBWN (after the IEEE Access 2019 paper of that name).
 
 The seed describes SBWN only as node-wise rescalings that keep the network's function,
 move the weights out of ill-conditioned regions, interleave with any optimizer and work
@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .enorm import _BATCH_NORMS, _HOMOGENEOUS, _Layer, _MeanOnlyBatchNorm, _parse_chain, _Rescaler, _row_norms
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .discovery import find_scale_invariant
+from .enorm import _BATCH_NORMS, _HOMOGENEOUS, _is_psi, _Layer, _MeanOnlyBatchNorm, _parse_chain, _Rescaler, _row_norms
+from .grouping import Grouping
 
 __all__ = ["SBWN"]
 
@@ -79,11 +85,22 @@ class SBWN:
         Whose state to rescale with the weights, as in :class:`psiopt.ENorm`: a
         rescaling by :math:`a` divides ``momentum_buffer`` / ``exp_avg`` by :math:`a`
         and ``exp_avg_sq`` by :math:`a^2`.
+    example_inputs : tuple, optional
+        For models that are not such a chain (ResNets, any graph): a batch
+        ``model(*example_inputs)`` on which :func:`psiopt.find_scale_invariant` finds
+        the weights that a normalization layer (BN, GroupNorm, LayerNorm,
+        InstanceNorm, weight norm) makes scale invariant. SBWN then normalizes only
+        those, each group to unit norm (the layer's bias and the BN's running
+        statistics follow), since only there a normalization absorbs the factor and
+        nothing downstream has to change. Given, it is used even for a chain.
 
     Raises
     ------
     TypeError, ValueError
-        For models it cannot handle, as :class:`psiopt.ENorm` (BatchNorm aside).
+        For models it cannot handle, as :class:`psiopt.ENorm` (BatchNorm aside);
+        with ``example_inputs``, when no scale-invariant weight is found. Weights
+        marked as PSI manifold parameters are refused (the PSI optimizers already
+        work on the quotient; SBWN is for the other optimizers).
 
     Notes
     -----
@@ -110,10 +127,26 @@ class SBWN:
     1.0
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        example_inputs: Sequence[Any] | None = None,
+    ) -> None:
         self.model = model
-        self.layers = _parse_chain(model, "SBWN", allow_batch_norm=True)
         self._rescaler = _Rescaler(optimizer, "SBWN")
+        self.layers: list[_Layer] = []
+        self.normalized: list[_NormalizedWeight] = []
+        if example_inputs is None:
+            try:
+                self.layers = _parse_chain(model, "SBWN", allow_batch_norm=True)
+            except (TypeError, ValueError) as err:
+                raise type(err)(
+                    f"{err}. For a BN network that is not such a chain (e.g. a ResNet), pass "
+                    "example_inputs=(batch,) to normalize the weights its norm layers make scale invariant"
+                ) from None
+        else:
+            self.normalized = _find_normalized(model, example_inputs)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -129,13 +162,16 @@ class SBWN:
         return None
 
     def rescalable(self) -> list[_Layer]:
-        """The layers whose units SBWN normalizes: all but an output layer with no BN after it."""
+        """The chain layers whose units SBWN normalizes: all but an output layer with no BN
+        after it (empty with ``example_inputs``: see :attr:`normalized`)."""
+        if not self.layers:
+            return []
         last = self.layers[-1]
         keep_last = self._absorber(last) is not None
         return self.layers[:-1] + ([last] if keep_last else [])
 
     def _params(self) -> list[torch.Tensor]:
-        params = []
+        params = [p for entry in self.normalized for p in (entry.weight, entry.bias) if p is not None]
         for layer in self.layers:
             params += [p for p in (layer.weight, layer.bias) if p is not None]
             params += [m.bias for _, m in layer.after if isinstance(m, _MeanOnlyBatchNorm) and m.bias is not None]
@@ -145,6 +181,8 @@ class SBWN:
     def step(self) -> None:
         """Rescale every rescalable unit to unit-norm incoming weights (one forward pass)."""
         self._rescaler.check_state(self._params())
+        for entry in self.normalized:
+            self._normalize_found(entry)
         rescalable = self.rescalable()
         for k, layer in enumerate(rescalable):
             r = _row_norms(layer.weight)
@@ -169,7 +207,68 @@ class SBWN:
     @torch.no_grad()
     def conditioning(self) -> float:
         r"""The proxy :math:`\kappa = \max_i\|W_k[i,:]\|^2/\min_i\|W_k[i,:]\|^2` over all
-        rescalable units (all-zero rows excluded); 1 after :meth:`step`."""
-        sq = torch.cat([_row_norms(layer.weight).pow(2).to(torch.float64) for layer in self.rescalable()])
+        rescalable units, or over the groups of the normalized weights (all-zero ones
+        excluded); 1 after :meth:`step`."""
+        sq = torch.cat(
+            [_row_norms(layer.weight).pow(2).to(torch.float64) for layer in self.rescalable()]
+            + [_group_sq_norms(entry).to(torch.float64) for entry in self.normalized]
+        )
         sq = sq[sq > 0]
         return float(sq.max() / sq.min())
+
+    def _normalize_found(self, entry: "_NormalizedWeight") -> None:
+        sq = _group_sq_norms(entry)
+        a = torch.where(sq > 0, sq.rsqrt(), torch.ones_like(sq))
+        per_channel = a.repeat_interleave(entry.weight.shape[0] // a.numel())
+        self._rescaler.scale(entry.weight, per_channel)
+        if entry.bias is not None:
+            self._rescaler.scale(entry.bias, per_channel)
+        norm = entry.norm
+        if norm is not None and getattr(norm, "running_mean", None) is not None:
+            norm.running_mean.mul_(per_channel.to(norm.running_mean.dtype))
+            norm.running_var.mul_(per_channel.pow(2).to(norm.running_var.dtype))
+
+
+@dataclass
+class _NormalizedWeight:
+    name: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    grouping: Grouping
+    norm: nn.Module | None  # the normalization layer whose running statistics follow the scale
+
+
+def _group_sq_norms(entry: _NormalizedWeight) -> torch.Tensor:
+    w = entry.weight.detach()
+    rows = entry.grouping.rows(w.to(torch.float32) if w.dtype in (torch.float16, torch.bfloat16) else w)
+    return (rows * rows).sum(dim=1)
+
+
+def _find_normalized(model: nn.Module, example_inputs: Sequence[Any]) -> list[_NormalizedWeight]:
+    if isinstance(example_inputs, torch.Tensor):
+        raise TypeError("SBWN: example_inputs is a tuple of the model's arguments: write example_inputs=(batch,)")
+    report = find_scale_invariant(model, *example_inputs)
+    if len(report) == 0:
+        raise ValueError(
+            "SBWN: find_scale_invariant found no scale-invariant weight in this model, so there is "
+            "nothing a normalization layer absorbs; for a plain ReLU chain leave example_inputs out"
+        )
+    params = dict(model.named_parameters())
+    found = []
+    for record in report:
+        weight = params[record.name]
+        owner_name, _, leaf = record.name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        bias = getattr(owner, "bias", None) if leaf == "weight" else None
+        for pname, p in ((record.name, weight), (f"{owner_name}.bias", bias)):
+            if p is not None and _is_psi(p):
+                raise TypeError(
+                    f"SBWN: {pname} is marked scale invariant (a PSI ManifoldParameter); the PSI "
+                    "optimizers already work on its class, SBWN is for the other optimizers: use an "
+                    "unmarked model"
+                )
+        norm = None
+        if record.norm_type != "weight_norm" and record.norm_layer is not None and record.grouping.kind == "channel":
+            norm = model.get_submodule(record.norm_layer)
+        found.append(_NormalizedWeight(record.name, weight, bias, record.grouping, norm))
+    return found

@@ -193,3 +193,94 @@ def test_unsupported_models_are_refused():
         psiopt.SBWN(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)))
     with pytest.raises(TypeError, match="nn.Sequential"):
         psiopt.SBWN(nn.Linear(3, 4))
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, c, eps):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c, eps=eps)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c, eps=eps)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def _resnet(seed=0, eps=TINY_EPS):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),  # GroupNorm mixes channels: no bias
+        nn.GroupNorm(2, 4, eps=eps),
+        nn.ReLU(),
+        _ResBlock(4, eps),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).to(DT)
+    return _spread_rows(net, seed)
+
+
+def test_graph_models_need_example_inputs():
+    with pytest.raises(TypeError, match="example_inputs"):
+        psiopt.SBWN(_resnet())
+
+
+def test_graph_model_with_example_inputs_keeps_function_and_normalizes_invariant_weights():
+    net = _resnet(seed=8)
+    x = torch.randn(6, 3, 6, 6, dtype=DT)
+    for _ in range(2):
+        net(torch.randn(6, 3, 6, 6, dtype=DT))
+    sbwn = psiopt.SBWN(net, example_inputs=(x,))
+    assert sorted(e.name for e in sbwn.normalized) == ["0.weight", "3.conv1.weight", "3.conv2.weight"]
+    train_before = net(x).detach()
+    net.eval()
+    eval_before = net(x).detach()
+    assert sbwn.conditioning() > 10.0
+    sbwn.step()
+    assert sbwn.conditioning() == pytest.approx(1.0, abs=1e-12)
+    # the GroupNorm(2, 4) weight is normalized per block of 2 output channels
+    blocks = net[0].weight.detach().reshape(2, -1).norm(dim=1)
+    torch.testing.assert_close(blocks, torch.ones(2, dtype=DT), rtol=0, atol=1e-12)
+    torch.testing.assert_close(net(x).detach(), eval_before, rtol=1e-10, atol=1e-12)
+    net.train()
+    torch.testing.assert_close(net(x).detach(), train_before, rtol=1e-10, atol=1e-12)
+
+
+def test_graph_model_momentum_buffer_follows_the_gradient():
+    net = _resnet(seed=9)
+    x, y = torch.randn(6, 3, 6, 6, dtype=DT), torch.randn(6, 3, dtype=DT)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
+
+    def loss():
+        return ((net(x) - y) ** 2).mean()
+
+    loss().backward()
+    opt.step()
+    psiopt.SBWN(net, opt, example_inputs=(x,)).step()
+    opt.zero_grad()
+    loss().backward()
+    for p in net.parameters():
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], p.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_weight_norm_directions_are_normalized_with_example_inputs():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(10)
+    net = nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.Tanh(), weight_norm(nn.Linear(5, 2))).to(DT)
+    with torch.no_grad():
+        net[0].parametrizations.weight.original1.mul_(7.0)
+    x = torch.randn(8, 4, dtype=DT)
+    before = net(x).detach()
+    sbwn = psiopt.SBWN(net, example_inputs=(x,))
+    sbwn.step()
+    v = net[0].parametrizations.weight.original1.detach()
+    torch.testing.assert_close(v.norm(dim=1), torch.ones(5, dtype=DT), rtol=0, atol=1e-12)
+    torch.testing.assert_close(net(x).detach(), before, rtol=1e-12, atol=1e-12)
+
+
+def test_example_inputs_without_invariant_weights_is_an_error():
+    net = _relu_mlp()
+    with pytest.raises(ValueError, match="no scale-invariant weight"):
+        psiopt.SBWN(net, example_inputs=(torch.randn(8, 5, dtype=DT),))

@@ -233,3 +233,15 @@ def test_batch_as_tuple_and_dict():
 
 def test_exported():
     assert psiopt.nn.data_dependent_init_ is data_dependent_init_
+
+
+def test_find_scale_invariant_finds_each_direction_v_per_row():
+    model = _mlp()
+    x = torch.randn(32, 6, dtype=DT)
+    report = psiopt.find_scale_invariant(model, x)
+    names = [f"{i}.parametrizations.weight.original1" for i in (0, 2, 4)]
+    assert set(report.names()) == set(names)
+    for name in names:
+        assert report.get(name).grouping == psiopt.Grouping("channel")
+    # g and the biases are not scale invariant
+    assert not any("original0" in n or n.endswith("bias") for n in report.names())
