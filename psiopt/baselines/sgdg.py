@@ -46,6 +46,7 @@ class SGDG(torch.optim.Optimizer):
 
     .. math::
 
+        \begin{aligned}
         g_j &= \nabla_{y_j} f \qquad \text{(the gradient at the unit-norm representative)}\\
         h_j &= g_j - \langle g_j, y_j\rangle\, y_j \qquad\text{(tangent projection)}\\
         \hat h_j &= h_j \min\bigl(1, \nu/\|h_j\|\bigr) \qquad\text{(per-unit clipping)}\\
@@ -53,10 +54,11 @@ class SGDG(torch.optim.Optimizer):
         y_j &\leftarrow \mathrm{Exp}_{y_j}(d_j) = \cos\|d_j\|\, y_j + \sin\|d_j\|\, d_j/\|d_j\|\\
         \tau_j &\leftarrow \mathrm{PT}_{y_j\to y_j'}(d_j)
             = \|d_j\| \bigl(\cos\|d_j\|\, d_j/\|d_j\| - \sin\|d_j\|\, y_j\bigr)
+        \end{aligned}
 
     The step :math:`\|d_j\|` is the angle row :math:`j` turns by, so clipping
     :math:`\|h_j\| \le \nu` bounds the gradient's contribution to that angle by
-    :math:`\eta\nu` (the published rule and reference code clip :math:`h` before the
+    :math:`\eta\nu` (the authors' reference implementation clips :math:`h`, before the
     learning rate). The parallel transport keeps :math:`\tau_j` tangent at the new
     point, with the norm of :math:`d_j`. If a row is not unit norm when the optimizer
     first sees it, its gradient is taken at the unit representative

@@ -18,9 +18,10 @@ The gradients of the reparameterization are
     \nabla_v L = \frac{g}{\|v\|}\Bigl(I - \frac{w w^\top}{\|w\|^2}\Bigr)\nabla_w L ,
 
 so :math:`\nabla_v L` is orthogonal to :math:`v`: the loss is invariant to rescaling
-each row of :math:`v`, and :func:`psiopt.find_scale_invariant` marks ``original1`` as a
-scale-invariant (one group per row) weight that :class:`psiopt.PSISGD` can train on the
-PSI manifold.
+each row of :math:`v`. :func:`psiopt.find_scale_invariant` finds ``original1`` as a
+scale-invariant weight (one group per row), :func:`psiopt.mark_scale_invariant` marks
+it, and the PSI optimizers then train it on the PSI manifold while :math:`g` and the
+bias stay Euclidean.
 """
 
 from __future__ import annotations
