@@ -23,6 +23,7 @@ from .discovery import (
 from . import baselines, nn
 from .enorm import ENorm
 from .sbwn import SBWN
+from .optim import PSIGD, PSISGD
 
 __all__ = [
     "__version__",
@@ -41,4 +42,6 @@ __all__ = [
     "baselines",
     "ENorm",
     "SBWN",
+    "PSISGD",
+    "PSIGD",
 ]

@@ -25,6 +25,7 @@ computed in float32 and the results cast back to the input dtype.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import geoopt
@@ -42,6 +43,7 @@ __all__ = [
     "expmap_rows",
     "parallel_transport_rows",
     "normalize_rows",
+    "any_zero_groups",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -146,11 +148,26 @@ def normalize_rows(w: torch.Tensor, target_sq: torch.Tensor) -> torch.Tensor:
     return w * torch.sqrt(target_sq / group_sq_norms(w))
 
 
-def _zero_group_indices(w: torch.Tensor) -> list[int]:
+def _bad_group_mask(w: torch.Tensor) -> torch.Tensor:
+    """``(k,)`` boolean: rows whose squared norm is zero, underflows or is not finite."""
     sq = group_sq_norms(w).squeeze(1)
-    tiny = torch.finfo(sq.dtype).tiny
-    bad = ~(sq > tiny) | ~torch.isfinite(sq)
-    return bad.nonzero().flatten().tolist()
+    return ~(sq > torch.finfo(sq.dtype).tiny) | ~torch.isfinite(sq)
+
+
+def _zero_group_indices(w: torch.Tensor) -> list[int]:
+    return _bad_group_mask(w).nonzero().flatten().tolist()
+
+
+def any_zero_groups(row_matrices: Sequence[torch.Tensor]) -> bool:
+    """Whether any row of any ``(k, d)`` matrix has zero, underflowing or non-finite norm.
+
+    The batched form of :meth:`PSIManifold.zero_groups` for many tensors at once, with one
+    device synchronization (optimizers check every weight before they modify any).
+    """
+    if not row_matrices:
+        return False
+    flags = [_bad_group_mask(w).any() for w in row_matrices]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).any())
 
 
 class PSIManifold(geoopt.manifolds.Manifold):
