@@ -17,6 +17,10 @@ __all__ = ["PSIGD"]
 _LINE_SEARCHES = (None, "armijo")
 
 
+def _as_float(loss: Any) -> float:
+    return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+
+
 class PSIGD(_PSIParamsMixin, Optimizer):
     r"""Gradient descent on the PSI manifold, for full-batch problems.
 
@@ -179,13 +183,13 @@ class PSIGD(_PSIParamsMixin, Optimizer):
             self._record(entries, 1.0)
             return loss
 
-        f0 = float(loss)
+        f0 = _as_float(loss)
         decrease = float(torch.stack([t.cpu() for t in sq_norm_terms]).sum())
         scale = 1.0
         for _ in range(self.max_backtracks + 1):
             self._move(entries, scale)
             with torch.enable_grad():
-                trial = float(closure())
+                trial = _as_float(closure())
             if trial <= f0 - self.c * scale * decrease:  # False for NaN: a rejection
                 self._record(entries, scale)
                 return loss

@@ -236,13 +236,19 @@ class PSISGD(_PSIParamsMixin, Optimizer):
       refused step leaves weights and momentum untouched.
 
     Compared with :class:`geoopt.optim.RiemannianSGD` on the same
-    :class:`psiopt.PSIManifold` parameters: without momentum, one step of both reaches
-    the same point of the manifold (geoopt keeps :math:`w + \xi`, PSISGD its rescaled
-    copy: the normalized groups agree). They differ in that geoopt keeps the
-    representative :math:`w + \xi` (norms grow every step), applies weight decay to
-    manifold parameters too (a vertical move), and transports momentum to the
-    un-normalized point; on Euclidean parameters geoopt's update is its own, not
-    torch's bit for bit.
+    :class:`psiopt.PSIManifold` parameters (it calls the manifold's ``egrad2rgrad``,
+    ``retr`` and ``retr_transp``): **without momentum** both take the same step on the
+    manifold, at every step: geoopt keeps the representative :math:`w + \xi` (norms
+    grow each step), PSISGD its rescaled copy, and the normalized groups agree. They
+    differ in that
+
+    * geoopt starts the momentum buffer at the *Euclidean* gradient and then adds the
+      Riemannian one (:math:`m_1 = \mu \nabla f + (1-\tau) r`); PSISGD starts it at the
+      Riemannian gradient, as torch's SGD starts it at the gradient (:math:`m_1 = r`);
+    * geoopt adds weight decay to ``p.grad`` in place (the horizontal projection then
+      removes it on PSI parameters); PSISGD leaves ``p.grad`` untouched;
+    * on parameters that are not on a manifold geoopt runs its own update; PSISGD calls
+      torch's, so those parameters follow :class:`torch.optim.SGD` bit for bit.
 
     Examples
     --------
