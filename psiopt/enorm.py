@@ -259,6 +259,15 @@ class _Rescaler:
         """Refuse optimizer state it does not know how to rescale (before touching anything)."""
         if self.optimizer is None:
             return
+        ids = {id(p) for p in params}
+        for group in self.optimizer.param_groups:
+            if group.get("grouping") is not None and any(id(p) in ids for p in group["params"]):
+                raise TypeError(
+                    f"{self.who}: a param group of {type(self.optimizer).__name__} sets grouping="
+                    f"{group['grouping']!r}, so its weights are optimized on the PSI manifold; "
+                    f"{self.who}'s rescalings are for Euclidean parameters: drop the grouping, or "
+                    f"use {type(self.optimizer).__name__} without {self.who}"
+                )
         for p in params:
             for key, value in self.optimizer.state.get(p, {}).items():
                 if (

@@ -171,6 +171,28 @@ def test_sgd_momentum_buffer_follows_the_gradient(make, shape):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], p.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_psisgd_momentum_buffer_follows_the_gradient():
+    """PSISGD on a network without scale-invariant weights keeps torch SGD's buffers."""
+    net = _mlp(seed=10)
+    x, y = torch.randn(20, 5, dtype=DT), torch.randn(20, 3, dtype=DT)
+    with pytest.warns(UserWarning, match="no scale-invariant parameter"):
+        opt = psiopt.PSISGD(net.parameters(), lr=0.0, momentum=0.9)
+    _loss(net, x, y).backward()
+    opt.step()
+    psiopt.ENorm(net, opt).step()
+    opt.zero_grad()
+    _loss(net, x, y).backward()
+    for p in net.parameters():
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_psisgd_group_with_a_grouping_is_refused():
+    net = _mlp(seed=11)
+    opt = psiopt.PSISGD([{"params": [net[0].weight], "grouping": "channel"}, {"params": list(net.parameters())[1:]}], lr=0.1)
+    with pytest.raises(TypeError, match="grouping"):
+        psiopt.ENorm(net, opt).step()
+
+
 def test_without_the_optimizer_buffers_go_stale():
     """The same check fails when ENorm is not told about the optimizer (the test can fail)."""
     net = _mlp(seed=6)

@@ -245,3 +245,25 @@ def test_find_scale_invariant_finds_each_direction_v_per_row():
         assert report.get(name).grouping == psiopt.Grouping("channel")
     # g and the biases are not scale invariant
     assert not any("original0" in n or n.endswith("bias") for n in report.names())
+
+
+def test_psisgd_trains_v_on_the_psi_manifold():
+    model = _mlp()
+    x = torch.randn(128, 6, dtype=DT)
+    y = torch.randint(0, 3, (128,))
+    psiopt.mark_scale_invariant(model, x)
+    data_dependent_init_(model, x)  # works on the marked model: it sets g and b, not v
+    directions = [p for _, p in psiopt.scale_invariant_parameters(model)]
+    assert len(directions) == 3
+    row_norms = [v.detach().norm(dim=1).clone() for v in directions]
+    opt = psiopt.PSISGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    for v, before in zip(directions, row_norms):
+        torch.testing.assert_close(v.detach().norm(dim=1), before, rtol=1e-12, atol=0)
+    assert losses[-1] < 0.75 * losses[0]
