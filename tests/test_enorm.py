@@ -282,3 +282,11 @@ def test_dead_unit_is_left_alone():
     assert torch.isfinite(net[2].weight).all()
     assert float(enorm.factors()[0][2]) == 1.0
     torch.testing.assert_close(net(x).detach(), before, rtol=1e-12, atol=1e-12)
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("psiopt.enorm"), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -103,3 +103,11 @@ def test_reset_and_state_dict():
     torch.testing.assert_close(other.running_mean, bn.running_mean)
     bn.reset_parameters()
     assert float(bn.running_mean.abs().sum()) == 0.0 and int(bn.num_batches_tracked) == 0
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("psiopt.nn.mean_only_bn"), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

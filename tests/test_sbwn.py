@@ -284,3 +284,11 @@ def test_example_inputs_without_invariant_weights_is_an_error():
     net = _relu_mlp()
     with pytest.raises(ValueError, match="no scale-invariant weight"):
         psiopt.SBWN(net, example_inputs=(torch.randn(8, 5, dtype=DT),))
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("psiopt.sbwn"), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -198,3 +198,11 @@ def test_bad_arguments_and_zero_rows_are_refused():
     w.grad = torch.ones(2, 2)
     with pytest.raises(psiopt.ZeroGroupError, match="group"):
         SGDG([w], lr=0.1).step()
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("psiopt.baselines.sgdg"), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -267,3 +267,11 @@ def test_psisgd_trains_v_on_the_psi_manifold():
     for v, before in zip(directions, row_norms):
         torch.testing.assert_close(v.detach().norm(dim=1), before, rtol=1e-12, atol=0)
     assert losses[-1] < 0.75 * losses[0]
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("psiopt.nn.weight_norm"), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
