@@ -6,7 +6,8 @@ docstrings as Markdown, where those roles would show up verbatim. This extension
 rewrites them once, when griffe has loaded the package:
 
 * ``:math:`x``` becomes ``$x$`` and a ``.. math::`` block becomes ``$$ ... $$``, which
-  ``pymdownx.arithmatex`` hands to MathJax;
+  ``pymdownx.arithmatex`` hands to MathJax (wrapped in ``aligned`` when it has ``&`` or
+  ``\\``, as Sphinx does);
 * ``:class:`~psiopt.Grouping``` (and ``:meth:``, ``:func:``, ``:attr:``, ...) becomes
   inline code, ```Grouping``` (a ``~`` keeps the last component, as in Sphinx).
 
@@ -58,7 +59,14 @@ def _math_blocks(text: str) -> str:
             body.append(lines[i].strip())
             i += 1
         equations = "\n".join(line for line in body if line)
-        out.extend(["", f"{indent}$$", *(f"{indent}{line}" for line in equations.splitlines()), f"{indent}$$", ""])
+        # Like Sphinx, a multi-line equation with alignment marks gets an aligned block
+        # (MathJax rejects a bare & or \\ outside one).
+        if ("&" in equations or "\\\\" in equations) and not equations.startswith("\\begin{"):
+            equations = "\\begin{aligned}\n" + equations + "\n\\end{aligned}"
+        # Markdown nests a block in a list item at exactly 4 spaces (reST indents by 2-3),
+        # so an indented directive becomes a block 4 spaces deep, a top-level one stays at 0.
+        pad = "    " if indent else ""
+        out.extend(["", f"{pad}$$", *(f"{pad}{line}" for line in equations.splitlines()), f"{pad}$$", ""])
     return "\n".join(out)
 
 

@@ -10,19 +10,37 @@ MathJax, offline
     it. The SVG output is used rather than CHTML because it draws the glyphs as paths
     from that one file: no web fonts to load, so nothing can render blank while a
     font is still loading (which CHTML did in headless Chromium screenshots).
+
+Benchmark results
+    The benchmarks page shows what ``psiopt bench`` wrote and the project committed
+    under ``benchmarks/results/``, and nothing else: :func:`on_page_markdown` replaces
+    the marker ``<!-- psiopt-bench-results -->`` of ``benchmarks.md`` with the report
+    that :func:`psiopt.bench.report.render_markdown` makes from each committed
+    ``results.json`` (the same function that wrote the run's ``report.md``), and
+    :func:`on_files` publishes the PNG plots each results file lists. So every number
+    on that page is read from a committed results file when the site is built.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File, Files
+from mkdocs.structure.pages import Page
 
 MATHJAX_SITE_DIR = "assets/mathjax"
 MATHJAX_SCRIPT = "tex-svg.js"
+
+BENCH_RESULTS_DIR = "benchmarks/results"  # relative to the folder of mkdocs.yml
+BENCH_PAGE = "benchmarks.md"
+BENCH_MARKER = "<!-- psiopt-bench-results -->"
+BENCH_SITE_DIR = "benchmark-results"  # where the plots go in the site
 
 
 def mathjax_es5_dir() -> Path:
@@ -39,7 +57,34 @@ def mathjax_es5_dir() -> Path:
     )
 
 
+def _results_root(config: MkDocsConfig) -> Path:
+    return Path(config.config_file_path).resolve().parent / BENCH_RESULTS_DIR
+
+
+def committed_results(config: MkDocsConfig) -> list[tuple[Path, dict[str, Any]]]:
+    """Every ``results.json`` under ``benchmarks/results/``, sorted by path, with its content."""
+    root = _results_root(config)
+    found = []
+    for path in sorted(root.rglob("results.json")) if root.is_dir() else []:
+        try:
+            found.append((path, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError) as err:
+            raise PluginError(f"cannot read benchmark results {path}: {err}") from None
+    return found
+
+
+def _plot_uri(config: MkDocsConfig, results_path: Path, plot: str) -> str:
+    rel_dir = results_path.parent.relative_to(_results_root(config)).as_posix()
+    return f"{BENCH_SITE_DIR}/{rel_dir}/{plot}" if rel_dir != "." else f"{BENCH_SITE_DIR}/{plot}"
+
+
 def on_files(files: Files, config: MkDocsConfig) -> Files:
+    for path, results in committed_results(config):
+        for plot in results.get("plots", []):
+            png = path.parent / plot
+            if not png.is_file():
+                raise PluginError(f"{path} lists the plot {plot}, which is not committed beside it")
+            files.append(File.generated(config, _plot_uri(config, path, plot), abs_src_path=str(png)))
     files.append(
         File(
             MATHJAX_SCRIPT,
@@ -50,3 +95,41 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
         )
     )
     return files
+
+
+def _demote(markdown: str, levels: int) -> str:
+    return re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + levels) + " ", markdown, flags=re.M)
+
+
+def bench_section(config: MkDocsConfig) -> str:
+    """The Markdown that replaces the benchmark page's marker."""
+    sets = committed_results(config)
+    if not sets:
+        return (
+            "*No benchmark results are committed in this checkout yet.* Run "
+            "`bash scripts/bench.sh` (or `psiopt bench --out DIR`) to produce them; the report "
+            "it writes (`report.md` beside `results.json`) has the tables this page shows."
+        )
+    from psiopt.bench.report import render_markdown  # the report the benchmark itself writes
+
+    root = _results_root(config)
+    parts = []
+    for path, results in sets:
+        report = render_markdown(results)
+        # Plots are published under BENCH_SITE_DIR (see on_files); point the images there.
+        report = re.sub(
+            r"!\[([^\]]*)\]\(([^)]+\.png)\)",
+            lambda m: f"![{m.group(1)}]({_plot_uri(config, path, m.group(2))})",
+            report,
+        )
+        source = path.relative_to(root.parent.parent).as_posix()
+        parts.append(_demote(report, 1).rstrip() + f"\n\n*Generated from `{source}`.*\n")
+    return "\n\n".join(parts)
+
+
+def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    if page.file.src_uri != BENCH_PAGE:
+        return markdown
+    if BENCH_MARKER not in markdown:
+        raise PluginError(f"{BENCH_PAGE} lost its marker {BENCH_MARKER}: the results have nowhere to go")
+    return markdown.replace(BENCH_MARKER, bench_section(config))

@@ -167,6 +167,12 @@ def test_math_renders_offline(page: str, site_dir: Path, served_site, tmp_path: 
     errors = re.findall(r"<mjx-merror\b.*?</mjx-merror>|data-mjx-error=\"[^\"]*\"", dom, flags=re.S)
     assert not errors, f"{page}: MathJax reported TeX errors: {errors[:5]}"
 
+    if page == "api/":
+        # Docstring math that missed the arithmatex markup (e.g. a $$ block that Markdown
+        # took for a code block) would hide from the visible-text check below.
+        stray = [token for token in ("$$", ":math:", ".. math::") if token in static_html]
+        assert not stray, f"{page}: docstring math left unconverted in the HTML: {stray} (see docs/griffe_rst.py)"
+
     parser = _VisibleText()
     parser.feed(dom)
     text = "".join(parser.parts)
