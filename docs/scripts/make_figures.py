@@ -250,7 +250,55 @@ def figure_bn_eps(out: Path) -> Path:
     return path
 
 
-FIGURES = (figure_quotient, figure_retraction_vs_expmap, figure_effective_step, figure_bn_eps)
+def figure_equivalent_starts(out: Path, steps: int = 150) -> Path:
+    """Runs from w0 and a*w0: distance between their classes, SGD vs PSISGD."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 20, generator=gen, dtype=torch.float64)
+    y = (x[:, :5] @ torch.randn(5, 5, generator=gen, dtype=torch.float64)).argmax(1)
+    order = torch.randint(0, 512, (steps, 64), generator=gen)
+    m = psiopt.PSIManifold("channel")
+    scale = torch.logspace(-1, 1, 64, dtype=torch.float64).unsqueeze(1)  # 0.1 ... 10, one per filter
+
+    def run(optimizer_name: str, rescale: bool) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(20, 64, bias=False), torch.nn.BatchNorm1d(64, eps=1e-12), torch.nn.ReLU(),
+            torch.nn.Linear(64, 5),
+        ).double()
+        if rescale:
+            with torch.no_grad():
+                net[0].weight.mul_(scale)
+        if optimizer_name == "PSISGD":
+            psiopt.mark_scale_invariant(net, x[:128])
+            opt = psiopt.PSISGD(net.parameters(), lr=0.05, momentum=0.9)
+        else:
+            opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        weights = []
+        for idx in order:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+            weights.append(net[0].weight.detach().clone())
+        return weights
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, color in (("SGD", "tab:red"), ("PSISGD", "tab:blue")):
+        a, b = run(name, False), run(name, True)
+        gaps = [max(float(m.dist(u, v)), 1e-17) for u, v in zip(a, b)]
+        ax.semilogy(range(1, steps + 1), gaps, color=color, lw=2, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(r"dist$([w_t], [w'_t])$ (rad)")
+    ax.set_title("two runs from equivalent weights $w_0$ and $a\\cdot w_0$, $a_j \\in [0.1, 10]$")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    path = out / "equivalent-starts.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+FIGURES = (figure_quotient, figure_retraction_vs_expmap, figure_effective_step, figure_bn_eps, figure_equivalent_starts)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
