@@ -69,7 +69,8 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
 def group_sq_norms(w: torch.Tensor) -> torch.Tensor:
     r""":math:`\|w_j\|^2` for each row of ``w`` (shape ``(k, 1)``), in accumulation dtype."""
     w = _acc(w)
-    return (w * w).sum(dim=1, keepdim=True)
+    # vecdot reduces without a (k, d) temporary (on CPU, allocating one costs more than the math).
+    return torch.linalg.vecdot(w, w, dim=1).unsqueeze(1)
 
 
 def horizontal_projection_rows(
@@ -79,7 +80,8 @@ def horizontal_projection_rows(
     w, u = _acc(w), _acc(u)
     if w_sq is None:
         w_sq = group_sq_norms(w)
-    return u - ((u * w).sum(dim=1, keepdim=True) / w_sq) * w
+    coef = torch.linalg.vecdot(u, w, dim=1).unsqueeze(1) / w_sq
+    return torch.addcmul(u, coef, w, value=-1)
 
 
 def horizontal_lift_rows(
@@ -88,7 +90,8 @@ def horizontal_lift_rows(
     r"""Riemannian gradient :math:`\|w_j\|^2 P_w(\nabla_j f)` from the Euclidean one."""
     if w_sq is None:
         w_sq = group_sq_norms(w)
-    return w_sq * horizontal_projection_rows(w, egrad, w_sq)
+    # The projection is a fresh tensor: scaled in place.
+    return horizontal_projection_rows(w, egrad, w_sq).mul_(w_sq)
 
 
 def transport_rows(
@@ -100,7 +103,7 @@ def transport_rows(
     r""":math:`T_{w\to w'}(v)_j = (\|w'_j\|/\|w_j\|) P_{w'}(v)_j` given :math:`\|w_j\|^2`."""
     if w_new_sq is None:
         w_new_sq = group_sq_norms(w_new)
-    return torch.sqrt(w_new_sq / w_old_sq) * horizontal_projection_rows(w_new, v, w_new_sq)
+    return horizontal_projection_rows(w_new, v, w_new_sq).mul_(torch.sqrt(w_new_sq / w_old_sq))
 
 
 def expmap_rows(w: torch.Tensor, xi: torch.Tensor, w_sq: torch.Tensor | None = None) -> torch.Tensor:

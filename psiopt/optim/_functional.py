@@ -32,6 +32,9 @@ from ..manifold import group_sq_norms, horizontal_lift_rows, normalize_rows, tra
 
 __all__: list[str] = []
 
+# Most elements stacked into one matrix by the multi-tensor step (4 MiB of float32).
+_STACK_NUMEL = 1 << 20
+
 
 def _psisgd_rows(
     w: Tensor,
@@ -55,15 +58,18 @@ def _psisgd_rows(
         if buf is None:
             new_buf = riem_grad
         else:
-            new_buf = buf.to(riem_grad.dtype) * momentum + riem_grad * (1 - dampening)
-        direction = riem_grad + new_buf * momentum if nesterov else new_buf
+            # torch.optim.SGD's buf.mul_(momentum).add_(grad, alpha=1 - dampening), on a copy:
+            # the stored buffer is only written once the whole step has been computed.
+            new_buf = buf.to(riem_grad.dtype, copy=True).mul_(momentum).add_(riem_grad, alpha=1 - dampening)
+        direction = riem_grad.add(new_buf, alpha=momentum) if nesterov else new_buf
     else:
         direction = riem_grad
     # The norm-keeping representative: the retraction w - lr d, rescaled group by group
     # back to the norms the step started from (fixed norms cannot overflow or underflow).
-    w_new = normalize_rows(w.to(riem_grad.dtype) - lr * direction, w_sq)
+    w_new = normalize_rows(torch.add(w.to(riem_grad.dtype), direction, alpha=-lr), w_sq)
     if new_buf is not None:
-        new_buf = transport_rows(w_new, new_buf, w_sq)
+        # w_new has the norms w_sq by construction: the transport's norm ratio is 1.
+        new_buf = transport_rows(w_new, new_buf, w_sq, w_sq)
     return w_new, new_buf
 
 
@@ -123,25 +129,41 @@ def _multi_tensor_psisgd(
     """Batched version of :func:`_single_tensor_psisgd`.
 
     Tensors with the same device, dtype, group size ``d`` and momentum status (first
-    step or not) are stacked: their group matrices are concatenated into one
-    ``(K, d)`` matrix, the step runs once on it, and the results are split back and
+    step or not) are stacked, up to ``_STACK_NUMEL`` elements per stack: their group
+    matrices are concatenated into one ``(K, d)`` matrix, the step runs once on it, and the results are split back and
     written with :func:`torch._foreach_copy_`. Row reductions do not mix rows, so each
     group's arithmetic is the same as in the loop.
     """
     if not params:
         return
-    stacks: dict[tuple, list[int]] = defaultdict(list)
+    same_kind: dict[tuple, list[int]] = defaultdict(list)
     for i, param in enumerate(params):
         rows = row_fns[i](param)
         has_buf = momentum != 0 and momentum_buffer_list[i] is not None
-        stacks[(param.device, param.dtype, rows.shape[1], has_buf)].append(i)
+        same_kind[(param.device, param.dtype, rows.shape[1], has_buf)].append(i)
+    # Stacks are capped in size: stacking saves kernel launches on many small tensors,
+    # while copying large ones into a stack only costs memory traffic and allocations.
+    stacks: list[tuple[torch.dtype, bool, list[int]]] = []
+    for (_, dtype, _, has_buf), members in same_kind.items():
+        chunk: list[int] = []
+        chunk_numel = 0
+        for i in members:
+            if chunk and chunk_numel + params[i].numel() > _STACK_NUMEL:
+                stacks.append((dtype, has_buf, chunk))
+                chunk, chunk_numel = [], 0
+            chunk.append(i)
+            chunk_numel += params[i].numel()
+        stacks.append((dtype, has_buf, chunk))
 
-    for (_, dtype, _, has_buf), idx in stacks.items():
+    for dtype, has_buf, idx in stacks:
         w_rows = [row_fns[i](params[i]) for i in idx]
         sizes = [r.shape[0] for r in w_rows]
-        w = torch.cat(w_rows)
-        g = torch.cat([row_fns[i](grads[i]) for i in idx])
-        buf = torch.cat([row_fns[i](momentum_buffer_list[i]) for i in idx]) if has_buf else None
+        w = torch.cat(w_rows) if len(idx) > 1 else w_rows[0]
+        g = torch.cat([row_fns[i](grads[i]) for i in idx]) if len(idx) > 1 else row_fns[idx[0]](grads[idx[0]])
+        buf = None
+        if has_buf:
+            buf_rows = [row_fns[i](momentum_buffer_list[i]) for i in idx]
+            buf = torch.cat(buf_rows) if len(idx) > 1 else buf_rows[0]
         w_new, new_buf = _psisgd_rows(
             w, g, buf, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize
         )
