@@ -432,3 +432,16 @@ def test_cuda_matches_cpu(foreach) -> None:
             opt.step()
     for p, q in zip(cpu, gpu):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_foreach_none_chooses_like_torch_on_cpu() -> None:
+    # torch picks the loop for CPU tensors; so does PSISGD, bit for bit.
+    a = _sym(5, 2)
+    ws = [_psi((4, 5)), _psi((4, 5))]
+    opts = [psiopt.PSISGD([w], lr=0.1, momentum=0.9, foreach=fe) for w, fe in zip(ws, (None, False))]
+    for _ in range(3):
+        for w, opt in zip(ws, opts):
+            opt.zero_grad()
+            _rayleigh_loss([w], [a]).backward()
+            opt.step()
+    assert torch.equal(ws[0], ws[1])
