@@ -57,7 +57,8 @@ def test_euclidean_parameters_follow_torch_sgd_bit_for_bit(options) -> None:
     euclid.append(nn.Parameter(torch.randn(4, 4, generator=gen, dtype=torch.float64)))
     reference = [nn.Parameter(p.detach().clone()) for p in euclid]
     si = _psi((3, 4))
-    ours = psiopt.PSISGD([{"params": [si]}, {"params": euclid}], lr=0.1, **options)
+    # In one group with a scale-invariant weight, as with model.parameters().
+    ours = psiopt.PSISGD([euclid[0], si, *euclid[1:]], lr=0.1, **options)
     theirs = torch.optim.SGD(reference, lr=0.1, **options)
     for _ in range(4):
         for p, q in zip(euclid, reference):
