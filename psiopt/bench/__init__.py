@@ -1,1 +1,12 @@
-"""Benchmark helpers for psiopt: a small model zoo and the benchmark suite."""
+"""Benchmarks for psiopt: a small model zoo and the ``psiopt bench`` suites.
+
+* :mod:`psiopt.bench.models` -- batch-normalized MLPs, CNNs, ResNets and VGG.
+* :mod:`psiopt.bench.data` -- datasets that ship with the dependencies (no download).
+* :mod:`psiopt.bench.methods` -- the registry of optimizers / training systems compared.
+* :mod:`psiopt.bench.rayleigh` -- full-batch Rayleigh-quotient problems with known optimum.
+* :mod:`psiopt.bench.suites` -- what each suite runs.
+* :mod:`psiopt.bench.runner` -- runs a suite, records ``results.json``.
+* :mod:`psiopt.bench.report`, :mod:`psiopt.bench.plots` -- Markdown report, table, PNGs.
+
+Run ``psiopt bench --list`` to see the suites.
+"""

