@@ -156,8 +156,9 @@ def tables(results: dict[str, Any]) -> list[Table]:
         scales = sweep["scales"]
         rows = []
         for e in sweep["methods"]:
-            finals = [r["final_loss"] for r in e["runs"]] + [None] * (len(scales) - len(e["runs"]))
-            rows.append([e["label"], *[fmt(v) for v in finals], fmt(e["final_loss_spread"]), fmt(e["mean_loss_spread"])])
+            finals = ["diverged" if r["diverged"] else fmt(r["final_loss"]) for r in e["runs"]]
+            finals += ["-"] * (len(scales) - len(finals))
+            rows.append([e["label"], *finals, fmt(e["final_loss_spread"]), fmt(e["mean_loss_spread"])])
         out.append(
             (
                 f"init-scale sweep on {sweep['task']} (seed {sweep['seed']}, BatchNorm eps "
@@ -252,6 +253,13 @@ def _findings(results: dict[str, Any]) -> list[str]:
                 f"{fmt(q['steps_to_target_mean'])} steps ({q['reached_target']}/{q['seeds']} seeds), final loss "
                 f"{fmt(q['final_loss_mean'])}."
             )
+    for st in results.get("step_time", []):
+        by = {e["method"]: e for e in st["methods"] if e["status"] == "ok"}
+        if "psisgd" in by:
+            lines.append(
+                f"- **step time ({st['model']}, {st['device']})**: one PSI-SGD step took "
+                f"{fmt(by['psisgd']['ratio_to_baseline'], 3)}x the time of torch SGD (foreach)."
+            )
     for sweep in results.get("scale_sweep", []):
         by = {e["method"]: e for e in sweep["methods"]}
         if "sgd" in by and "psisgd" in by:
@@ -292,7 +300,8 @@ _PROTOCOL = """\
   2(A - λ_1 I)); with η* = 1/(λ_2 + λ_d - 2λ_1), ρ = (κ-1)/(κ+1); predicted iterations
   log(gap_0/tol)/log(1/ρ²) (asymptotic). Euclidean GD uses the step η*·d (the same angular
   step at unit scale), fixed across scales. Measured rate: gap ratio per iteration on the tail
-  (gaps from 1e-4 down).
+  (gaps from 1e-4 down). A run stops at min(max_iters, max(200, 3 x predicted iterations));
+  "> N" means the tolerance was not reached in those N iterations.
 - Step time: median over the timed steps of `optimizer.step()` (+ the method's after-step
   hook: ENorm / SBWN rescaling) with fixed gradients, as a ratio to
   `torch.optim.SGD(momentum=0.9, foreach=True)` on the same model in the same run.

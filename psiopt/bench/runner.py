@@ -688,6 +688,7 @@ def _run_full_batch(spec, results, done) -> None:
         with torch.no_grad():
             gap0 = float(problem.loss(direction)) - problem.f_star
         predicted = problem.predicted_iterations(problem.optimal_step, gap0, spec.tol)
+        # a run that needs more than 3 times the predicted count is reported as "not reached"
         max_iters = spec.max_iters if predicted is None else min(spec.max_iters, max(200, 3 * predicted))
         for scale in spec.scales:
             entry = {

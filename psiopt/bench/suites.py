@@ -82,7 +82,8 @@ class ScaleSweep:
 @dataclass(frozen=True)
 class FullBatchSpec:
     """Rayleigh problems: ``groups`` x ``dim``, one per condition number, each started
-    from one random point multiplied by each initial scale."""
+    from one random point multiplied by each initial scale. A run stops after
+    ``min(max_iters, max(200, 3 * predicted iterations))``."""
 
     condition_numbers: tuple[float, ...]
     scales: tuple[float, ...]
@@ -138,7 +139,7 @@ def _cpu_tasks(quick: bool) -> tuple[TrainTask, ...]:
     return (
         TrainTask(
             "digits-mlp", "digits", {}, "mlp_bn", {"in_features": 64, "hidden": (128, 128)},
-            128, 200, (0.01, 0.03, 0.1, 0.3, 1.0), 0.1, 50,
+            128, 200, (0.01, 0.03, 0.1, 0.3, 1.0), 0.02, 50,
         ),
         TrainTask(
             "mnist1d-mlp", "mnist1d", {"num_samples": 4000}, "mlp_bn", {"in_features": 40, "hidden": (128, 128)},
