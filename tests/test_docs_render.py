@@ -49,8 +49,13 @@ def find_chromium() -> str | None:
     return None
 
 
+NO_CHROMIUM = "no Chromium binary on PATH (Debian: apt-get install -y chromium); math rendering not checked"
+
+
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if find_chromium() is None:
+        pytest.skip(NO_CHROMIUM)  # scripts/test.sh still builds the site in strict mode
     out = tmp_path_factory.mktemp("site")
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(out)],
@@ -93,7 +98,7 @@ def served_site(site_dir: Path):
 def run_chromium(tmp_path: Path, *args: str) -> str:
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("no Chromium binary on PATH (Debian: apt-get install -y chromium); math rendering not checked")
+        pytest.skip(NO_CHROMIUM)
     profile = tmp_path / "chromium-profile"
     proc = subprocess.run(
         [
