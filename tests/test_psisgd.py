@@ -401,6 +401,22 @@ def test_non_finite_gradient_refuses_the_step_untouched(bad, foreach) -> None:
         assert torch.equal(opt.state[p]["momentum_buffer"], buffers[p])
 
 
+def test_huge_finite_gradient_whose_norm_overflows_is_not_refused() -> None:
+    """The finite check screens with a 2-norm, which overflows here (1e30^2 > float32 max):
+    a gradient that is finite entry by entry must still be stepped, like torch's SGD would."""
+    w = torch.nn.Parameter(torch.ones(3, 2))
+    w.grad = torch.full((3, 2), 1e30)
+    opt = psiopt.PSISGD([{"params": [w], "grouping": "channel"}], lr=1e-31)
+    assert torch.isinf(torch.linalg.vector_norm(w.grad))
+    before = w.detach().clone()
+    opt.step()
+    assert torch.isfinite(w).all()
+    assert torch.equal(w.detach(), before)  # the gradient is radial here: its horizontal part is 0
+    w.grad = torch.tensor([[1e30, -1e30], [0.0, 0.0], [0.0, 0.0]])
+    opt.step()
+    assert torch.isfinite(w).all() and not torch.equal(w.detach(), before)
+
+
 @pytest.mark.parametrize("tiny", [0.0, 1e-200])
 def test_zero_or_underflowing_group_raises_untouched(tiny) -> None:
     good = nn.Parameter(torch.ones(3, dtype=torch.float64))
