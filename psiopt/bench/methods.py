@@ -36,6 +36,7 @@ __all__ = [
     "METHODS",
     "register",
     "get_method",
+    "missing_requirement",
     "zoo_scale_invariant_layers",
     "MOMENTUM",
 ]
@@ -111,15 +112,20 @@ class Method:
 
     def unavailable_reason(self) -> str | None:
         """``None`` if every requirement imports, else why not."""
-        for req in self.requires:
-            module_name, _, attr = req.partition(":")
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError as exc:
-                return f"cannot import {module_name} ({exc})"
-            if attr and not hasattr(module, attr):
-                return f"{module_name}.{attr} does not exist in this version"
-        return None
+        return missing_requirement(self.requires)
+
+
+def missing_requirement(requires: tuple[str, ...]) -> str | None:
+    """Why one of ``requires`` (``"module"`` or ``"module:attribute"``) is unavailable, or ``None``."""
+    for req in requires:
+        module_name, _, attr = req.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            return f"cannot import {module_name} ({exc})"
+        if attr and not hasattr(module, attr):
+            return f"{module_name}.{attr} does not exist in this version"
+    return None
 
 
 METHODS: dict[str, Method] = {}

@@ -45,6 +45,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from .methods import missing_requirement
+
 __all__ = [
     "RayleighProblem",
     "make_rayleigh",
@@ -136,17 +138,8 @@ class FullBatchMethod:
     uses_optimal_step: bool = True
 
     def unavailable_reason(self) -> str | None:
-        import importlib
-
-        for req in self.requires:
-            module_name, _, attr = req.partition(":")
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError as exc:
-                return f"cannot import {module_name} ({exc})"
-            if attr and not hasattr(module, attr):
-                return f"{module_name}.{attr} does not exist in this version"
-        return None
+        """``None`` if every requirement imports, else why not."""
+        return missing_requirement(self.requires)
 
 
 def _gd(w0: torch.Tensor, problem: RayleighProblem):
