@@ -40,6 +40,7 @@ __all__ = [
     "horizontal_projection_rows",
     "horizontal_lift_rows",
     "transport_rows",
+    "metric_inner_rows",
     "expmap_rows",
     "parallel_transport_rows",
     "normalize_rows",
@@ -71,6 +72,14 @@ def group_sq_norms(w: torch.Tensor) -> torch.Tensor:
     w = _acc(w)
     # vecdot reduces without a (k, d) temporary (on CPU, allocating one costs more than the math).
     return torch.linalg.vecdot(w, w, dim=1).unsqueeze(1)
+
+
+def metric_inner_rows(w_sq: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The metric group by group, :math:`\langle u_j, v_j\rangle / \|w_j\|^2` (shape ``(k, 1)``),
+    given :math:`\|w_j\|^2`; ``v=None`` gives the squared norms :math:`\|u_j\|_w^2`."""
+    u = _acc(u)
+    v = u if v is None else _acc(v)
+    return torch.linalg.vecdot(u, v, dim=1).unsqueeze(1) / w_sq
 
 
 def horizontal_projection_rows(
@@ -303,18 +312,17 @@ class PSIManifold(geoopt.manifolds.Manifold):
         self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None, *, keepdim: bool = False
     ) -> torch.Tensor:
         r""":math:`\sum_j \langle u_j, v_j\rangle / \|x_j\|^2` (a scalar; ``keepdim`` keeps ``x.dim()`` dims)."""
-        w, a = self.rows(x), _acc(self.rows(u))
-        b = a if v is None else _acc(self.rows(v))
-        value = ((a * b).sum(1, keepdim=True) / group_sq_norms(w)).sum()
+        value = metric_inner_rows(
+            group_sq_norms(self.rows(x)), self.rows(u), None if v is None else self.rows(v)
+        ).sum()
         if keepdim:
             value = value.reshape((1,) * x.dim())
         return value.to(u.dtype)
 
     def group_inner(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
         r"""The metric group by group, :math:`\langle u_j, v_j\rangle / \|x_j\|^2`, shape ``(k,)``."""
-        w, a = self.rows(x), _acc(self.rows(u))
-        b = a if v is None else _acc(self.rows(v))
-        return ((a * b).sum(1, keepdim=True) / group_sq_norms(w)).squeeze(1).to(u.dtype)
+        value = metric_inner_rows(group_sq_norms(self.rows(x)), self.rows(u), None if v is None else self.rows(v))
+        return value.squeeze(1).to(u.dtype)
 
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         r""":math:`\|u\|_x = (\sum_j \|u_j\|^2/\|x_j\|^2)^{1/2}`."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from ..manifold import PSIManifold, group_sq_norms, horizontal_lift_rows, normalize_rows
+from ..manifold import PSIManifold, group_sq_norms, horizontal_lift_rows, metric_inner_rows, normalize_rows
 from .psisgd import _PSIParamsMixin
 
 __all__ = ["PSIGD"]
@@ -170,7 +170,7 @@ class PSIGD(_PSIParamsMixin, Optimizer):
                 w_sq = group_sq_norms(w)
                 r = horizontal_lift_rows(w, manifold.rows(p.grad), w_sq)
                 entries.append((p, p.detach().clone(), r, manifold, lr, w_sq))
-                sq_norm_terms.append(lr * ((r * r).sum(dim=1, keepdim=True) / w_sq).sum().double())
+                sq_norm_terms.append(lr * metric_inner_rows(w_sq, r).sum().double())
             for p, _ in euclid:
                 g = p.grad.to_dense() if p.grad.is_sparse else p.grad
                 entries.append((p, p.detach().clone(), g.clone(), None, lr, None))
