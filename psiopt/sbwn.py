@@ -17,6 +17,7 @@ from typing import Any
 from .discovery import find_scale_invariant
 from .enorm import _BATCH_NORMS, _HOMOGENEOUS, _is_psi, _Layer, _MeanOnlyBatchNorm, _parse_chain, _Rescaler, _row_norms
 from .grouping import Grouping
+from .manifold import group_sq_norms
 
 __all__ = ["SBWN"]
 
@@ -239,9 +240,7 @@ class _NormalizedWeight:
 
 
 def _group_sq_norms(entry: _NormalizedWeight) -> torch.Tensor:
-    w = entry.weight.detach()
-    rows = entry.grouping.rows(w.to(torch.float32) if w.dtype in (torch.float16, torch.bfloat16) else w)
-    return (rows * rows).sum(dim=1)
+    return group_sq_norms(entry.grouping.rows(entry.weight.detach())).squeeze(1)
 
 
 def _find_normalized(model: nn.Module, example_inputs: Sequence[Any]) -> list[_NormalizedWeight]:
