@@ -116,7 +116,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .grouping import Grouping, GroupingLike, as_grouping
+from .grouping import CHANNEL_FIRST_LAYERS, Grouping, GroupingLike, as_grouping
 from .manifold import PSIManifold
 
 __all__ = [
@@ -131,7 +131,6 @@ __all__ = [
 
 # -- what the structural pass recognizes --------------------------------------------
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RMSNorm = getattr(nn, "RMSNorm", None)
 _NORMS: tuple[type, ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -643,7 +642,7 @@ def _structural_pass(
     verdicts: dict[int, list[Any]] = {}  # id(param) -> per call site: _Candidate or reason
     for site, handle in graph.sites():
         module = site.module
-        if not isinstance(module, _LAYERS) or parametrize.is_parametrized(module, "weight"):
+        if not isinstance(module, CHANNEL_FIRST_LAYERS) or parametrize.is_parametrized(module, "weight"):
             continue
         weight = module._parameters.get("weight")
         if weight is None:
@@ -718,7 +717,7 @@ def _structural_pass(
                                 "structural",
                             )
                         )
-                elif isinstance(module, _LAYERS):
+                elif isinstance(module, CHANNEL_FIRST_LAYERS):
                     kinds = ", ".join(type(p).__name__ for p in plist)
                     for pname, p in plist.named_parameters():
                         if id(p) in param_names:
@@ -741,7 +740,7 @@ def _structural_pass(
                         "structural",
                     )
                 )
-        elif isinstance(module, _LAYERS) and not parametrize.is_parametrized(module, "weight"):
+        elif isinstance(module, CHANNEL_FIRST_LAYERS) and not parametrize.is_parametrized(module, "weight"):
             w = module._parameters.get("weight")
             if w is not None and id(w) not in verdicts and id(w) in param_names:
                 rejected.append(
@@ -918,7 +917,7 @@ def _check_dtype(name: str, param: torch.Tensor) -> None:
 def _check_layer_dtypes(model: nn.Module, param_names: dict[int, str]) -> None:
     """Before any forward: every weight the structural pass may propose must be real floating point."""
     for module in model.modules():
-        if isinstance(module, _LAYERS) or parametrize.is_parametrized(module):
+        if isinstance(module, CHANNEL_FIRST_LAYERS) or parametrize.is_parametrized(module):
             for p in module.parameters():
                 if id(p) in param_names:
                     _check_dtype(param_names[id(p)], p)
@@ -1043,7 +1042,7 @@ def find_scale_invariant(
         handles = []
         record_events = method == "hooks"
         for name, module in model.named_modules():
-            if isinstance(module, _LAYERS):
+            if isinstance(module, CHANNEL_FIRST_LAYERS):
                 handles.append(module.register_forward_hook(_ndim_hook(name, out_ndims)))
             if isinstance(module, _NORMS):
                 handles.append(module.register_forward_pre_hook(_stats_hook(stats.setdefault(id(module), _NormStats()))))

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .grouping import CHANNEL_FIRST_LAYERS
 from .manifold import PSIManifold
 from .nn.mean_only_bn import _MeanOnlyBatchNorm
 
 __all__ = ["ENorm"]
 
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Modules that commute with a positive per-channel scaling: f(d * x) = d * f(x).
 _HOMOGENEOUS = (
     nn.ReLU,
@@ -94,7 +94,7 @@ def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, n
 
 
 def _contains_weight_layer(module: nn.Module) -> bool:
-    return any(isinstance(m, _WEIGHT_LAYERS + (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) for m in module.modules())
+    return any(isinstance(m, CHANNEL_FIRST_LAYERS + (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) for m in module.modules())
 
 
 def _is_psi(p: torch.Tensor) -> bool:
@@ -113,13 +113,13 @@ def _parse_chain(model: nn.Module, who: str, allow_batch_norm: bool) -> list[_La
     layers: list[_Layer] = []
     pending: list[tuple[str, nn.Module]] = []
     for name, module in children:
-        if isinstance(module, _WEIGHT_LAYERS) and parametrize.is_parametrized(module):
+        if isinstance(module, CHANNEL_FIRST_LAYERS) and parametrize.is_parametrized(module):
             raise TypeError(
                 f"{who}: layer {name!r} has a parametrized weight (e.g. weight_norm); {who} rescales "
                 "plain weights only: remove the parametrization (a weight-normed layer already fixes "
                 "its scale through g)"
             )
-        if isinstance(module, _WEIGHT_LAYERS) and type(module) in _WEIGHT_LAYERS:
+        if isinstance(module, CHANNEL_FIRST_LAYERS) and type(module) in CHANNEL_FIRST_LAYERS:
             if not isinstance(module, nn.Linear) and module.groups != 1:
                 raise TypeError(
                     f"{who}: layer {name!r} is a grouped/depthwise convolution (groups={module.groups}); "

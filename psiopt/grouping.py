@@ -23,8 +23,13 @@ from dataclasses import dataclass
 from typing import Literal, Union
 
 import torch
+from torch import nn
 
-__all__ = ["Grouping", "GroupingLike", "as_grouping"]
+__all__ = ["Grouping", "GroupingLike", "as_grouping", "CHANNEL_FIRST_LAYERS"]
+
+#: Layers whose ``weight`` holds output channels along dim 0, the layout every grouping
+#: assumes (transposed convolutions keep them in dim 1 and are not among them).
+CHANNEL_FIRST_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 GroupKind = Literal["channel", "tensor", "block"]
 _KINDS = ("channel", "tensor", "block")

@@ -34,9 +34,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 
+from ..grouping import CHANNEL_FIRST_LAYERS
+
 __all__ = ["data_dependent_init_", "weight_normed_layers"]
 
-_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def weight_normed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -61,7 +62,7 @@ def weight_normed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         if not any(isinstance(p, _WeightNorm) for p in module.parametrizations.weight):
             continue
-        if not isinstance(module, _SUPPORTED) or len(module.parametrizations.weight) != 1:
+        if not isinstance(module, CHANNEL_FIRST_LAYERS) or len(module.parametrizations.weight) != 1:
             raise TypeError(
                 f"layer {name!r} ({type(module).__name__}) is weight-normed but data_dependent_init_ "
                 "handles only Linear and Conv1d/2d/3d layers whose only weight parametrization is "
