@@ -2,6 +2,7 @@ r"""PSIGD: full-batch Riemannian gradient descent on the PSI manifold, with Armi
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -21,14 +22,36 @@ def _as_float(loss: Any) -> float:
     return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
 
 
+def _takes_backward_flag(closure: Callable[..., Any]) -> bool:
+    """Whether ``closure`` accepts a ``backward`` keyword (see :class:`PSIGD`)."""
+    try:
+        parameters = inspect.signature(closure).parameters
+    except (TypeError, ValueError):  # a callable without a signature: the standard closure()
+        return False
+    flag = parameters.get("backward")
+    return flag is not None and flag.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
 class PSIGD(_PSIParamsMixin, Optimizer):
     r"""Gradient descent on the PSI manifold, for full-batch problems.
 
     Scale-invariant parameters are recognized as by :class:`psiopt.PSISGD` (marked
     :class:`geoopt.ManifoldParameter` on a :class:`psiopt.PSIManifold`, or a param group
     with a ``"grouping"`` key); every other parameter takes a Euclidean gradient step.
-    ``step(closure)`` needs the closure (it evaluates the loss on all the data and calls
-    ``backward``) and returns the loss at the point the step started from.
+    ``step(closure)`` needs the closure, which evaluates the loss on all the data, and
+    returns the loss at the point the step started from.
+
+    The closure may take a keyword argument ``backward`` (``def closure(backward=True)``).
+    PSIGD then calls ``closure(backward=True)`` once per step, at the starting point (the
+    closure zeroes the gradients, computes the loss, calls ``loss.backward()`` and returns
+    the loss), and ``closure(backward=False)`` at each line-search trial, under
+    :func:`torch.no_grad` (the closure only computes and returns the loss): a step costs
+    one backward pass and :math:`1 +` (trials) forward passes. The gradient at the
+    accepted point is computed by the next step's first call, so never when no step
+    follows, and after a step ``p.grad`` holds the gradient at its starting point. A
+    closure without the argument, the standard ``closure()`` of ``torch.optim``, is
+    called the same way and gives the same iterates, but it runs ``backward`` at every
+    trial too.
 
     One step from :math:`w`, with :math:`g = \nabla f(w)`: the search direction is
     the Riemannian gradient, on scale-invariant groups its horizontal lift
@@ -62,12 +85,16 @@ class PSIGD(_PSIParamsMixin, Optimizer):
       at rounding level, near a minimum) the weights stay exactly where they were and
       the recorded step size is 0.
 
-    The accepted step size of each step (:math:`\beta^n \mathrm{lr}` of the parameter's
-    group; ``lr`` without line search) is appended to
-    ``optimizer.state[p]["step_sizes"]`` for every parameter ``p``, and saved by
-    :meth:`state_dict`. On a scale-invariant group the step size is an angular step,
-    the same for every representative of a class: started from :math:`a\cdot w`, the
-    iterates are :math:`a\cdot w_t` and the step sizes and iteration counts are the same.
+    Every parameter ``p`` a step moves keeps three numbers in ``optimizer.state[p]``,
+    saved by :meth:`state_dict` and of the same size after any number of steps:
+    ``"step"``, the steps taken; ``"step_size"``, the last accepted step size
+    (:math:`\beta^n \mathrm{lr}` of the parameter's group, ``lr`` without line search,
+    0 when the search gave up); ``"backtracks"``, the rejected trials of all steps. To
+    keep the history of the step sizes, read ``"step_size"`` after each step.
+
+    On a scale-invariant group the step size is an angular step, the same for every
+    representative of a class: started from :math:`a\cdot w`, the iterates are
+    :math:`a\cdot w_t` and the step sizes and iteration counts are the same.
 
     Parameters
     ----------
@@ -144,8 +171,9 @@ class PSIGD(_PSIParamsMixin, Optimizer):
             raise
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One gradient step; ``closure`` (required) recomputes the loss and its gradients.
+    def step(self, closure: Callable[..., Any] | None = None) -> Any:
+        """One gradient step; ``closure`` (required) recomputes the loss, and its gradients
+        when called with no argument or ``backward=True``.
 
         Returns
         -------
@@ -155,10 +183,12 @@ class PSIGD(_PSIParamsMixin, Optimizer):
             raise TypeError(
                 "PSIGD.step needs a closure: a function that zeroes the gradients, computes the loss on all "
                 "the data, calls loss.backward() and returns the loss (e.g. optimizer.step(closure)); the "
-                "line search evaluates it at trial points"
+                "line search evaluates it at trial points. Give it a keyword argument backward=True and "
+                "skip the zeroing and loss.backward() when it is False: trials then cost no backward pass"
             )
+        takes_flag = _takes_backward_flag(closure)
         with torch.enable_grad():
-            loss = closure()
+            loss = closure(backward=True) if takes_flag else closure()
         plan = self._collect()
         # Per tensor: (param, start, direction, rows-or-None, group lr, start sq norms).
         entries = []
@@ -180,24 +210,31 @@ class PSIGD(_PSIParamsMixin, Optimizer):
 
         if self.line_search is None:
             self._move(entries, 1.0)
-            self._record(entries, 1.0)
+            self._record(entries, 1.0, rejected=0)
             return loss
 
         f0 = _as_float(loss)
         decrease = float(torch.stack([t.cpu() for t in sq_norm_terms]).sum())
         scale = 1.0
-        for _ in range(self.max_backtracks + 1):
+        for rejected in range(self.max_backtracks + 1):
             self._move(entries, scale)
-            with torch.enable_grad():
-                trial = _as_float(closure())
+            trial = _as_float(self._trial_loss(closure, takes_flag))
             if trial <= f0 - self.c * scale * decrease:  # False for NaN: a rejection
-                self._record(entries, scale)
+                self._record(entries, scale, rejected)
                 return loss
             scale *= self.backtrack
         for p, start, *_ in entries:
             p.copy_(start)
-        self._record(entries, 0.0)
+        self._record(entries, 0.0, self.max_backtracks + 1)
         return loss
+
+    @staticmethod
+    def _trial_loss(closure: Callable[..., Any], takes_flag: bool) -> Any:
+        """The loss at the current (trial) weights; a gradient only if the closure insists."""
+        if takes_flag:
+            return closure(backward=False)  # under step's no_grad: no graph is built
+        with torch.enable_grad():
+            return closure()
 
     @staticmethod
     def _move(entries: list, scale: float) -> None:
@@ -211,6 +248,10 @@ class PSIGD(_PSIParamsMixin, Optimizer):
                 w_new = normalize_rows(w.to(direction.dtype) - step * direction, w_sq)
                 p.copy_(w_new.reshape(p.shape))
 
-    def _record(self, entries: list, scale: float) -> None:
+    def _record(self, entries: list, scale: float, rejected: int) -> None:
+        """Count a step and its ``rejected`` trials, and keep its step size ``scale * lr``."""
         for p, _, _, _, lr, _ in entries:
-            self.state[p].setdefault("step_sizes", []).append(scale * lr)
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            state["step_size"] = scale * lr
+            state["backtracks"] = state.get("backtracks", 0) + rejected
