@@ -105,3 +105,21 @@ def test_full_batch_scale_dependence(name):
         assert counts[1] is not None and counts[0] is None and counts[2] is None
     else:
         assert counts[0] is not None and len(set(counts)) == 1
+
+
+@pytest.mark.parametrize("name", ["psigd", "psigd-ls", "rsgd-sphere", "gd"])
+def test_full_batch_counts_forward_and_backward_passes(name):
+    method = FULL_BATCH_METHODS[name]
+    if method.unavailable_reason() is not None:
+        pytest.skip(method.unavailable_reason())
+    problem = make_rayleigh(groups=2, dim=6, condition_number=5.0, seed=1)
+    w0 = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    record = run_full_batch(method, problem, w0, 1e-10, 300)
+    steps = record["iterations"]
+    assert steps is not None and steps > 5
+    # one gradient per iteration; only the line search evaluates the loss more often
+    assert record["backward_passes"] == steps
+    if name == "psigd-ls":
+        assert record["forward_passes"] > steps
+    else:
+        assert record["forward_passes"] == steps

@@ -206,14 +206,23 @@ def run_full_batch(
     """Iterate until :math:`f - f^* \\le` ``tol`` or ``max_iters``; return the record.
 
     The record holds ``iterations`` (``None`` if the tolerance was not reached),
-    ``final_gap``, ``initial_gap``, ``seconds``, the ``gap`` curve (log-spaced
+    ``forward_passes`` and ``backward_passes`` (the loss evaluations and gradients the
+    method asked for over the run; the gap measured after each iteration is not
+    counted; a closure that takes ``backward`` lets PSIGD's line search skip the
+    gradient at its trials), ``final_gap``, ``initial_gap``, ``seconds``, the ``gap`` curve (log-spaced
     iterations), ``measured_rate`` (the per-iteration gap ratio fitted on the tail,
     between gaps ``1e-4`` and ``tol``) and, for fixed-step methods, ``predicted_rate``
     :math:`\\rho^2` and ``predicted_iterations``.
     """
     param, opt, needs_closure = method.make(w0, problem)
 
-    def closure() -> torch.Tensor:
+    passes = {"forward": 0, "backward": 0}
+
+    def closure(backward: bool = True) -> torch.Tensor:
+        passes["forward"] += 1
+        if not backward:
+            return problem.loss(param)
+        passes["backward"] += 1
         opt.zero_grad()
         loss = problem.loss(param)
         loss.backward()
@@ -252,6 +261,8 @@ def run_full_batch(
     record: dict[str, object] = {
         "method": method.name,
         "iterations": reached,
+        "forward_passes": passes["forward"],
+        "backward_passes": passes["backward"],
         "max_iters": max_iters,
         "initial_gap": initial_gap,
         "final_gap": gaps[-1] if math.isfinite(gaps[-1]) else None,

@@ -178,6 +178,8 @@ def tables(results: dict[str, Any]) -> list[Table]:
                         fmt(p["init_scale"]),
                         r["method"],
                         fmt(r["iterations"]) if r["iterations"] is not None else f"> {r['max_iters']}",
+                        fmt(r.get("forward_passes")),  # absent from results written before they were counted
+                        fmt(r.get("backward_passes")),
                         fmt(r["predicted_iterations"]),
                         fmt(r["measured_rate"], 6),
                         fmt(r["predicted_rate"], 6),
@@ -188,7 +190,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
             (
                 "full batch: sums of Rayleigh quotients, iterations to f - f* <= "
                 f"{fmt(results['full_batch'][0]['tol'])}",
-                ["kappa", "init scale", "method", "iterations", "predicted", "measured rate", "predicted rate", "final gap"],
+                ["kappa", "init scale", "method", "iterations", "forward", "backward", "predicted", "measured rate", "predicted rate", "final gap"],
                 rows,
             )
         )
@@ -301,7 +303,10 @@ _PROTOCOL = """\
   log(gap_0/tol)/log(1/ρ²) (asymptotic). Euclidean GD uses the step η*·d (the same angular
   step at unit scale), fixed across scales. Measured rate: gap ratio per iteration on the tail
   (gaps from 1e-4 down). A run stops at min(max_iters, max(200, 3 x predicted iterations));
-  "> N" means the tolerance was not reached in those N iterations.
+  "> N" means the tolerance was not reached in those N iterations. Forward / backward: the
+  loss evaluations and gradients each method asked for over the run (one of each per
+  iteration without line search; PSI-GD's line search adds a forward pass per trial, and no
+  backward, as the runner's closure takes the `backward` flag).
 - Step time: median over the timed steps of `optimizer.step()` (+ the method's after-step
   hook: ENorm / SBWN rescaling) with fixed gradients, as a ratio to
   `torch.optim.SGD(momentum=0.9, foreach=True)` on the same model in the same run.
