@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import geoopt
 import numpy as np
 import pytest
@@ -373,6 +374,41 @@ def test_a_step_costs_one_backward_pass_with_the_backward_flag(line_search, take
     trials = 0 if line_search is None else steps + state["backtracks"]
     assert passes["forward"] == steps + trials
     assert passes["backward"] == (steps if takes_flag else steps + trials)
+
+
+class _CallableClosure:
+    def __init__(self, closure) -> None:
+        self.closure = closure
+
+    def __call__(self, backward=True):
+        return self.closure(backward=backward)
+
+
+@pytest.mark.parametrize(
+    "form, takes_flag",
+    [
+        (lambda c: c, True),
+        (lambda c: (lambda *, backward=True: c(backward=backward)), True),  # keyword-only
+        (lambda c: _CallableClosure(c), True),
+        (lambda c: functools.partial(lambda unused, backward=True: c(backward=backward), None), True),
+        (lambda c: (lambda: c()), False),
+        (lambda c: (lambda *args, **kwargs: c()), False),  # no parameter named backward
+    ],
+)
+def test_closures_of_every_form_that_name_backward_get_the_flag(form, takes_flag) -> None:
+    params, loss_fn, _, groups, lr = _problem("rayleigh", "armijo")
+    opt = psiopt.PSIGD(groups, lr=lr, line_search="armijo")
+    passes = {"forward": 0, "backward": 0}
+
+    def count_backward(grad):
+        passes["backward"] += 1
+
+    params[0].register_hook(count_backward)
+    closure = form(_counting_closure(params, loss_fn, passes, takes_flag=True))
+    for _ in range(5):
+        opt.step(closure)
+    assert opt.state[params[0]]["backtracks"] > 0
+    assert passes["backward"] == (5 if takes_flag else passes["forward"])
 
 
 def _state_numbers(opt: torch.optim.Optimizer) -> int:
