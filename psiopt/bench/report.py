@@ -190,7 +190,10 @@ def tables(results: dict[str, Any]) -> list[Table]:
             (
                 "full batch: sums of Rayleigh quotients, iterations to f - f* <= "
                 f"{fmt(results['full_batch'][0]['tol'])}",
-                ["kappa", "init scale", "method", "iterations", "forward", "backward", "predicted", "measured rate", "predicted rate", "final gap"],
+                [
+                    "kappa", "init scale", "method", "iterations", "forward", "backward",
+                    "predicted", "measured rate", "predicted rate", "final gap",
+                ],
                 rows,
             )
         )
