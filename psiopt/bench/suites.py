@@ -244,12 +244,12 @@ def _step_scaling(quick: bool) -> StepScalingSpec:
         )
     return StepScalingSpec(
         (
-            ScalingPointSpec("cnn_bn w20 (0.1M)", "cnn_bn", {"in_channels": 3, "width": 20}),
-            ScalingPointSpec("cnn_bn w32 (0.24M)", "cnn_bn", {"in_channels": 3, "width": 32}),
-            ScalingPointSpec("cnn_bn w64 (0.96M)", "cnn_bn", {"in_channels": 3, "width": 64}),
-            ScalingPointSpec("resnet18 w32 (2.8M)", "resnet18", {"width": 32}),
-            ScalingPointSpec("resnet18 (11.2M)", "resnet18", {}),
-            ScalingPointSpec("resnet50 (25.6M)", "resnet50", {}, num_classes=1000),
+            ScalingPointSpec("cnn_bn w20", "cnn_bn", {"in_channels": 3, "width": 20}),
+            ScalingPointSpec("cnn_bn w32", "cnn_bn", {"in_channels": 3, "width": 32}),
+            ScalingPointSpec("cnn_bn w64", "cnn_bn", {"in_channels": 3, "width": 64}),
+            ScalingPointSpec("resnet18 w32", "resnet18", {"width": 32}),
+            ScalingPointSpec("resnet18", "resnet18", {}),
+            ScalingPointSpec("resnet50", "resnet50", {}, num_classes=1000),
         ),
         warmup=3, repeats=100, min_repeats=10, budget_s=10.0,
     )
