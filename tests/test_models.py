@@ -67,3 +67,10 @@ def test_narrow_resnet50_runs():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 6)
     with pytest.raises(ValueError, match="stem must be"):
         models.ResNet((1,), stem="vgg")
+
+
+def test_build_by_name():
+    model = models.build("cnn_bn", {"in_channels": 1, "width": 2}, num_classes=4)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+    with pytest.raises(ValueError, match="unknown model 'ResNet'; the zoo's builders are mlp_bn, cnn_bn"):
+        models.build("ResNet", {})

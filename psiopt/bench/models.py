@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 __all__ = [
-    "BUILDERS",
     "build",
     "BasicBlock",
     "Bottleneck",
@@ -388,18 +387,16 @@ def small_resnet(
     return ResNet(blocks_per_stage, num_classes=num_classes, in_channels=in_channels, width=width)
 
 
-BUILDERS = ("mlp_bn", "cnn_bn", "resnet18", "resnet50", "small_resnet", "vgg16_bn")
-"""The model builders a suite can name."""
-
-
 def build(name: str, kwargs: dict, num_classes: int = 10) -> nn.Module:
-    """The zoo model ``name`` built with ``kwargs`` and ``num_classes`` (a suite's model spec).
+    """The zoo model ``name`` (one of this module's builder functions) built with
+    ``kwargs`` and ``num_classes``: a suite's model spec.
 
     Raises
     ------
     ValueError
-        If ``name`` is not one of :data:`BUILDERS`.
+        If ``name`` is not a builder of this module.
     """
-    if name not in BUILDERS:
-        raise ValueError(f"unknown model {name!r}; the zoo has {', '.join(BUILDERS)}")
+    builders = [n for n in __all__ if n != "build" and not isinstance(globals()[n], type)]
+    if name not in builders:
+        raise ValueError(f"unknown model {name!r}; the zoo's builders are {', '.join(builders)}")
     return globals()[name](num_classes=num_classes, **kwargs)

@@ -170,7 +170,10 @@ def _scaling_plot(plt, points: list[ScalingPoint], out_dir: Path, name: str, nam
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, label in enumerate(labels):
         pts = sorted(
-            (p.num_params, e.ratio_to_sgd_foreach) for p in points for e in p.paths if e.label == label and e.status == "ok"
+            (p.num_params, e.ratio_to_sgd_foreach)
+            for p in points
+            for e in p.paths
+            if e.label == label and e.status == "ok"
         )
         ax.plot(*zip(*pts), marker="o", lw=1.4, color=f"C{i}", label=label)
     ax.axhline(1.0, color="k", lw=1, ls=":")

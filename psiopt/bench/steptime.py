@@ -212,9 +212,8 @@ def one_thread_on_cpu(device: torch.device) -> Iterator[int]:
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(
-        v.numel() * v.element_size() for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)
-    )
+    tensors = [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(v.numel() * v.element_size() for v in tensors)
 
 
 # -- every method on one model ------------------------------------------------------------
@@ -262,7 +261,8 @@ def measure_methods(
     with one_thread_on_cpu(device):
         steps: dict[str, Callable[[], None]] = {}
         optimizers: dict[str, torch.optim.Optimizer] = {}
-        steps[BASELINE_PATH], optimizers[BASELINE_PATH], record.param_bytes = prepared()
+        base_step, base_opt, record.param_bytes = prepared()
+        steps[BASELINE_PATH], optimizers[BASELINE_PATH] = base_step, base_opt
         for method in available_methods(spec.methods, unavailable):
             entry = MethodStepTime(method=method.name, label=method.label)
             record.methods.append(entry)
