@@ -429,7 +429,7 @@ _PROTOCOL = """\
   State bytes: all tensors in `optimizer.state`. Extra peak: the highest memory allocated
   during one step above what was allocated before it (CUDA: `torch.cuda.max_memory_allocated`;
   CPU: the running sum of the allocator's allocations and frees recorded by `torch.profiler`
-  with `profile_memory=True`), measured on one more step outside the timed rounds.
+  with `profile_memory=True`), measured on extra steps outside the timed rounds.
 - Scaling curve: the parameters of zoo models from 0.1M to 25.6M (ResNet-50's shapes), every
   conv / hidden linear weight marked with one group per output channel, fixed random
   gradients, momentum 0.9; each path steps the same parameters. A path the installed torch
