@@ -30,7 +30,7 @@ from . import data as bench_data
 from .environment import environment
 from .methods import METHODS, MOMENTUM
 from .rayleigh import FULL_BATCH_METHODS, make_rayleigh, run_full_batch
-from .records import BenchResults, FullBatchProblem, FullBatchRun, MethodTraining, RunConfig, from_json
+from .records import BenchResults, FullBatchProblem, FullBatchRun, MethodTraining, RunConfig, from_json, to_json
 from .steptime import measure_discovery, measure_methods, measure_scaling_point
 from .suites import FullBatchSpec, Suite
 from .training import (
@@ -39,7 +39,6 @@ from .training import (
     load_dataset,
     run_sweep,
     run_task,
-    spec_json,
     sweep_record,
     task_record,
 )
@@ -166,12 +165,12 @@ def _run_config(config: BenchConfig) -> RunConfig:
         smoothing_window=SMOOTHING,
         diverged_loss=DIVERGED_LOSS,
         momentum=MOMENTUM,
-        train=[spec_json(t) for t in suite.train],
-        sweeps=[spec_json(s) for s in suite.sweeps],
-        full_batch=None if suite.full_batch is None else spec_json(suite.full_batch),
-        step_time=[spec_json(s) for s in suite.step_time],
-        step_time_scaling=None if suite.step_scaling is None else spec_json(suite.step_scaling),
-        discovery_time=None if suite.discovery is None else spec_json(suite.discovery),
+        train=[to_json(t) for t in suite.train],
+        sweeps=[to_json(s) for s in suite.sweeps],
+        full_batch=None if suite.full_batch is None else to_json(suite.full_batch),
+        step_time=[to_json(s) for s in suite.step_time],
+        step_time_scaling=None if suite.step_scaling is None else to_json(suite.step_scaling),
+        discovery_time=None if suite.discovery is None else to_json(suite.discovery),
         methods={name: {"label": m.label, "summary": m.summary, "own_si_lr": m.own_si_lr} for name, m in METHODS.items()},
         full_batch_methods={name: {"label": m.label, "summary": m.summary} for name, m in FULL_BATCH_METHODS.items()},
     )

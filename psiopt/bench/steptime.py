@@ -45,9 +45,9 @@ from torch import nn
 from . import models as zoo
 from .environment import device_name
 from .methods import MOMENTUM, BuildContext, MethodNotApplicable, zoo_scale_invariant_layers
-from .records import DiscoveryTime, MethodStepTime, PathTiming, ScalingPoint, StepTimeResult
+from .records import DiscoveryTime, MethodStepTime, PathTiming, ScalingPoint, StepTimeResult, to_json
 from .suites import DiscoverySpec, ScalingPointSpec, StepScalingSpec, StepTimeSpec
-from .training import Done, available_methods, spec_json, sync
+from .training import Done, available_methods, sync
 
 __all__ = [
     "LR",
@@ -230,7 +230,7 @@ def measure_methods(
         device=str(device),
         device_name=device_name(device),
         model=spec.model,
-        model_kwargs=spec_json(spec)["model_kwargs"],
+        model_kwargs=to_json(spec.model_kwargs),
         batch_size=spec.batch_size,
         warmup=spec.warmup,
         repeats=spec.repeats,
@@ -328,7 +328,7 @@ def measure_scaling_point(
         record = ScalingPoint(
             name=point.name,
             model=point.model,
-            model_kwargs=spec_json(point)["model_kwargs"],
+            model_kwargs=to_json(point.model_kwargs),
             device=str(device),
             device_name=device_name(device),
             threads=threads,
@@ -390,7 +390,7 @@ def measure_discovery(spec: DiscoverySpec) -> DiscoveryTime:
             seconds.append(time.perf_counter() - start)
     return DiscoveryTime(
         model=spec.model,
-        model_kwargs=spec_json(spec)["model_kwargs"],
+        model_kwargs=to_json(spec.model_kwargs),
         num_params=sum(p.numel() for p in model.parameters()),
         input_shape=[spec.batch_size, *spec.input_shape],
         threads=threads,

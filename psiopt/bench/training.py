@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -45,6 +44,7 @@ from .records import (
     TaskResult,
     TrainRun,
     TuningPoint,
+    to_json,
 )
 from .suites import ScaleSweep, TrainTask
 
@@ -59,7 +59,6 @@ __all__ = [
     "task_record",
     "run_sweep",
     "sweep_record",
-    "spec_json",
     "available_methods",
     "sync",
 ]
@@ -325,7 +324,7 @@ def task_record(task: TrainTask, dataset: bench_data.Dataset) -> TaskResult:
         task=task.name,
         dataset=DatasetInfo(**dataset.describe()),
         model=task.model,
-        model_kwargs=_jsonable(task.model_kwargs),
+        model_kwargs=to_json(task.model_kwargs),
         batch_size=task.batch_size,
         steps=task.steps,
         lr_grid=list(task.lr_grid),
@@ -368,16 +367,3 @@ def run_sweep(
 def sweep_record(sweep: ScaleSweep, seed: int) -> SweepResult:
     """An empty record of ``sweep``, filled by :func:`run_sweep`."""
     return SweepResult(task=sweep.task, scales=list(sweep.scales), seed=seed, bn_eps=sweep.bn_eps)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def spec_json(spec: Any) -> Any:
-    """A suite's spec dataclass as JSON (tuples become lists)."""
-    return _jsonable(asdict(spec))
