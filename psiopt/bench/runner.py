@@ -32,7 +32,7 @@ from .methods import METHODS, MOMENTUM
 from .rayleigh import FULL_BATCH_METHODS, make_rayleigh, run_full_batch
 from .records import BenchResults, FullBatchProblem, FullBatchRun, MethodTraining, RunConfig, from_json, to_json
 from .steptime import measure_discovery, measure_methods, measure_scaling_point
-from .suites import FullBatchSpec, Suite
+from .suites import DiscoverySpec, FullBatchSpec, ScaleSweep, StepScalingSpec, StepTimeSpec, Suite, TrainTask
 from .training import (
     DIVERGED_LOSS,
     SMOOTHING,
@@ -199,98 +199,111 @@ def run_benchmark(config: BenchConfig, on_run_done: RunCallback | None = None) -
 
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(config.device)
-    suite = config.suite
     started = time.perf_counter()
-    results = BenchResults(
-        suite=suite.name,
-        quick=config.quick,
-        started_at=_now(),
-        config=_run_config(config),
-        environment=environment(str(device)),
-    )
-    recorder = _Recorder(out_dir / "results.json", results)
-    recorder.flush()
-    step_devices = _step_time_devices(suite, device)
-    progress = _Progress(_count_units(suite, len(step_devices)), config.progress)
-
-    def done(record: Any, text: str) -> None:
-        recorder.save()
-        progress.tick(text)
-        if on_run_done is not None:
-            on_run_done(record)
-
-    def part(name: str, run: Callable[[], None]) -> None:
-        start = time.perf_counter()
-        run()
-        results.part_seconds[name] = time.perf_counter() - start
-        recorder.flush()
-
+    run = _Run(config, out_dir, on_run_done)
+    results = run.results
     try:
-        tuned: dict[str, dict[str, MethodTraining]] = {}
-        datasets: dict[str, bench_data.Dataset] = {}
-        for task in suite.train:
-
-            def train(task=task) -> None:
-                dataset = datasets[task.name] = load_dataset(task, config.data_dir).to(device)
-                record = task_record(task, dataset)
-                results.training.append(record)
-                tuned[task.name] = run_task(
-                    task, dataset, suite.seeds, device, results.unavailable_methods, record, done
-                )
-
-            part(f"training:{task.name}", train)
-        for sweep in suite.sweeps:
-
-            def swept(sweep=sweep) -> None:
-                task = next(t for t in suite.train if t.name == sweep.task)
-                record = sweep_record(sweep, suite.seeds[0])
-                results.scale_sweep.append(record)
-                run_sweep(sweep, task, datasets[task.name], tuned[task.name], suite.seeds[0], device, record, done)
-
-            part(f"scale_sweep:{sweep.task}", swept)
-        if suite.full_batch is not None:
-            part("full_batch", lambda: _run_full_batch(suite.full_batch, results, done))
-        for spec in suite.step_time:
-            for dev in step_devices:
-
-                def step_time(spec=spec, dev=dev) -> None:
-                    results.step_time.append(measure_methods(spec, dev, results.unavailable_methods, done))
-
-                part(f"step_time:{spec.model}:{dev}", step_time)
-        if suite.step_scaling is not None:
-            scaling = suite.step_scaling
-            for dev in step_devices:
-
-                def curve(dev=dev) -> None:
-                    for point in scaling.points:
-                        record = measure_scaling_point(point, scaling, dev)
-                        results.step_time_scaling.append(record)
-                        done(record, f"step scaling {point.name} {dev.type}")
-
-                part(f"step_time_scaling:{dev}", curve)
-        if suite.discovery is not None:
-
-            def discovery() -> None:
-                record = measure_discovery(suite.discovery)
-                results.discovery_time.append(record)
-                done(record, f"discovery {suite.discovery.model}")
-
-            part("discovery_time", discovery)
+        run.all_parts()
         results.complete = True
     except KeyboardInterrupt:
         results.interrupted = True
     finally:
-        progress.close()
+        run.progress.close()
         results.finished_at = _now()
         results.wall_time_s = time.perf_counter() - started
-        recorder.flush()
+        run.recorder.flush()
         try:
             results.plots = make_plots(json_ready(results), out_dir)
         finally:
-            recorder.flush()
+            run.recorder.flush()
             (out_dir / "report.md").write_text(render_markdown(json_ready(results)), encoding="utf-8")
     return results
+
+
+class _Run:
+    """One benchmark run: the results being filled, the results file, the progress bar.
+
+    Each part of the suite is a method; :meth:`part` times it into
+    ``results.part_seconds`` and writes the results file after it.
+    """
+
+    def __init__(self, config: BenchConfig, out_dir: Path, on_run_done: RunCallback | None):
+        self.config = config
+        self.suite = config.suite
+        self.device = torch.device(config.device)
+        self.on_run_done = on_run_done
+        self.results = BenchResults(
+            suite=self.suite.name,
+            quick=config.quick,
+            started_at=_now(),
+            config=_run_config(config),
+            environment=environment(str(self.device)),
+        )
+        self.recorder = _Recorder(out_dir / "results.json", self.results)
+        self.recorder.flush()
+        self.step_devices = _step_time_devices(self.suite, self.device)
+        self.progress = _Progress(_count_units(self.suite, len(self.step_devices)), config.progress)
+        self.datasets: dict[str, bench_data.Dataset] = {}
+        self.tuned: dict[str, dict[str, MethodTraining]] = {}
+
+    def done(self, record: Any, text: str) -> None:
+        """A run finished: save the results (throttled), tick the progress bar, call the hook."""
+        self.recorder.save()
+        self.progress.tick(text)
+        if self.on_run_done is not None:
+            self.on_run_done(record)
+
+    def part(self, name: str, run: Callable[..., None], *args: Any) -> None:
+        start = time.perf_counter()
+        run(*args)
+        self.results.part_seconds[name] = time.perf_counter() - start
+        self.recorder.flush()
+
+    def all_parts(self) -> None:
+        suite = self.suite
+        for task in suite.train:
+            self.part(f"training:{task.name}", self.train, task)
+        for sweep in suite.sweeps:
+            self.part(f"scale_sweep:{sweep.task}", self.sweep, sweep)
+        if suite.full_batch is not None:
+            self.part("full_batch", _run_full_batch, suite.full_batch, self.results, self.done)
+        for spec in suite.step_time:
+            for device in self.step_devices:
+                self.part(f"step_time:{spec.model}:{device}", self.step_time, spec, device)
+        if suite.step_scaling is not None:
+            for device in self.step_devices:
+                self.part(f"step_time_scaling:{device}", self.step_scaling, suite.step_scaling, device)
+        if suite.discovery is not None:
+            self.part("discovery_time", self.discovery, suite.discovery)
+
+    def train(self, task: TrainTask) -> None:
+        dataset = self.datasets[task.name] = load_dataset(task, self.config.data_dir).to(self.device)
+        record = task_record(task, dataset)
+        self.results.training.append(record)
+        self.tuned[task.name] = run_task(
+            task, dataset, self.suite.seeds, self.device, self.results.unavailable_methods, record, self.done
+        )
+
+    def sweep(self, sweep: ScaleSweep) -> None:
+        task = next(t for t in self.suite.train if t.name == sweep.task)
+        seed = self.suite.seeds[0]
+        record = sweep_record(sweep, seed)
+        self.results.scale_sweep.append(record)
+        run_sweep(sweep, task, self.datasets[task.name], self.tuned[task.name], seed, self.device, record, self.done)
+
+    def step_time(self, spec: StepTimeSpec, device: torch.device) -> None:
+        self.results.step_time.append(measure_methods(spec, device, self.results.unavailable_methods, self.done))
+
+    def step_scaling(self, spec: StepScalingSpec, device: torch.device) -> None:
+        for point in spec.points:
+            record = measure_scaling_point(point, spec, device)
+            self.results.step_time_scaling.append(record)
+            self.done(record, f"step scaling {point.name} {device.type}")
+
+    def discovery(self, spec: DiscoverySpec) -> None:
+        record = measure_discovery(spec)
+        self.results.discovery_time.append(record)
+        self.done(record, f"discovery {spec.model}")
 
 
 def _run_full_batch(spec: FullBatchSpec, results: BenchResults, done: Callable[[Any, str], None]) -> None:
