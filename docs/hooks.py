@@ -110,12 +110,17 @@ def bench_section(config: MkDocsConfig) -> str:
             "`bash scripts/bench.sh` (or `psiopt bench --out DIR`) to produce them; the report "
             "it writes (`report.md` beside `results.json`) has the tables this page shows."
         )
+    from psiopt.bench.records import BenchResults, from_json
     from psiopt.bench.report import render_markdown  # the report the benchmark itself writes
 
     root = _results_root(config)
     parts = []
     for path, results in sets:
-        report = render_markdown(results)
+        try:
+            typed = from_json(BenchResults, results)
+        except ValueError as err:
+            raise PluginError(f"{path} does not hold psiopt bench results of this version: {err}") from None
+        report = render_markdown(typed)
         # Plots are published under BENCH_SITE_DIR (see on_files); point the images there.
         report = re.sub(
             r"!\[([^\]]*)\]\(([^)]+\.png)\)",

@@ -171,10 +171,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         return 2
     sys.stdout.write(render_table(json_ready(results)))
     sys.stdout.write(
-        f"\nwall time {results['wall_time_s']:.1f} s; results: {out_dir / 'results.json'}, "
-        f"report: {out_dir / 'report.md'}, {len(results['plots'])} plot(s)\n"
+        f"\nwall time {results.wall_time_s:.1f} s; results: {out_dir / 'results.json'}, "
+        f"report: {out_dir / 'report.md'}, {len(results.plots)} plot(s)\n"
     )
-    if results["interrupted"]:
+    if results.interrupted:
         sys.stderr.write(f"psiopt bench: interrupted; the finished runs are in {out_dir / 'results.json'}\n")
         return 130
     return 0

@@ -12,7 +12,8 @@ import jsonschema
 import pytest
 import torch
 
-from psiopt.bench.report import fmt, load_schema, validate_results
+from psiopt.bench.records import to_json
+from psiopt.bench.report import fmt, load_results, load_schema, validate_results
 from psiopt.cli import main
 from test_bench_data import write_cifar_dir
 
@@ -56,7 +57,19 @@ def test_quick_run_writes_valid_outputs(quick_runs, capsys):
     assert {"digits-mlp-loss-vs-steps.png", "digits-mlp-loss-vs-time.png", "digits-mlp-scale-sweep.png",
             "full-batch.png"} <= set(results["plots"])
     assert any(p.startswith("step-time-") for p in results["plots"])
+    assert "step-time-scaling-cpu.png" in results["plots"]
     assert (out / "report.md").is_file()
+    # the step-time curve covers every path at every size of the suite, and discovery ran
+    sizes = [p["num_params"] for p in results["step_time_scaling"]]
+    assert len(sizes) == 2 and sizes[0] < sizes[1]
+    for point in results["step_time_scaling"]:
+        assert [e["path"] for e in point["paths"]] == [
+            "sgd-foreach", "sgd-fused", "psisgd-loop", "psisgd-foreach", "psisgd-fused"
+        ]
+    (discovery,) = results["discovery_time"]
+    assert discovery["found"] == discovery["expected"] > 0 and discovery["threads"] == 1
+    # the typed records read back to exactly the JSON that was written
+    assert to_json(load_results(out / "results.json")) == results
 
 
 def test_schema_rejects_broken_results(quick_runs):
@@ -67,6 +80,14 @@ def test_schema_rejects_broken_results(quick_runs):
         validate_results(broken)
     broken = json.loads(json.dumps(results))
     broken["training"][0]["methods"][0]["runs"][0]["final_test_acc"] = 1.5
+    with pytest.raises(jsonschema.ValidationError):
+        validate_results(broken)
+    broken = json.loads(json.dumps(results))
+    broken["step_time_scaling"][0]["paths"][0]["status"] = "skipped"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_results(broken)
+    broken = json.loads(json.dumps(results))
+    del broken["discovery_time"][0]["target_s"]
     with pytest.raises(jsonschema.ValidationError):
         validate_results(broken)
     assert load_schema()["$schema"].endswith("2020-12/schema")
@@ -97,6 +118,15 @@ def test_report_numbers_come_from_the_json(quick_runs):
             for m in st["methods"]:
                 if m["status"] == "ok":
                     assert fmt(m["ratio_to_baseline"], 3) in report
+        for point in results["step_time_scaling"]:
+            for e in point["paths"]:
+                if e["status"] == "ok":
+                    assert f"| {e['label']} | {fmt(e['median_s'] * 1e3, 3)} | {fmt(e['ratio_to_sgd_foreach'], 3)} |" in report
+                else:
+                    assert f"`{e['label']}` on cpu: {e['status']}: {e['reason'].splitlines()[0]}" in report
+        for d in results["discovery_time"]:
+            assert f"find_scale_invariant took {fmt(d['median_s'], 3)} s" in report
+            assert f"{d['found']} / {d['expected']}" in report
         assert f"wall time {fmt(results['wall_time_s'])} s" in report
 
 

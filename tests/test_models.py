@@ -45,3 +45,32 @@ def test_bad_sizes_raise(bad):
         models.mlp_bn(bad)
     with pytest.raises(ValueError):
         models.cnn_bn(width=bad)
+
+
+def test_resnet50_has_torchvision_shapes():
+    with torch.device("meta"):
+        model = models.resnet50()
+    # torchvision.models.resnet50() has 25,557,032 parameters
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 53 and sum("downsample" in n for n, _ in convs) == 4
+    assert convs[0][1].kernel_size == (7, 7) and convs[0][1].stride == (2, 2)
+    assert model.layer2[0].conv2.stride == (2, 2) and model.layer2[0].conv1.stride == (1, 1)  # ResNet v1.5
+    assert model.fc.in_features == 2048
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 53 and all(m.bias is None for _, m in convs)
+
+
+def test_narrow_resnet50_runs():
+    torch.manual_seed(0)
+    model = models.resnet50(num_classes=6, width=2)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 6)
+    with pytest.raises(ValueError, match="stem must be"):
+        models.ResNet((1,), stem="vgg")
+
+
+def test_build_by_name():
+    model = models.build("cnn_bn", {"in_channels": 1, "width": 2}, num_classes=4)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+    with pytest.raises(ValueError, match="unknown model 'ResNet'; the zoo's builders are mlp_bn, cnn_bn"):
+        models.build("ResNet", {})

@@ -5,7 +5,10 @@
 * :mod:`psiopt.bench.methods` -- the registry of optimizers / training systems compared.
 * :mod:`psiopt.bench.rayleigh` -- full-batch Rayleigh-quotient problems with known optimum.
 * :mod:`psiopt.bench.suites` -- what each suite runs.
-* :mod:`psiopt.bench.runner` -- runs a suite, records ``results.json``.
+* :mod:`psiopt.bench.runner` -- runs a suite, records ``results.json``; its parts live in
+  :mod:`psiopt.bench.training` (minibatch runs, tuning, sweeps) and
+  :mod:`psiopt.bench.steptime` (step time and memory, the scaling curve, discovery time).
+* :mod:`psiopt.bench.records` -- the typed results records and their JSON form.
 * :mod:`psiopt.bench.report`, :mod:`psiopt.bench.plots` -- Markdown report, table, PNGs.
 
 Run ``psiopt bench --list`` to see the suites.

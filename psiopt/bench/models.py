@@ -12,6 +12,8 @@ builder             architecture
 :func:`mlp_bn`      ``Linear -> BatchNorm1d -> ReLU`` blocks, then a ``Linear`` head
 :func:`cnn_bn`      VGG-style ``Conv -> BN -> ReLU`` stages with max pooling, linear head
 :func:`resnet18`    CIFAR-style ResNet-18 (BasicBlocks, 1x1-conv + BN shortcuts)
+:func:`resnet50`    ImageNet-style ResNet-50 (Bottleneck blocks; 25.6M parameters at width 64
+                    and 1000 classes, the shapes of torchvision's ``resnet50``)
 :func:`small_resnet`  a narrower, shallower ResNet of the same blocks, for CPU runs
 :func:`vgg16_bn`    CIFAR-style VGG-16 with batch normalization
 ==================  ====================================================================
@@ -25,11 +27,14 @@ import torch
 from torch import nn
 
 __all__ = [
+    "build",
     "BasicBlock",
+    "Bottleneck",
     "ResNet",
     "mlp_bn",
     "cnn_bn",
     "resnet18",
+    "resnet50",
     "small_resnet",
     "vgg16_bn",
 ]
@@ -148,6 +153,16 @@ def vgg16_bn(num_classes: int = 10, width_multiplier: float = 1.0, in_channels: 
     return _vgg(config, in_channels, num_classes)
 
 
+def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
+    """The ``Conv1x1(stride) -> BN`` shortcut of a block that changes resolution or width."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
 class BasicBlock(nn.Module):
     """The ResNet basic block: two ``Conv3x3 -> BN`` layers and a residual shortcut.
 
@@ -157,7 +172,8 @@ class BasicBlock(nn.Module):
     Parameters
     ----------
     in_channels, out_channels : int
-        Channels in and out of the block.
+        Channels in and out of the block (``out_channels = planes * expansion`` with
+        ``expansion = 1``).
     stride : int, default 1
         Stride of the first convolution (and of the downsample branch).
     """
@@ -171,12 +187,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+        self.downsample = _downsample(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -185,24 +196,68 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
-    """A CIFAR-style ResNet: a 3x3 stem, four stages of :class:`BasicBlock`, a linear head.
+class Bottleneck(nn.Module):
+    """The ResNet-50 bottleneck block: ``Conv1x1 -> BN``, ``Conv3x3(stride) -> BN``,
+    ``Conv1x1 -> BN`` (``expansion = 4`` times wider), and a residual shortcut.
 
-    Unlike the ImageNet ResNet, the stem is a single stride-1 ``Conv3x3 -> BN -> ReLU``
-    with no max pooling, which suits 32x32 inputs.
+    The stride sits on the 3x3 convolution, as in torchvision's ``resnet50`` (ResNet
+    v1.5); the shortcut is a ``Conv1x1(stride) -> BN`` branch when the block changes
+    resolution or width.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels into the block.
+    planes : int
+        Channels of the inner 1x1 and 3x3 convolutions; the block outputs
+        ``planes * 4``.
+    stride : int, default 1
+        Stride of the 3x3 convolution (and of the downsample branch).
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1):
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """A ResNet: a stem, stages of residual blocks, global average pooling, a linear head.
 
     Parameters
     ----------
     blocks_per_stage : sequence of int
         Number of blocks in each stage (``(2, 2, 2, 2)`` is ResNet-18). Stage ``i``
-        has ``width * 2**i`` channels and every stage after the first halves the
-        resolution.
+        has blocks of ``width * 2**i`` planes and every stage after the first halves
+        the resolution.
     num_classes : int, default 10
         Output size of the ``fc`` head.
     in_channels : int, default 3
         Channels of the input images.
     width : int, default 64
-        Channels of the stem and the first stage.
+        Channels of the stem and planes of the first stage.
+    block : {BasicBlock, Bottleneck}, default BasicBlock
+        The residual block; a stage outputs ``planes * block.expansion`` channels.
+    stem : {"cifar", "imagenet"}, default "cifar"
+        ``"cifar"``: one stride-1 ``Conv3x3 -> BN -> ReLU`` without pooling, for 32x32
+        inputs. ``"imagenet"``: a stride-2 ``Conv7x7 -> BN -> ReLU`` and a stride-2
+        3x3 max pool, as in the ImageNet ResNets.
     """
 
     def __init__(
@@ -211,6 +266,8 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         width: int = 64,
+        block: type[BasicBlock] | type[Bottleneck] = BasicBlock,
+        stem: str = "cifar",
     ):
         super().__init__()
         _check_positive("num_classes", num_classes)
@@ -218,25 +275,32 @@ class ResNet(nn.Module):
         _check_positive("width", width)
         if len(blocks_per_stage) == 0:
             raise ValueError("blocks_per_stage must name at least one stage")
-        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        elif stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         channels = width
         for i, n_blocks in enumerate(blocks_per_stage):
             _check_positive("each stage's block count", n_blocks)
-            out_channels = width * 2**i
+            planes = width * 2**i
             stride = 1 if i == 0 else 2
             blocks = []
             for b in range(n_blocks):
-                blocks.append(BasicBlock(channels, out_channels, stride if b == 0 else 1))
-                channels = out_channels
+                blocks.append(block(channels, planes, stride if b == 0 else 1))
+                channels = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_stages = len(blocks_per_stage)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         x = torch.flatten(self.avgpool(x), 1)
@@ -265,6 +329,36 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> Re
     return ResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, width=width)
 
 
+def resnet50(num_classes: int = 1000, in_channels: int = 3, width: int = 64) -> ResNet:
+    """ImageNet-style ResNet-50: a 7x7 stem and four stages of 3, 4, 6, 3 :class:`Bottleneck` blocks.
+
+    At ``width=64`` and ``num_classes=1000`` it has torchvision's ``resnet50``
+    parameter shapes (25,557,032 parameters); batch normalization follows every
+    convolution.
+
+    Parameters
+    ----------
+    num_classes : int, default 1000
+        Output size of the ``fc`` head.
+    in_channels : int, default 3
+        Channels of the input images; inputs must be at least 32x32 (the stem and
+        the stages divide the resolution by 32).
+    width : int, default 64
+        Channels of the stem and planes of the first stage (the stages output
+        ``4 * width * (1, 2, 4, 8)`` channels); a smaller width gives a cheap model
+        with the same structure.
+
+    Returns
+    -------
+    ResNet
+        Maps ``(N, in_channels, H, W)`` to logits ``(N, num_classes)``; 53 conv
+        weights (49 main-path convs and 4 downsample convs), all followed by BN.
+    """
+    return ResNet(
+        (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, width=width, block=Bottleneck, stem="imagenet"
+    )
+
+
 def small_resnet(
     num_classes: int = 10,
     in_channels: int = 3,
@@ -291,3 +385,18 @@ def small_resnet(
         Maps ``(N, in_channels, H, W)`` to logits ``(N, num_classes)``.
     """
     return ResNet(blocks_per_stage, num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def build(name: str, kwargs: dict, num_classes: int = 10) -> nn.Module:
+    """The zoo model ``name`` (one of this module's builder functions) built with
+    ``kwargs`` and ``num_classes``: a suite's model spec.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a builder of this module.
+    """
+    builders = [n for n in __all__ if n != "build" and not isinstance(globals()[n], type)]
+    if name not in builders:
+        raise ValueError(f"unknown model {name!r}; the zoo's builders are {', '.join(builders)}")
+    return globals()[name](num_classes=num_classes, **kwargs)

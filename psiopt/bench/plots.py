@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import numpy as np
+
+from .records import BenchResults, ScalingPoint, TrainRun
 
 __all__ = ["make_plots"]
 
@@ -19,13 +19,13 @@ def _pyplot():
     return plt
 
 
-def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray] | None:
-    full = [r for r in runs if not r["diverged"] and r["curve"]["step"]]
+def _mean_curve(runs: list[TrainRun], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    full = [r for r in runs if not r.diverged and r.curve.step]
     if not full:
         return None
-    n = min(len(r["curve"]["step"]) for r in full)
-    x = np.mean([r["curve"][key][:n] for r in full], axis=0)
-    y = np.mean([r["curve"]["loss"][:n] for r in full], axis=0)
+    n = min(len(r.curve.step) for r in full)
+    x = np.mean([getattr(r.curve, key)[:n] for r in full], axis=0)
+    y = np.mean([r.curve.loss[:n] for r in full], axis=0)
     return x, y
 
 
@@ -36,68 +36,68 @@ def _save(fig, out_dir: Path, name: str, names: list[str], bottom: float = 0.14)
     names.append(name)
 
 
-def make_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
+def make_plots(results: BenchResults, out_dir: Path) -> list[str]:
     """Write the plots into ``out_dir``; return their file names (relative to ``out_dir``)."""
     plt = _pyplot()
     out_dir = Path(out_dir)
     names: list[str] = []
-    for task in results.get("training", []):
+    for task in results.training:
         for key, xlabel, suffix in (("step", "step", "loss-vs-steps"), ("time_s", "training time (s)", "loss-vs-time")):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             drawn = False
-            for e in task["methods"]:
-                curve = _mean_curve(e["runs"], key) if e["status"] == "ok" else None
+            for e in task.methods:
+                curve = _mean_curve(e.runs, key) if e.status == "ok" else None
                 if curve is None:
                     continue
-                ax.plot(*curve, label=f"{e['label']} (lr {e['best_lr']:g})", lw=1.4)
+                ax.plot(*curve, label=f"{e.label} (lr {e.best_lr:g})", lw=1.4)
                 drawn = True
             if not drawn:
                 plt.close(fig)
                 continue
-            ax.axhline(task["target_loss"], color="gray", ls=":", lw=1, label="target")
+            ax.axhline(task.target_loss, color="gray", ls=":", lw=1, label="target")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"train loss (mean of last {results['config']['smoothing_window']} steps)")
-            ax.set_title(f"{task['task']}: mean over {len(results['config']['seeds'])} seed(s)")
+            ax.set_ylabel(f"train loss (mean of last {results.config.smoothing_window} steps)")
+            ax.set_title(f"{task.task}: mean over {len(results.config.seeds)} seed(s)")
             ax.legend(fontsize=7)
-            _save(fig, out_dir, f"{task['task']}-{suffix}.png", names)
+            _save(fig, out_dir, f"{task.task}-{suffix}.png", names)
             plt.close(fig)
-    for sweep in results.get("scale_sweep", []):
-        methods = [e for e in sweep["methods"] if e["runs"]]
+    for sweep in results.scale_sweep:
+        methods = [e for e in sweep.methods if e.runs]
         if not methods:
             continue
         cols = min(3, len(methods))
         rows = int(np.ceil(len(methods) / cols))
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True)
         for ax, e in zip(axes.flat, methods):
-            for r in e["runs"]:
-                if r["curve"]["step"]:
-                    ax.plot(r["curve"]["step"], r["curve"]["loss"], lw=1.2, label=f"x{r['init_scale']:g}")
-            spread = e["final_loss_spread"]
-            ax.set_title(f"{e['label']}: spread {spread:.3g}" if spread is not None else e["label"], fontsize=9)
+            for r in e.runs:
+                if r.curve.step:
+                    ax.plot(r.curve.step, r.curve.loss, lw=1.2, label=f"x{r.init_scale:g}")
+            spread = e.final_loss_spread
+            ax.set_title(f"{e.label}: spread {spread:.3g}" if spread is not None else e.label, fontsize=9)
             ax.set_yscale("log")
             ax.set_xlabel("step")
         for ax in axes.flat[len(methods) :]:
             ax.axis("off")
         axes[0][0].set_ylabel("train loss")
         axes[0][0].legend(fontsize=7, title="init scale")
-        fig.suptitle(f"init-scale sweep on {sweep['task']}", fontsize=10)
-        _save(fig, out_dir, f"{sweep['task']}-scale-sweep.png", names)
+        fig.suptitle(f"init-scale sweep on {sweep.task}", fontsize=10)
+        _save(fig, out_dir, f"{sweep.task}-scale-sweep.png", names)
         plt.close(fig)
-    if results.get("full_batch"):
+    if results.full_batch:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-        problems = results["full_batch"]
-        methods = sorted({r["method"] for p in problems for r in p["runs"]})
-        scales = sorted({p["init_scale"] for p in problems})
+        problems = results.full_batch
+        methods = sorted({r.method for p in problems for r in p.runs})
+        scales = sorted({p.init_scale for p in problems})
         markers = ["o", "s", "^", "D", "v"]
         for mi, m in enumerate(methods):
             for si, s in enumerate(scales):
                 pts = [
-                    (p["condition_number"], r["iterations"] if r["iterations"] is not None else r["max_iters"], r["iterations"] is None)
+                    (p.condition_number, r.iterations if r.iterations is not None else r.max_iters, r.iterations is None)
                     for p in problems
-                    if p["init_scale"] == s
-                    for r in p["runs"]
-                    if r["method"] == m
+                    if p.init_scale == s
+                    for r in p.runs
+                    if r.method == m
                 ]
                 if not pts:
                     continue
@@ -109,10 +109,10 @@ def make_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
                         ax1.plot([k], [it], marker="x", color=line.get_color(), ms=10)
         predicted = sorted(
             {
-                (p["condition_number"], r["predicted_iterations"])
+                (p.condition_number, r.predicted_iterations)
                 for p in problems
-                for r in p["runs"]
-                if r["predicted_iterations"] is not None
+                for r in p.runs
+                if r.predicted_iterations is not None
             }
         )
         if predicted:
@@ -121,18 +121,18 @@ def make_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
         ax1.set_xscale("log")
         ax1.set_yscale("log")
         ax1.set_xlabel("condition number κ")
-        ax1.set_ylabel(f"iterations to gap {problems[0]['tol']:g} (x: not reached)")
+        ax1.set_ylabel(f"iterations to gap {problems[0].tol:g} (x: not reached)")
         ax1.legend(fontsize=6, ncol=2)
-        hardest = max(p["condition_number"] for p in problems)
+        hardest = max(p.condition_number for p in problems)
         for p in problems:
-            if p["condition_number"] != hardest:
+            if p.condition_number != hardest:
                 continue
             for mi, m in enumerate(methods):
-                for r in p["runs"]:
-                    if r["method"] == m:
-                        gaps = np.array([g if g is not None and g > 0 else np.nan for g in r["curve_gap"]], dtype=float)
-                        ax2.plot(np.maximum(r["curve_iters"], 1), gaps, color=f"C{mi}",
-                                 ls="-" if p["init_scale"] == 1.0 else "--", lw=1, label=f"{m} x{p['init_scale']:g}")
+                for r in p.runs:
+                    if r.method == m:
+                        gaps = np.array([g if g is not None and g > 0 else np.nan for g in r.curve_gap], dtype=float)
+                        ax2.plot(np.maximum(r.curve_iters, 1), gaps, color=f"C{mi}",
+                                 ls="-" if p.init_scale == 1.0 else "--", lw=1, label=f"{m} x{p.init_scale:g}")
         ax2.set_xscale("log")
         ax2.set_yscale("log")
         ax2.set_xlabel("iteration")
@@ -141,17 +141,47 @@ def make_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
         ax2.legend(fontsize=6, ncol=2)
         _save(fig, out_dir, "full-batch.png", names)
         plt.close(fig)
-    for st in results.get("step_time", []):
-        ok = [e for e in st["methods"] if e["status"] == "ok"]
+    for st in results.step_time:
+        ok = [e for e in st.methods if e.status == "ok"]
         if not ok:
             continue
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar([e["label"] for e in ok], [e["ratio_to_baseline"] for e in ok], color="C0")
+        ax.bar([e.label for e in ok], [e.ratio_to_baseline for e in ok], color="C0")
         ax.axhline(1.0, color="k", lw=1, ls=":")
         ax.set_ylabel("median step time / SGD(foreach=True)")
-        ax.set_title(f"step time, {st['model']} on {st['device']}", fontsize=10)
+        ax.set_title(f"step time, {st.model} on {st.device}", fontsize=10)
         plt.setp(ax.get_xticklabels(), rotation=35, ha="right", fontsize=8)
-        device = st["device"].replace(":", "")
-        _save(fig, out_dir, f"step-time-{st['model']}-{device}.png", names, bottom=0.3)
+        device = st.device.replace(":", "")
+        _save(fig, out_dir, f"step-time-{st.model}-{device}.png", names, bottom=0.3)
         plt.close(fig)
+    by_device: dict[str, list[ScalingPoint]] = {}
+    for point in results.step_time_scaling:
+        by_device.setdefault(point.device, []).append(point)
+    for device, points in by_device.items():
+        _scaling_plot(plt, points, out_dir, f"step-time-scaling-{device.replace(':', '')}.png", names)
     return names
+
+
+def _scaling_plot(plt, points: list[ScalingPoint], out_dir: Path, name: str, names: list[str]) -> None:
+    """Ratio to SGD foreach against the number of parameters, one line per path."""
+    labels = list(dict.fromkeys(e.label for p in points for e in p.paths if e.status == "ok"))
+    if not labels:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, label in enumerate(labels):
+        pts = sorted(
+            (p.num_params, e.ratio_to_sgd_foreach)
+            for p in points
+            for e in p.paths
+            if e.label == label and e.status == "ok"
+        )
+        ax.plot(*zip(*pts), marker="o", lw=1.4, color=f"C{i}", label=label)
+    ax.axhline(1.0, color="k", lw=1, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("median step time / SGD(foreach=True)")
+    ax.set_title(f"optimizer step time against size on {points[0].device}, {points[0].threads} thread(s)", fontsize=10)
+    ax.legend(fontsize=7)
+    _save(fig, out_dir, name, names)
+    plt.close(fig)

@@ -1,8 +1,9 @@
 """Write a benchmark's results: the JSON file, its schema, the Markdown report, the stdout table.
 
-Every number in the report and the table is read from the results dict (the content of
-``results.json``) and printed with :func:`fmt`, so the report can be checked against
-the JSON: nothing in it is typed in by hand.
+Every number in the report and the table is read from the typed results
+(:class:`~psiopt.bench.records.BenchResults`, the content of ``results.json``) and
+printed with :func:`fmt`, so the report can be checked against the JSON: nothing in it
+is typed in by hand.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .records import BenchResults, MethodTraining, ScalingPoint, from_json, to_json
+
 __all__ = [
     "SCHEMA_FILE",
     "load_schema",
     "validate_results",
     "write_json",
     "json_ready",
+    "load_results",
     "fmt",
     "tables",
     "render_markdown",
@@ -56,18 +60,25 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def json_ready(results: dict[str, Any]) -> dict[str, Any]:
+def json_ready(results: BenchResults) -> BenchResults:
     """``results`` exactly as :func:`write_json` stores it (what the report is rendered from)."""
-    return _clean(results)
+    return from_json(BenchResults, _clean(to_json(results)))
 
 
-def write_json(results: dict[str, Any], path: Path) -> None:
+def load_results(path: Path) -> BenchResults:
+    """Read a ``results.json``: validated against the schema, then as typed records."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    validate_results(data)
+    return from_json(BenchResults, data)
+
+
+def write_json(results: BenchResults, path: Path) -> None:
     """Write ``results`` to ``path`` atomically (a temporary file, then a rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_clean(results), f, separators=(",", ":"), allow_nan=False)
+            json.dump(_clean(to_json(results)), f, separators=(",", ":"), allow_nan=False)
             f.write("\n")
         umask = os.umask(0)
         os.umask(umask)
@@ -98,125 +109,210 @@ def _pm(mean: float | None, std: float | None) -> str:
     return f"{fmt(mean)} ± {fmt(std)}"
 
 
-def _lr_text(entry: dict[str, Any]) -> str:
-    if entry.get("best_lr") is None:
+def _lr_text(entry: MethodTraining) -> str:
+    if entry.best_lr is None:
         return "-"
-    if entry.get("base_lr") is not None:
-        return f"{fmt(entry['best_lr'])} (others {fmt(entry['base_lr'])})"
-    return fmt(entry["best_lr"])
+    if entry.base_lr is not None:
+        return f"{fmt(entry.best_lr)} (others {fmt(entry.base_lr)})"
+    return fmt(entry.best_lr)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _mib(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else n_bytes / 2**20
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.3g}M"
 
 
 Table = tuple[str, list[str], list[list[str]]]
 
 
-def tables(results: dict[str, Any]) -> list[Table]:
-    """The report's tables as ``(title, headers, rows)``, rendered by both outputs."""
+def _training_tables(results: BenchResults) -> list[Table]:
     out: list[Table] = []
-    for task in results.get("training", []):
+    for task in results.training:
         rows = []
-        for e in task["methods"]:
-            s = e.get("summary") or {}
-            if e["status"] != "ok":
-                rows.append([e["label"], e["status"], "-", "-", "-", "-", "-", "-"])
+        for e in task.methods:
+            s = e.summary
+            if e.status != "ok" or s is None:
+                rows.append([e.label, e.status, "-", "-", "-", "-", "-", "-"])
                 continue
             rows.append(
                 [
-                    e["label"],
+                    e.label,
                     _lr_text(e),
-                    _pm(s.get("final_loss_mean"), s.get("final_loss_std")),
-                    _pm(s.get("test_acc_mean"), s.get("test_acc_std")),
-                    f"{fmt(s.get('steps_to_target_mean'))} ({s.get('reached_target')}/{s.get('seeds')})",
-                    fmt(s.get("seconds_to_target_mean")),
-                    fmt(s.get("train_seconds_mean")),
-                    f"{s.get('diverged')}/{s.get('seeds')}",
+                    _pm(s.final_loss_mean, s.final_loss_std),
+                    _pm(s.test_acc_mean, s.test_acc_std),
+                    f"{fmt(s.steps_to_target_mean)} ({s.reached_target}/{s.seeds})",
+                    fmt(s.seconds_to_target_mean),
+                    fmt(s.train_seconds_mean),
+                    f"{s.diverged}/{s.seeds}",
                 ]
             )
-        ds = task["dataset"]
+        ds = task.dataset
         title = (
-            f"{task['task']}: {task['model']} on {ds['name']} ({ds['train_size']} train / {ds['test_size']} test), "
-            f"{task['steps']} steps, batch {task['batch_size']}, target loss {fmt(task['target_loss'])}"
+            f"{task.task}: {task.model} on {ds.name} ({ds.train_size} train / {ds.test_size} test), "
+            f"{task.steps} steps, batch {task.batch_size}, target loss {fmt(task.target_loss)}"
         )
-        out.append(
-            (
-                title,
-                [
-                    "method",
-                    "best lr",
-                    "final train loss",
-                    "test accuracy",
-                    "steps to target (reached)",
-                    "s to target",
-                    "train s/run",
-                    "diverged",
-                ],
-                rows,
-            )
-        )
-    for sweep in results.get("scale_sweep", []):
-        scales = sweep["scales"]
+        headers = [
+            "method",
+            "best lr",
+            "final train loss",
+            "test accuracy",
+            "steps to target (reached)",
+            "s to target",
+            "train s/run",
+            "diverged",
+        ]
+        out.append((title, headers, rows))
+    for sweep in results.scale_sweep:
         rows = []
-        for e in sweep["methods"]:
-            finals = ["diverged" if r["diverged"] else fmt(r["final_loss"]) for r in e["runs"]]
-            finals += ["-"] * (len(scales) - len(finals))
-            rows.append([e["label"], *finals, fmt(e["final_loss_spread"]), fmt(e["mean_loss_spread"])])
+        for e in sweep.methods:
+            finals = ["diverged" if r.diverged else fmt(r.final_loss) for r in e.runs]
+            finals += ["-"] * (len(sweep.scales) - len(finals))
+            rows.append([e.label, *finals, fmt(e.final_loss_spread), fmt(e.mean_loss_spread)])
+        eps = fmt(sweep.bn_eps) if sweep.bn_eps is not None else "default"
         out.append(
             (
-                f"init-scale sweep on {sweep['task']} (seed {sweep['seed']}, BatchNorm eps "
-                f"{fmt(sweep['bn_eps']) if sweep['bn_eps'] is not None else 'default'}): final train loss when every "
-                "scale-invariant group starts multiplied by the scale",
-                ["method", *[f"x{fmt(s)}" for s in scales], "spread (final)", "spread (mean over run)"],
-                rows,
-            )
-        )
-    if results.get("full_batch"):
-        rows = []
-        for p in results["full_batch"]:
-            for r in p["runs"]:
-                rows.append(
-                    [
-                        fmt(p["condition_number"]),
-                        fmt(p["init_scale"]),
-                        r["method"],
-                        fmt(r["iterations"]) if r["iterations"] is not None else f"> {r['max_iters']}",
-                        fmt(r.get("forward_passes")),  # absent from results written before they were counted
-                        fmt(r.get("backward_passes")),
-                        fmt(r["predicted_iterations"]),
-                        fmt(r["measured_rate"], 6),
-                        fmt(r["predicted_rate"], 6),
-                        fmt(r["final_gap"], 3),
-                    ]
-                )
-        out.append(
-            (
-                "full batch: sums of Rayleigh quotients, iterations to f - f* <= "
-                f"{fmt(results['full_batch'][0]['tol'])}",
-                [
-                    "kappa", "init scale", "method", "iterations", "forward", "backward",
-                    "predicted", "measured rate", "predicted rate", "final gap",
-                ],
-                rows,
-            )
-        )
-    for st in results.get("step_time", []):
-        rows = [["SGD foreach (baseline)", fmt(_ms(st["baseline_median_s"])), "1", fmt(st.get("baseline_state_bytes"))]]
-        for e in st["methods"]:
-            if e["status"] != "ok":
-                rows.append([e["label"], e["status"], "-", "-"])
-            else:
-                rows.append([e["label"], fmt(_ms(e["median_s"])), fmt(e["ratio_to_baseline"], 3), fmt(e["state_bytes"])])
-        out.append(
-            (
-                f"optimizer step time on {st['device']} ({st['device_name']}), {st['model']} "
-                f"({fmt(st['param_bytes'])} bytes of parameters), median of {st['repeats']} steps",
-                ["method", "median ms/step", "ratio to SGD foreach", "optimizer state bytes"],
+                f"init-scale sweep on {sweep.task} (seed {sweep.seed}, BatchNorm eps {eps}): final train loss "
+                "when every scale-invariant group starts multiplied by the scale",
+                ["method", *[f"x{fmt(s)}" for s in sweep.scales], "spread (final)", "spread (mean over run)"],
                 rows,
             )
         )
     return out
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1e3
+def _full_batch_tables(results: BenchResults) -> list[Table]:
+    if not results.full_batch:
+        return []
+    rows = []
+    for p in results.full_batch:
+        for r in p.runs:
+            rows.append(
+                [
+                    fmt(p.condition_number),
+                    fmt(p.init_scale),
+                    r.method,
+                    fmt(r.iterations) if r.iterations is not None else f"> {r.max_iters}",
+                    fmt(r.forward_passes),  # None in results written before they were counted
+                    fmt(r.backward_passes),
+                    fmt(r.predicted_iterations),
+                    fmt(r.measured_rate, 6),
+                    fmt(r.predicted_rate, 6),
+                    fmt(r.final_gap, 3),
+                ]
+            )
+    title = f"full batch: sums of Rayleigh quotients, iterations to f - f* <= {fmt(results.full_batch[0].tol)}"
+    headers = [
+        "kappa", "init scale", "method", "iterations", "forward", "backward",
+        "predicted", "measured rate", "predicted rate", "final gap",
+    ]
+    return [(title, headers, rows)]
+
+
+def _step_time_tables(results: BenchResults) -> list[Table]:
+    out: list[Table] = []
+    for st in results.step_time:
+        rows = [
+            [
+                "SGD foreach (baseline)",
+                fmt(_ms(st.baseline_median_s)),
+                "1",
+                fmt(st.baseline_state_bytes),
+                fmt(_mib(st.baseline_step_peak_extra_bytes), 3),
+            ]
+        ]
+        for e in st.methods:
+            if e.status != "ok":
+                rows.append([e.label, e.status, "-", "-", "-"])
+            else:
+                rows.append(
+                    [
+                        e.label,
+                        fmt(_ms(e.median_s)),
+                        fmt(e.ratio_to_baseline, 3),
+                        fmt(e.state_bytes),
+                        fmt(_mib(e.step_peak_extra_bytes), 3),
+                    ]
+                )
+        out.append(
+            (
+                f"optimizer step time on {st.device} ({st.device_name}), {st.model} "
+                f"({fmt(st.param_bytes)} bytes of parameters), median of {st.repeats} interleaved steps",
+                ["method", "median ms/step", "ratio to SGD foreach", "optimizer state bytes", "step peak extra MiB"],
+                rows,
+            )
+        )
+    by_device: dict[str, list[ScalingPoint]] = {}
+    for point in results.step_time_scaling:
+        by_device.setdefault(point.device, []).append(point)
+    for device, points in by_device.items():
+        rows = []
+        for point in points:
+            for e in point.paths:
+                size = f"{point.name}: {_millions(point.num_params)} ({point.num_tensors} tensors)"
+                if e.status != "ok":
+                    rows.append([size, e.label, e.status, "-", "-", "-", "-"])
+                    continue
+                rows.append(
+                    [
+                        size,
+                        e.label,
+                        fmt(_ms(e.median_s), 3),
+                        fmt(e.ratio_to_sgd_foreach, 3),
+                        fmt(e.ratio_to_sgd_fused, 3),
+                        fmt(_mib(e.step_peak_extra_bytes), 3),
+                        fmt(_mib(e.extra_peak_vs_sgd_foreach_bytes), 3),
+                    ]
+                )
+        first = points[0]
+        out.append(
+            (
+                f"step time against size on {device} ({first.device_name}), {first.threads} thread(s), momentum 0.9, "
+                "interleaved rounds",
+                [
+                    "parameter set",
+                    "path",
+                    "median ms/step",
+                    "ratio to SGD foreach",
+                    "ratio to SGD fused",
+                    "step peak extra MiB",
+                    "peak vs SGD foreach MiB",
+                ],
+                rows,
+            )
+        )
+    for d in results.discovery_time:
+        verdict = "within" if d.median_s <= d.target_s else "above"
+        out.append(
+            (
+                f"scale-invariance discovery time ({d.threads} thread(s), input {'x'.join(map(str, d.input_shape))})",
+                ["model", "parameters", "median s", "min s", "repeats", "found / expected", "target s", "verdict"],
+                [
+                    [
+                        d.model + (f" {d.model_kwargs}" if d.model_kwargs else ""),
+                        _millions(d.num_params),
+                        fmt(d.median_s, 3),
+                        fmt(d.min_s, 3),
+                        str(d.repeats),
+                        f"{d.found} / {d.expected}",
+                        fmt(d.target_s),
+                        verdict,
+                    ]
+                ],
+            )
+        )
+    return out
+
+
+def tables(results: BenchResults) -> list[Table]:
+    """The report's tables as ``(title, headers, rows)``, rendered by both outputs."""
+    return _training_tables(results) + _full_batch_tables(results) + _step_time_tables(results)
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -225,53 +321,76 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _findings(results: dict[str, Any]) -> list[str]:
-    """Sentences comparing PSI-SGD with SGD, computed from the results."""
+def _training_findings(results: BenchResults) -> list[str]:
     lines = []
-    for task in results.get("training", []):
-        by = {e["method"]: e for e in task["methods"] if e["status"] == "ok"}
+    for task in results.training:
+        by = {e.method: e for e in task.methods if e.status == "ok" and e.summary is not None}
         if "sgd" not in by or "psisgd" not in by:
             continue
-        s, p = by["sgd"]["summary"], by["psisgd"]["summary"]
-        sgd_steps, psi_steps = s["steps_to_target_mean"], p["steps_to_target_mean"]
-        if sgd_steps is not None and psi_steps is not None:
+        s, p = by["sgd"].summary, by["psisgd"].summary
+        if s.steps_to_target_mean is not None and p.steps_to_target_mean is not None:
+            sgd_steps, psi_steps = s.steps_to_target_mean, p.steps_to_target_mean
             verdict = "faster than" if psi_steps < sgd_steps else ("as fast as" if psi_steps == sgd_steps else "slower than")
             speed = f"reached the target loss in {fmt(psi_steps)} steps on average, {verdict} tuned SGD ({fmt(sgd_steps)})"
         else:
             speed = (
-                f"reached the target loss in {p['reached_target']}/{p['seeds']} seeds "
-                f"(SGD: {s['reached_target']}/{s['seeds']})"
+                f"reached the target loss in {p.reached_target}/{p.seeds} seeds "
+                f"(SGD: {s.reached_target}/{s.seeds})"
             )
         seconds = ""
-        if s["seconds_to_target_mean"] is not None and p["seconds_to_target_mean"] is not None:
-            seconds = (
-                f", in {fmt(p['seconds_to_target_mean'])} s vs {fmt(s['seconds_to_target_mean'])} s of training time"
-            )
+        if s.seconds_to_target_mean is not None and p.seconds_to_target_mean is not None:
+            seconds = f", in {fmt(p.seconds_to_target_mean)} s vs {fmt(s.seconds_to_target_mean)} s of training time"
         lines.append(
-            f"- **{task['task']}**: PSI-SGD {speed}{seconds}; final train loss {fmt(p['final_loss_mean'])} vs "
-            f"{fmt(s['final_loss_mean'])}, test accuracy {fmt(p['test_acc_mean'])} vs {fmt(s['test_acc_mean'])}."
+            f"- **{task.task}**: PSI-SGD {speed}{seconds}; final train loss {fmt(p.final_loss_mean)} vs "
+            f"{fmt(s.final_loss_mean)}, test accuracy {fmt(p.test_acc_mean)} vs {fmt(s.test_acc_mean)}."
         )
         if "psisgd-1lr" in by:
-            q = by["psisgd-1lr"]["summary"]
+            q = by["psisgd-1lr"].summary
             lines.append(
                 f"  With one lr for every parameter (psisgd-1lr) it reached the target in "
-                f"{fmt(q['steps_to_target_mean'])} steps ({q['reached_target']}/{q['seeds']} seeds), final loss "
-                f"{fmt(q['final_loss_mean'])}."
+                f"{fmt(q.steps_to_target_mean)} steps ({q.reached_target}/{q.seeds} seeds), final loss "
+                f"{fmt(q.final_loss_mean)}."
             )
-    for st in results.get("step_time", []):
-        by = {e["method"]: e for e in st["methods"] if e["status"] == "ok"}
+    return lines
+
+
+def _step_time_findings(results: BenchResults) -> list[str]:
+    lines = []
+    for st in results.step_time:
+        by = {e.method: e for e in st.methods if e.status == "ok"}
         if "psisgd" in by:
             lines.append(
-                f"- **step time ({st['model']}, {st['device']})**: one PSI-SGD step took "
-                f"{fmt(by['psisgd']['ratio_to_baseline'], 3)}x the time of torch SGD (foreach)."
+                f"- **step time ({st.model}, {st.device})**: one PSI-SGD step took "
+                f"{fmt(by['psisgd'].ratio_to_baseline, 3)}x the time of torch SGD (foreach)."
             )
-    for sweep in results.get("scale_sweep", []):
-        by = {e["method"]: e for e in sweep["methods"]}
+    for point in results.step_time_scaling:
+        ok = [e for e in point.paths if e.status == "ok" and e.path.startswith("psisgd")]
+        if ok:
+            ratios = ", ".join(f"{e.label} {fmt(e.ratio_to_sgd_foreach, 3)}x" for e in ok)
+            lines.append(
+                f"- **step time at {_millions(point.num_params)} parameters ({point.name}, {point.device})**: "
+                f"{ratios} the time of torch SGD (foreach)."
+            )
+    for d in results.discovery_time:
+        verdict = "within" if d.median_s <= d.target_s else "above"
+        lines.append(
+            f"- **discovery ({d.model}, {_millions(d.num_params)} parameters, {d.threads} thread)**: "
+            f"find_scale_invariant took {fmt(d.median_s, 3)} s (median of {d.repeats}), {verdict} the "
+            f"{fmt(d.target_s)} s target; it found {d.found} of {d.expected} scale-invariant weights."
+        )
+    return lines
+
+
+def _findings(results: BenchResults) -> list[str]:
+    """Sentences comparing PSI-SGD with SGD, computed from the results."""
+    lines = _training_findings(results) + _step_time_findings(results)
+    for sweep in results.scale_sweep:
+        by = {e.method: e for e in sweep.methods}
         if "sgd" in by and "psisgd" in by:
             lines.append(
-                f"- **init-scale sweep ({sweep['task']})**: spread of the final loss over scales "
-                f"{', '.join(fmt(s) for s in sweep['scales'])}: PSI-SGD {fmt(by['psisgd']['final_loss_spread'])}, "
-                f"SGD {fmt(by['sgd']['final_loss_spread'])}."
+                f"- **init-scale sweep ({sweep.task})**: spread of the final loss over scales "
+                f"{', '.join(fmt(s) for s in sweep.scales)}: PSI-SGD {fmt(by['psisgd'].final_loss_spread)}, "
+                f"SGD {fmt(by['sgd'].final_loss_spread)}."
             )
     return lines
 
@@ -310,72 +429,94 @@ _PROTOCOL = """\
   loss evaluations and gradients each method asked for over the run (one of each per
   iteration without line search; PSI-GD's line search adds a forward pass per trial, and no
   backward, as the runner's closure takes the `backward` flag).
-- Step time: median over the timed steps of `optimizer.step()` (+ the method's after-step
-  hook: ENorm / SBWN rescaling) with fixed gradients, as a ratio to
-  `torch.optim.SGD(momentum=0.9, foreach=True)` on the same model in the same run.
-  State bytes: all tensors in `optimizer.state`.
+- Step time: `optimizer.step()` (+ the method's after-step hook: ENorm / SBWN rescaling)
+  with fixed gradients, one torch thread on CPU. Every step compared on one model is
+  built first and timed interleaved: one step of each per round, the order rotating each
+  round. Median = median step time; ratio = median over rounds of the per-round ratio to
+  `torch.optim.SGD(momentum=0.9, foreach=True)` (or `fused=True`) on the same parameters.
+  State bytes: all tensors in `optimizer.state`. Extra peak: the highest memory allocated
+  during one step above what was allocated before it (CUDA: `torch.cuda.max_memory_allocated`;
+  CPU: the running sum of the allocator's allocations and frees recorded by `torch.profiler`
+  with `profile_memory=True`), measured on extra steps outside the timed rounds.
+- Scaling curve: the parameters of zoo models from 0.1M to 25.6M (ResNet-50's shapes), every
+  conv / hidden linear weight marked with one group per output channel, fixed random
+  gradients, momentum 0.9; each path steps the same parameters. A path the installed torch
+  or psiopt does not offer is listed as unavailable, with its error.
+- Discovery time: `psiopt.find_scale_invariant(model, x)` with one torch thread (the thread
+  count is restored after), median over the repeats; found = weights it marked, expected =
+  the zoo model's conv / hidden linear weights.
 """
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+
+def _unavailable_paths(results: BenchResults) -> list[str]:
+    reasons: dict[tuple[str, str], str] = {}
+    for point in results.step_time_scaling:
+        for e in point.paths:
+            if e.status != "ok" and e.reason:
+                reasons.setdefault((e.label, point.device), f"{e.status}: {e.reason.splitlines()[0]}")
+    return [f"- step path `{label}` on {device}: {text}" for (label, device), text in reasons.items()]
+
+
+def _tuning_tables(results: BenchResults) -> list[str]:
+    lines: list[str] = []
+    for task in results.training:
+        grid = task.lr_grid
+        rows = []
+        for e in task.methods:
+            if not e.tuning:
+                continue
+            by = {t.lr: t for t in e.tuning}
+            rows.append(
+                [e.label] + ["diverged" if by[g].diverged else fmt(by[g].final_loss) if g in by else "-" for g in grid]
+            )
+        if rows:
+            lines += [
+                "",
+                f"### {task.task}: tuning (final train loss per lr, seed {results.config.seeds[0]})",
+                "",
+                _md_table(["method", *[fmt(g) for g in grid]], rows),
+            ]
+    return lines
+
+
+def render_markdown(results: BenchResults) -> str:
     """The Markdown report (``report.md``)."""
-    env = results.get("environment", {})
-    lines = [
-        f"# psiopt benchmark: suite `{results.get('suite')}`" + (" (quick)" if results.get("quick") else ""),
-        "",
-    ]
-    if results.get("interrupted"):
+    env = results.environment
+    lines = [f"# psiopt benchmark: suite `{results.suite}`" + (" (quick)" if results.quick else ""), ""]
+    if results.interrupted:
         lines += ["**Interrupted**: this report holds only the runs finished before the interruption.", ""]
     lines += [
-        f"- started {results.get('started_at')}, finished {results.get('finished_at')}, "
-        f"wall time {fmt(results.get('wall_time_s'))} s",
-        f"- seeds: {', '.join(str(s) for s in results['config']['seeds'])}; device: {env.get('device')}",
+        f"- started {results.started_at}, finished {results.finished_at}, wall time {fmt(results.wall_time_s)} s",
+        f"- seeds: {', '.join(str(s) for s in results.config.seeds)}; device: {env.device}",
         "- wall time of each part: "
-        + (", ".join(f"{name} {fmt(sec, 3)} s" for name, sec in results.get("part_seconds", {}).items()) or "-"),
-        f"- psiopt {env.get('psiopt_version')}, torch {env.get('torch_version')}, geoopt {env.get('geoopt_version')}, "
-        f"Python {env.get('python_version')}, git commit {env.get('git_commit') or 'unknown'}",
-        f"- CPU: {env.get('cpu_name')} ({env.get('torch_threads')} torch threads); GPU: {env.get('gpu_name') or 'none'}",
+        + (", ".join(f"{name} {fmt(sec, 3)} s" for name, sec in results.part_seconds.items()) or "-"),
+        f"- psiopt {env.psiopt_version}, torch {env.torch_version}, geoopt {env.geoopt_version}, "
+        f"Python {env.python_version}, git commit {env.git_commit or 'unknown'}",
+        f"- CPU: {env.cpu_name} ({env.torch_threads} torch threads); GPU: {env.gpu_name or 'none'}",
         "",
     ]
     findings = _findings(results)
     if findings:
         lines += ["## Findings", "", *findings, ""]
-    if results.get("unavailable_methods"):
-        lines += ["## Methods not run", ""]
-        lines += [f"- `{k}`: {v}" for k, v in results["unavailable_methods"].items()]
-        lines.append("")
+    not_run = [f"- `{k}`: {v}" for k, v in results.unavailable_methods.items()] + _unavailable_paths(results)
+    if not_run:
+        lines += ["## Methods not run", "", *not_run, ""]
     for title, headers, rows in tables(results):
         lines += [f"## {title}", "", _md_table(headers, rows), ""]
-    for task in results.get("training", []):
-        for e in task["methods"]:
-            if e["status"] not in ("ok", "diverged") and e.get("reason"):
-                lines.append(f"- {task['task']} / {e['label']}: {e['status']}: {e['reason'].splitlines()[0]}")
-    for task in results.get("training", []):
-        grid = task["lr_grid"]
-        rows = []
-        for e in task["methods"]:
-            if not e["tuning"]:
-                continue
-            by = {t["lr"]: t for t in e["tuning"]}
-            rows.append(
-                [e["label"]]
-                + ["diverged" if by[g]["diverged"] else fmt(by[g]["final_loss"]) if g in by else "-" for g in grid]
-            )
-        if rows:
-            lines += [
-                "",
-                f"### {task['task']}: tuning (final train loss per lr, seed {results['config']['seeds'][0]})",
-                "",
-                _md_table(["method", *[fmt(g) for g in grid]], rows),
-            ]
-    if results.get("plots"):
+    for task in results.training:
+        for e in task.methods:
+            if e.status not in ("ok", "diverged") and e.reason:
+                lines.append(f"- {task.task} / {e.label}: {e.status}: {e.reason.splitlines()[0]}")
+    lines += _tuning_tables(results)
+    if results.plots:
         lines += ["", "## Plots", ""]
-        lines += [f"![{p}]({p})" for p in results["plots"]]
-    lines += ["", _PROTOCOL.format(window=results["config"]["smoothing_window"])]
+        lines += [f"![{p}]({p})" for p in results.plots]
+    lines += ["", _PROTOCOL.format(window=results.config.smoothing_window)]
     return "\n".join(lines) + "\n"
 
 
-def render_table(results: dict[str, Any]) -> str:
+def render_table(results: BenchResults) -> str:
     """The plain-text tables printed on stdout."""
     blocks = []
     for title, headers, rows in tables(results):

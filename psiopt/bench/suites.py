@@ -9,7 +9,10 @@ suite          what it runs
                time (CPU, and CUDA when present). About 5 minutes on 2 CPU cores.
 ``full-batch`` only the Rayleigh problems (iterations to 1e-10 vs condition number and
                initial scale, next to the predicted rate)
-``step-time``  only the optimizer step time and state memory
+``step-time``  the optimizer step time: every method on one CNN, the scaling curve of
+               PSI-SGD's loop / foreach / fused paths against torch SGD from 0.1M to
+               ResNet-50's 25.6M parameters, and the time of scale-invariance discovery
+               on a ResNet-50 (one CPU thread); also part of ``cpu``
 ``gpu``        ResNet-18 and VGG-16-BN on CIFAR-10 from ``--data-dir`` (python-pickle
                layout), plus step time on those models; ``--synthetic``: step time only,
                no data needed
@@ -28,6 +31,9 @@ __all__ = [
     "ScaleSweep",
     "FullBatchSpec",
     "StepTimeSpec",
+    "ScalingPointSpec",
+    "StepScalingSpec",
+    "DiscoverySpec",
     "Suite",
     "SUITES",
     "make_suite",
@@ -108,6 +114,46 @@ class StepTimeSpec:
 
 
 @dataclass(frozen=True)
+class ScalingPointSpec:
+    """One parameter set of the step-time curve: the parameters of a zoo model."""
+
+    name: str
+    model: str
+    model_kwargs: dict
+    num_classes: int = 10
+
+
+@dataclass(frozen=True)
+class StepScalingSpec:
+    """Step time of each optimizer path (see :data:`psiopt.bench.steptime.PATHS`) on
+    parameter sets of growing size, measured interleaved in one process.
+
+    Each point runs ``warmup`` rounds, then up to ``repeats`` timed rounds (one step of
+    every path per round), stopping after ``min_repeats`` once ``budget_s`` seconds
+    have passed.
+    """
+
+    points: tuple[ScalingPointSpec, ...]
+    warmup: int
+    repeats: int
+    min_repeats: int
+    budget_s: float
+
+
+@dataclass(frozen=True)
+class DiscoverySpec:
+    """Time :func:`psiopt.find_scale_invariant` on a zoo model (one CPU thread), ``repeats`` times."""
+
+    model: str
+    model_kwargs: dict
+    input_shape: tuple[int, ...]
+    batch_size: int
+    repeats: int
+    num_classes: int = 10
+    target_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class Suite:
     """A named benchmark: its training tasks, sweeps, full-batch and step-time parts."""
 
@@ -117,6 +163,8 @@ class Suite:
     sweeps: tuple[ScaleSweep, ...] = ()
     full_batch: FullBatchSpec | None = None
     step_time: tuple[StepTimeSpec, ...] = ()
+    step_scaling: StepScalingSpec | None = None
+    discovery: DiscoverySpec | None = None
     seeds: tuple[int, ...] = (0, 1)
     default_device: str = "cpu"
     needs_data_dir: bool = False
@@ -167,6 +215,8 @@ def _cpu(quick: bool) -> Suite:
         sweeps=(ScaleSweep("digits-mlp", (1e-2, 1e-1, 1.0, 1e1, 1e2) if not quick else (1e-2, 1.0, 1e2)),),
         full_batch=_full_batch(quick),
         step_time=(_cpu_step_time(quick),),
+        step_scaling=_step_scaling(quick),
+        discovery=_discovery(quick),
         seeds=(0,) if quick else (0, 1, 2),
     )
 
@@ -181,6 +231,34 @@ def _cpu_step_time(quick: bool) -> StepTimeSpec:
     if quick:
         return StepTimeSpec("cnn_bn", {"in_channels": 1, "width": 4}, (1, 8, 8), 16, 2, 5)
     return StepTimeSpec("cnn_bn", {"in_channels": 3, "width": 32}, (3, 32, 32), 32, 10, 60)
+
+
+def _step_scaling(quick: bool) -> StepScalingSpec:
+    if quick:
+        return StepScalingSpec(
+            (
+                ScalingPointSpec("cnn_bn w4", "cnn_bn", {"in_channels": 1, "width": 4}),
+                ScalingPointSpec("resnet50 w4", "resnet50", {"width": 4}),
+            ),
+            warmup=1, repeats=3, min_repeats=3, budget_s=0.0,
+        )
+    return StepScalingSpec(
+        (
+            ScalingPointSpec("cnn_bn w20", "cnn_bn", {"in_channels": 3, "width": 20}),
+            ScalingPointSpec("cnn_bn w32", "cnn_bn", {"in_channels": 3, "width": 32}),
+            ScalingPointSpec("cnn_bn w64", "cnn_bn", {"in_channels": 3, "width": 64}),
+            ScalingPointSpec("resnet18 w32", "resnet18", {"width": 32}),
+            ScalingPointSpec("resnet18", "resnet18", {}),
+            ScalingPointSpec("resnet50", "resnet50", {}, num_classes=1000),
+        ),
+        warmup=3, repeats=100, min_repeats=10, budget_s=10.0,
+    )
+
+
+def _discovery(quick: bool) -> DiscoverySpec:
+    if quick:
+        return DiscoverySpec("resnet50", {"width": 4}, (3, 64, 64), 4, 1)
+    return DiscoverySpec("resnet50", {}, (3, 64, 64), 4, 3, num_classes=1000)
 
 
 def _gpu(quick: bool, synthetic: bool) -> Suite:
@@ -221,6 +299,7 @@ def _gpu(quick: bool, synthetic: bool) -> Suite:
         "--synthetic: step time only",
         train=() if synthetic else tasks,
         step_time=step,
+        step_scaling=_step_scaling(quick),
         seeds=(0,),
         default_device="cuda",
         needs_data_dir=not synthetic,
@@ -230,7 +309,8 @@ def _gpu(quick: bool, synthetic: bool) -> Suite:
 SUITES: dict[str, str] = {
     "cpu": "default: " + _cpu(False).description,
     "full-batch": "Rayleigh quotients: iterations to 1e-10 vs condition number and initial scale, with the predicted rate",
-    "step-time": "median optimizer step time (ratio to torch SGD foreach) and optimizer-state memory",
+    "step-time": "median optimizer step time (ratio to torch SGD foreach) and memory per method, the scaling "
+    "curve of PSI-SGD's paths from 0.1M to 25.6M parameters, and discovery time on a ResNet-50",
     "gpu": _gpu(False, False).description,
 }
 """Suite names and one-line descriptions (``psiopt bench --list``)."""
@@ -243,7 +323,14 @@ def make_suite(name: str, quick: bool = False, synthetic: bool = False) -> Suite
     if name == "full-batch":
         return Suite("full-batch", SUITES["full-batch"], full_batch=_full_batch(quick), seeds=(0,))
     if name == "step-time":
-        return Suite("step-time", SUITES["step-time"], step_time=(_cpu_step_time(quick),), seeds=(0,))
+        return Suite(
+            "step-time",
+            SUITES["step-time"],
+            step_time=(_cpu_step_time(quick),),
+            step_scaling=_step_scaling(quick),
+            discovery=_discovery(quick),
+            seeds=(0,),
+        )
     if name == "gpu":
         return _gpu(quick, synthetic)
     raise ValueError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}")

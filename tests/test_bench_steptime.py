@@ -1,0 +1,118 @@
+"""The step-time harness: interleaving, ratios, memory, thread handling, unavailable paths, discovery time."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import psiopt
+from psiopt.bench import models
+from psiopt.bench.methods import zoo_scale_invariant_layers
+from psiopt.bench.steptime import (
+    PATHS,
+    StepPath,
+    interleaved_times,
+    measure_discovery,
+    measure_scaling_point,
+    median_ratio,
+    one_thread_on_cpu,
+    step_peak_extra_bytes,
+)
+from psiopt.bench.suites import DiscoverySpec, ScalingPointSpec, StepScalingSpec
+
+CPU = torch.device("cpu")
+TINY = StepScalingSpec((), warmup=1, repeats=3, min_repeats=3, budget_s=0.0)
+
+
+def test_interleaved_rounds_rotate_and_count():
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = interleaved_times(steps, CPU, warmup=1, repeats=4)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4, "c": 4}
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab") + list("abc")
+
+
+def test_budget_stops_after_min_repeats():
+    samples = interleaved_times({"a": lambda: None}, CPU, warmup=0, repeats=50, min_repeats=5, budget_s=0.0)
+    assert len(samples["a"]) == 5
+
+
+def test_median_ratio_pairs_rounds():
+    # the per-round ratios are 2, 2, 2 although the medians of the raw times are 2 and 1.5
+    assert median_ratio([2.0, 4.0, 8.0], [1.0, 2.0, 4.0]) == 2.0
+    assert median_ratio([1.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0
+
+
+def test_cpu_step_peak_counts_the_step_allocations():
+    x = torch.randn(500, 1000)  # 2 MB
+    state = {"kept": torch.zeros(250, 1000)}
+
+    def step() -> None:
+        y = x * 2  # +2 MB
+        z = y + 1  # +2 MB: the peak, 4 MB above the start
+        del y, z
+        state["kept"] = torch.zeros(250, 1000)  # +1 MB, then the previous 1 MB is freed
+
+    peak = step_peak_extra_bytes(step, CPU)
+    assert 4_000_000 <= peak < 4_000_000 + 4096
+    assert step_peak_extra_bytes(lambda: None, CPU) == 0
+
+
+def test_one_thread_is_restored_even_on_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"):
+        with one_thread_on_cpu(CPU) as threads:
+            assert threads == 1 and torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def _psisgd_has_fused() -> bool:
+    return "fused" in inspect.signature(psiopt.PSISGD).parameters
+
+
+def test_scaling_point_on_a_tiny_cnn():
+    point = ScalingPointSpec("tiny", "cnn_bn", {"in_channels": 1, "width": 2})
+    record = measure_scaling_point(point, TINY, CPU)
+    model = models.cnn_bn(in_channels=1, width=2)
+    assert record.num_params == sum(p.numel() for p in model.parameters())
+    assert record.num_psi_params == sum(m.weight.numel() for m in zoo_scale_invariant_layers(model))
+    assert record.num_tensors == len(list(model.parameters()))
+    assert record.threads == 1 and record.repeats == 3
+    by = {e.path: e for e in record.paths}
+    assert [e.path for e in record.paths] == [p.name for p in PATHS]
+    assert by["sgd-foreach"].ratio_to_sgd_foreach == 1.0 and by["sgd-foreach"].extra_peak_vs_sgd_foreach_bytes == 0
+    for name in ("psisgd-loop", "psisgd-foreach"):
+        assert by[name].status == "ok" and by[name].median_s > 0 and by[name].ratio_to_sgd_foreach > 0
+        assert by[name].step_peak_extra_bytes >= 0
+    fused = by["psisgd-fused"]
+    if _psisgd_has_fused():
+        assert fused.status == "ok", fused.reason
+    else:
+        assert fused.status == "unavailable" and "fused" in fused.reason and fused.median_s is None
+    if by["sgd-fused"].status == "ok":
+        assert by["sgd-fused"].ratio_to_sgd_fused == 1.0
+
+
+def test_a_path_whose_step_raises_is_recorded_as_failed():
+    class Broken(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("no kernel for this device")
+
+    paths = (PATHS[0], StepPath("broken", "broken", lambda params: Broken(params, lr=0.1)))
+    point = ScalingPointSpec("tiny", "mlp_bn", {"in_features": 3, "hidden": (4,)})
+    record = measure_scaling_point(point, TINY, CPU, paths)
+    broken = record.paths[1]
+    assert broken.status == "failed" and broken.reason == "RuntimeError: no kernel for this device"
+    assert record.paths[0].status == "ok"
+
+
+def test_discovery_time_on_a_narrow_resnet50():
+    before = torch.get_num_threads()
+    record = measure_discovery(DiscoverySpec("resnet50", {"width": 2}, (3, 64, 64), 4, 1))
+    assert torch.get_num_threads() == before
+    assert record.threads == 1 and record.found == record.expected == 53
+    assert 0 < record.min_s <= record.median_s and record.target_s == 2.0
+    assert record.input_shape == [4, 3, 64, 64]
