@@ -55,8 +55,8 @@ __all__ = [
     "norm_spec_of_call",
     "norm_grouping",
     "move_channel_dim",
-    "norm_groups",
-    "normalized_rows",
+    "group_moments",
+    "normalized",
     "norm_with_eps",
     "norm_input",
 ]
@@ -363,21 +363,37 @@ def move_channel_dim(
     return f"{name} cannot be followed"
 
 
-def norm_groups(spec: NormSpec, x: torch.Tensor) -> torch.Tensor:
-    """The normalization's input ``x`` as a matrix whose rows are the groups it normalizes."""
+def group_moments(spec: NormSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the (biased) variance of each group the normalization normalizes,
+    for the input ``x`` of a functional call (channels in dim 1), in float64."""
     if spec.kind == "batch_norm":
-        return x.transpose(0, 1).reshape(x.shape[1], -1)
+        # Torch's batch-norm kernel is far faster than a strided reduction over (N, H, W):
+        # with momentum 1 it leaves the batch mean and unbiased variance in the buffers.
+        channels, n = x.shape[1], x.numel() // x.shape[1]
+        mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
+        var = torch.ones(channels, dtype=x.dtype, device=x.device)
+        F.batch_norm(x, mean, var, training=True, momentum=1.0)
+        return mean.double(), var.double() * ((n - 1) / n if n > 1 else 0.0)
     if spec.kind == "instance_norm":
-        return x.reshape(math.prod(x.shape[: spec.channel_dim + 1]), -1)
+        rows = x.reshape(x.shape[0] * x.shape[1], -1)
+    elif spec.kind == "group_norm":
+        rows = x.reshape(x.shape[0] * spec.num_groups, -1)
+    else:
+        rows = x.reshape(-1, math.prod(x.shape[x.dim() - spec.normalized_ndim :]))
+    var, mean = torch.var_mean(rows, dim=1, correction=0)
+    return mean.double(), var.double()
+
+
+def normalized(spec: NormSpec, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The normalization's output before its affine map, in ``x``'s shape and dtype, by
+    torch's own kernel for it (the input of a functional call: channels in dim 1)."""
+    if spec.kind == "batch_norm":
+        return F.batch_norm(x, None, None, training=True, eps=eps)
+    if spec.kind == "instance_norm":
+        return F.instance_norm(x, eps=eps)
     if spec.kind == "group_norm":
-        return x.reshape(x.shape[0] * spec.num_groups, -1)
-    return x.reshape(-1, math.prod(x.shape[x.dim() - spec.normalized_ndim :]))
-
-
-def normalized_rows(spec: NormSpec, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """The normalization's output before its affine map, one normalized group per row
-    (in ``x``'s dtype)."""
-    rows = norm_groups(spec, x)
-    if spec.removes_mean:
-        rows = rows - rows.mean(dim=1, keepdim=True)
-    return rows * torch.rsqrt(rows.pow(2).mean(dim=1, keepdim=True) + eps)
+        return F.group_norm(x, spec.num_groups, eps=eps)
+    shape = x.shape[x.dim() - spec.normalized_ndim :]
+    if spec.kind == "layer_norm":
+        return F.layer_norm(x, shape, eps=eps)
+    return F.rms_norm(x, shape, eps=eps)  # type: ignore[misc]

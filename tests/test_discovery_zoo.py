@@ -483,3 +483,30 @@ def test_a_zero_initialized_norm_hides_nothing_from_the_proof():
     assert len(report) == 0 and "BatchNorm2d 'layer1.0.bn3'" in report.rejected[0].reason
     found = psiopt.find_scale_invariant(model, _inputs())
     assert name in found.rejected_names() and "Tanh" in dict(zip(found.rejected_names(), [r.reason for r in found.rejected]))[name]
+
+
+def test_rounding_deep_in_a_float32_network_does_not_fake_a_failure():
+    # 48 conv+BN layers: rescaling the first conv by arbitrary factors would change the last
+    # BN's float32 rounding by more than the tolerance; powers of two change nothing.
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
+    for _ in range(47):
+        layers += [nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 16 * 16, 2))
+    report = psiopt.find_scale_invariant(model, _inputs())
+    assert len(report) == 48 and report.rejected_names() == ("145.weight",)
+    assert max(w.proof_deviation for w in report) == 0.0
+
+
+def test_factors_are_powers_of_two_covering_the_range():
+    from psiopt.discovery.proof import group_factors
+
+    factors = group_factors(50, 0.1, 10.0, torch.Generator().manual_seed(0))
+    exponents = torch.log2(factors)
+    assert torch.equal(exponents, exponents.round()) and exponents.min() == -4 and exponents.max() == 4
+
+
+def test_thread_count_is_put_back():
+    threads = torch.get_num_threads()
+    psiopt.find_scale_invariant(_build("efficientnet"), _inputs())
+    assert torch.get_num_threads() == threads

@@ -73,10 +73,13 @@ Prove (:mod:`psiopt.discovery.proof`)
 -------------------------------------
 Each candidate is then tested on the example inputs, with every submodule in
 training mode (the mode a network is trained in; in ``eval()`` BatchNorm uses running
-statistics and nothing is invariant): its groups are multiplied by random positive
-factors, log-uniform in ``factors`` (by default :math:`[0.1, 10]`), with one group at
-each end, then by the mirrored factors :math:`ab/a_j` so that every group sees both a
-shrink and a growth. The check is made where invariance happens: the output of every
+statistics and nothing is invariant): its groups are multiplied by random powers of
+two covering ``factors`` (by default :math:`[0.1, 10]`, so :math:`2^{-4}..2^4`), with
+one group at each end, then by the mirrored factors :math:`2^{a+b}/2^{e_j}` so that
+every group sees both a shrink and a growth. Multiplying by a power of two is exact in
+floating point, so for an invariant weight the normalization's statistics, and its
+output, do not change by a single rounding, however deep in a float32 network it sits;
+a weight that is not invariant changes them by orders of magnitude more. The check is made where invariance happens: the output of every
 normalization, before its affine map, must stay within ``rtol`` of the unscaled one
 relative to its own scale, and the model's output within ``rtol`` relative to its
 largest entry. A small gain after the normalization (a LayerScale of 1e-6, the

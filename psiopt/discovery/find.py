@@ -54,7 +54,9 @@ def find_scale_invariant(
         Arguments for ``model(*example_inputs)``: a real batch (at least 2 varied
         samples, so that every normalized group has a nonzero variance).
     factors : (float, float), default (0.1, 10.0)
-        Range of the random positive factors; must contain ``[0.1, 10]``.
+        Range the random factors must cover; must contain ``[0.1, 10]``. The factors
+        are powers of two (exact in floating point), from the largest power at most
+        ``low`` to the smallest at least ``high``.
     rtol : float, optional
         Relative tolerance of the proof, for each normalization's output and for the
         model's output. Default by the precision the proof runs in: 1e-9 (float64),
@@ -66,7 +68,7 @@ def find_scale_invariant(
         The eps every normalization layer gets during the proof.
     trials : int, default 1
         Number of random factor draws (each draw is tested with the factors and with
-        their mirror images :math:`ab/a_j`, so every group is both shrunk and grown and
+        their mirror images :math:`2^{a+b}/2^{e_j}`, so every group is both shrunk and grown and
         both ends of the range are hit).
     seed : int, default 0
         Seed of the factors and of the forward passes (dropout masks); the global
@@ -183,7 +185,7 @@ def _see(
                 if structure == "fx":
                     raise
                 notes.append(f"torch.fx could not trace the model ({type(err).__name__}: {err}); used forward hooks")
-    tap = Tap(model, proof_eps, record=want_graph)
+    tap = Tap(model, proof_eps, record=None if not want_graph else "layers" if gm is not None else "ops")
     output = forward(model, inputs, seed, saved, tap)
     leaves = float_leaves(output)
     if not leaves:

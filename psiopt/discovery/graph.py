@@ -188,13 +188,15 @@ class NormCall:
 
 class Tap(TorchFunctionMode):
     """Watches a forward pass: captures every normalization call (replacing its eps by
-    ``eps`` when given) and, with ``record=True``, records every operation.
+    ``eps`` when given); ``record="ops"`` records every operation (the graph),
+    ``record="layers"`` only the ranks of the Linear/ConvNd outputs (what a torch.fx graph
+    needs from a real run).
 
     Use as ``with tap.watching(model): model(x)``; the hooks it installs on the model's
     modules are removed on exit.
     """
 
-    def __init__(self, model: nn.Module, eps: float | None, record: bool):
+    def __init__(self, model: nn.Module, eps: float | None, record: str | None):
         super().__init__()
         self.model, self.eps, self.record = model, eps, record
         self.norm_calls: list[NormCall] = []
@@ -227,8 +229,11 @@ class Tap(TorchFunctionMode):
             if self.eps is not None:
                 args, kwargs = norm_with_eps(func, args, kwargs, self.eps)
         out = func(*args, **kwargs)
-        if self.record:
+        if self.record == "ops":
             self._record(func, args, kwargs, out, spec, module_name, module)
+        elif self.record == "layers" and isinstance(out, torch.Tensor) and op_name(func) in LAYER_OPS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            self.layer_ndims.setdefault(id(weight), set()).add(out.dim())
         return out
 
     def _record(self, func, args, kwargs, out, spec, module_name: str, module: nn.Module) -> None:

@@ -1,8 +1,9 @@
 r"""Prove: rescale the candidates' groups and check that nothing changes, where it would.
 
-Each test multiplies every candidate's groups by random positive factors (log-uniform
-in ``[low, high]``, one group at each end; then the mirrored factors
-:math:`ab/a_j`, so every group is both shrunk and grown) and runs the model with every
+Each test multiplies every candidate's groups by random powers of two covering
+``[low, high]`` (one group at each end; then the mirrored factors, so every group is
+both shrunk and grown; powers of two because multiplying by them is exact, see
+:func:`group_factors`) and runs the model with every
 normalization's eps replaced by the proof eps. It compares, against the unscaled run:
 
 * the output of **every normalization call, before its affine map**, relative to that
@@ -30,7 +31,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..grouping import Grouping
-from ..layers import norm_groups, normalized_rows
+from ..layers import group_moments, normalized
 from .graph import NormCall, Tap
 from .structure import Candidate
 
@@ -112,14 +113,26 @@ def float_leaves(output: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def power_of_two_range(low: float, high: float) -> tuple[int, int]:
+    """The exponents of the powers of two that cover ``[low, high]``."""
+    return math.floor(math.log2(low)), math.ceil(math.log2(high))
+
+
 def group_factors(k: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
-    """``k`` log-uniform factors in ``[low, high]``, with one group at each end (float64)."""
-    logs = torch.empty(k, dtype=torch.float64).uniform_(math.log(low), math.log(high), generator=gen)
+    """``k`` random powers of two covering ``[low, high]``, with one group at each end (float64).
+
+    Powers of two, because multiplying by them is exact in floating point: the layer's
+    output, the normalization's statistics and so its output change by exactly nothing
+    for an invariant weight, so rounding noise cannot fake a failure, even deep in a
+    float32 network.
+    """
+    lo, hi = power_of_two_range(low, high)
+    exponents = torch.randint(lo, hi + 1, (k,), generator=gen)
     perm = torch.randperm(k, generator=gen)
-    logs[perm[0]] = math.log(low)
+    exponents[perm[0]] = lo
     if k > 1:
-        logs[perm[1]] = math.log(high)
-    return logs.exp()
+        exponents[perm[1]] = hi
+    return torch.pow(2.0, exponents.double())
 
 
 def scaled(param: torch.Tensor, grouping: Grouping, factors: torch.Tensor) -> torch.Tensor:
@@ -136,34 +149,34 @@ class NormStats:
 
     min_var: float  # smallest nonzero group variance (mean square for RMS norm)
     worst_ratio: float  # smallest variance / mean square over the non-zero groups
-    var: torch.Tensor  # per group (float64)
-    max_abs: torch.Tensor  # per group: largest |centered entry| (float64)
+    var: torch.Tensor  # per group (float64; mean square for RMS norm)
 
 
 def norm_stats(call: NormCall) -> NormStats:
-    rows = norm_groups(call.spec, call.input.detach())
-    mean_sq = rows.pow(2).mean(dim=1)
-    centered = rows - rows.mean(dim=1, keepdim=True) if call.spec.removes_mean else rows
-    var = centered.pow(2).mean(dim=1)
+    mean, var = group_moments(call.spec, call.input.detach())
+    mean_sq = var + mean.pow(2)
+    if not call.spec.removes_mean:
+        var = mean_sq
     live = mean_sq > 0
     ratio = var[live] / mean_sq[live]
     nonzero = var[var > 0]
     return NormStats(
         min_var=float(nonzero.min()) if nonzero.numel() else math.inf,
         worst_ratio=float(ratio.min()) if ratio.numel() else math.inf,
-        var=var.double(),
-        max_abs=centered.abs().amax(dim=1).double() if centered.shape[1] else torch.zeros_like(var).double(),
+        var=nonzero,
     )
 
 
 def eps_sensitivity(stats: NormStats, eps: float, factor: float) -> float:
-    r"""Relative change of a normalization's output (before its affine map) at ``eps`` when
-    its whole input is multiplied by ``factor``: :math:`c z / \sqrt{c^2\sigma^2 + \epsilon}`
-    against :math:`z / \sqrt{\sigma^2 + \epsilon}`, group by group."""
-    base = torch.rsqrt(stats.var + eps)
-    change = (factor * torch.rsqrt(factor**2 * stats.var + eps) - base).abs() * stats.max_abs
-    scale = float((base * stats.max_abs).max()) if stats.var.numel() else 0.0
-    return float(change.max()) / scale if scale > 0 else 0.0
+    r"""Largest relative change of a normalized group at ``eps`` when the normalization's whole
+    input is multiplied by ``factor``: a group of variance :math:`\sigma^2` is multiplied by
+    :math:`\sigma/\sqrt{\sigma^2 + \epsilon/c^2}` instead of :math:`\sigma/\sqrt{\sigma^2 + \epsilon}`."""
+    if not stats.var.numel():
+        return 0.0
+    v = stats.var
+    scaled_gain = torch.sqrt(v / (v + eps / factor**2))
+    gain = torch.sqrt(v / (v + eps))
+    return float(((scaled_gain - gain) / gain).abs().max())
 
 
 # -- the proof ----------------------------------------------------------------------------
@@ -186,7 +199,7 @@ class Reference:
         self.calls = calls
         self.skip = skip  # calls on nearly constant groups: rounding noise, not comparable
         self.proof_eps = proof_eps
-        self.normalized = [None if i in skip else normalized_rows(c.spec, c.input, proof_eps) for i, c in enumerate(calls)]
+        self.normalized = [None if i in skip else normalized(c.spec, c.input, proof_eps) for i, c in enumerate(calls)]
         self.scales = [0.0 if r is None else float(r.abs().max()) if r.numel() else 0.0 for r in self.normalized]
         self.outputs = [t.detach() for t in outputs]
 
@@ -212,6 +225,8 @@ class Proof:
     ):
         self.model, self.inputs, self.seed, self.saved, self.ref = model, inputs, seed, saved, reference
         self.low, self.high = factors
+        lo, hi = power_of_two_range(*factors)
+        self.mirror = 2.0 ** (lo + hi)  # d -> mirror / d swaps the ends of the range, exactly
         self.rtol, self.atol, self.trials = rtol, atol, trials
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -243,8 +258,8 @@ class Proof:
 
     def _reason(self, check: _Check) -> str:
         return (
-            f"{check.where} changed by {check.deviation:.3g} (relative) when its groups were rescaled by factors "
-            f"in [{self.low:g}, {self.high:g}] with norm eps set to {self.ref.proof_eps:g} (tolerance {self.rtol:g})"
+            f"{check.where} changed by {check.deviation:.3g} (relative) when its groups were rescaled by powers of "
+            f"two covering [{self.low:g}, {self.high:g}] with norm eps set to {self.ref.proof_eps:g} (tolerance {self.rtol:g})"
         )
 
     def _test(self, group: list[Candidate]) -> list[_Check]:
@@ -252,7 +267,7 @@ class Proof:
         for _ in range(self.trials):
             draws = [group_factors(c.grouping.num_groups(c.param.shape), self.low, self.high, self.gen) for c in group]
             for mirrored in (False, True):
-                scaling = [(c, self.low * self.high / d if mirrored else d) for c, d in zip(group, draws)]
+                scaling = [(c, self.mirror / d if mirrored else d) for c, d in zip(group, draws)]
                 checks = self._compare(*self._scaled_run(scaling))
                 worst = checks if worst is None else [a if a.deviation >= b.deviation else b for a, b in zip(worst, checks)]
         assert worst is not None
@@ -263,7 +278,7 @@ class Proof:
         factors; the scaled copies are swapped in through ``.data``, so the original storage
         is never written."""
         originals = [(c.param, c.param.data) for c, _ in scaling]
-        tap = Tap(self.model, self.ref.proof_eps, record=False)
+        tap = Tap(self.model, self.ref.proof_eps, record=None)
         try:
             for c, factors in scaling:
                 c.param.data = scaled(c.param, c.grouping, factors)
@@ -281,7 +296,7 @@ class Proof:
         for i, (call, ref_rows) in enumerate(zip(calls, ref.normalized)):
             if ref_rows is None:
                 continue
-            new_rows = normalized_rows(call.spec, call.input, ref.proof_eps)
+            new_rows = normalized(call.spec, call.input, ref.proof_eps)
             _, rel = _deviation(ref_rows, new_rows, ref.scales[i])
             where = f"at {call.norm_type} {call.module_name!r}, the normalized output"
             checks.append(_Check(where, call.module_name, rel, rel <= self.rtol))
