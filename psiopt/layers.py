@@ -50,7 +50,7 @@ __all__ = [
     "NormSpec",
     "op_name",
     "module_op",
-    "is_positively_homogeneous",
+    "POSITIVELY_HOMOGENEOUS_MODULES",
     "norm_spec_of_module",
     "norm_spec_of_call",
     "norm_grouping",
@@ -103,6 +103,8 @@ HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
     nn.AvgPool2d,
     nn.AvgPool3d,
 )
+#: Every module a positive per-channel scale passes through, :math:`f(c z) = c f(z)`.
+POSITIVELY_HOMOGENEOUS_MODULES = AFFINE_MODULES + HOMOGENEOUS_MODULES
 
 #: Operation names (see :func:`op_name`) of the affine modules' computations.
 AFFINE_OPS = frozenset(
@@ -122,7 +124,7 @@ LAYER_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 #: Reads of a tensor's metadata: not a use of its values.
 QUERY_OPS = frozenset(
     {"size", "dim", "ndimension", "numel", "ndim", "shape", "dtype", "device", "is_floating_point",
-     "is_contiguous", "stride", "get_device", "__len__", "__get__"}
+     "is_contiguous", "stride", "get_device"}
 )
 
 _RMS_NORM_FN = getattr(F, "rms_norm", None)
@@ -135,6 +137,7 @@ NORM_FUNCTIONS: dict[Callable[..., Any], str] = {
     **({_RMS_NORM_FN: "rms_norm"} if _RMS_NORM_FN is not None else {}),
 }
 _NORM_SIGNATURES = {fn: inspect.signature(fn) for fn in NORM_FUNCTIONS}
+
 
 def op_name(target: Any) -> str:
     """The name of a torch operation: a function, a tensor method, or a method's name."""
@@ -157,15 +160,10 @@ def _snake(cls: type) -> str:
 def module_op(module: nn.Module) -> str:
     """The operation a leaf module computes, named as :func:`op_name` names it
     (``nn.MaxPool2d`` -> ``"max_pool2d"``); other modules give their class name."""
-    for cls in CHANNEL_FIRST_LAYERS + AFFINE_MODULES + HOMOGENEOUS_MODULES + (nn.Flatten,):
+    for cls in CHANNEL_FIRST_LAYERS + POSITIVELY_HOMOGENEOUS_MODULES + (nn.Flatten,):
         if isinstance(module, cls):
             return _snake(cls)
     return type(module).__name__
-
-
-def is_positively_homogeneous(module: nn.Module) -> bool:
-    """Whether the module commutes with a positive per-channel scaling, :math:`f(c z) = c f(z)`."""
-    return isinstance(module, AFFINE_MODULES + HOMOGENEOUS_MODULES)
 
 
 @dataclass(frozen=True)
@@ -177,8 +175,7 @@ class NormSpec:
     kind : {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"}
         Which statistic is removed, over which entries.
     channel_dim : int
-        For batch, instance and group norm: the dim holding the channels (1 for the
-        functions; an unbatched InstanceNorm module call uses 0).
+        For batch, instance and group norm: the dim holding the channels (1).
     num_groups : int
         For group norm: the number of channel groups.
     normalized_ndim : int
@@ -199,15 +196,15 @@ class NormSpec:
         return self.kind != "rms_norm"
 
 
-def norm_spec_of_module(module: nn.Module, input_ndim: int | None) -> NormSpec | None:
-    """The :class:`NormSpec` of a call of a torch normalization module (``None`` if it is not one)."""
+def norm_spec_of_module(module: nn.Module) -> NormSpec | None:
+    """The :class:`NormSpec` of a call of a torch normalization module on a batch (``None``
+    if it is not one)."""
     eps = getattr(module, "eps", None)
     eps = float(eps) if isinstance(eps, (int, float)) else None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return NormSpec("batch_norm", eps=eps)
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-        unbatched = input_ndim is not None and input_ndim == module._get_no_batch_dim()
-        return NormSpec("instance_norm", channel_dim=0 if unbatched else 1, eps=eps)
+        return NormSpec("instance_norm", eps=eps)
     if isinstance(module, nn.GroupNorm):
         return NormSpec("group_norm", num_groups=module.num_groups, eps=eps)
     if isinstance(module, nn.LayerNorm):
@@ -325,8 +322,6 @@ def move_channel_dim(
             return None
         return d % rank
 
-    if name in ("contiguous", "clone", "identity"):
-        return channel_dim, ndim
     if name == "permute":
         dims = [norm(d, ndim) for d in _dims(args, kwargs, "dims")]
         if None in dims or sorted(dims) != list(range(ndim)):  # type: ignore[type-var]

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..discovery import is_scale_invariant
-from ..layers import AFFINE_MODULES, BATCH_NORMS, CHANNEL_FIRST_LAYERS, HOMOGENEOUS_MODULES, TRANSPOSED_CONVS
+from ..layers import BATCH_NORMS, CHANNEL_FIRST_LAYERS, POSITIVELY_HOMOGENEOUS_MODULES, TRANSPOSED_CONVS
 from .mean_only_bn import _MeanOnlyBatchNorm
 
 __all__ = ["ENorm"]
@@ -30,7 +30,7 @@ __all__ = ["ENorm"]
 # they accumulate: a rescaling that multiplies a weight entry by a multiplies its
 # gradient by 1/a, so these entries by a**(-power).
 # Modules between two weight layers that a unit's scale passes through unchanged.
-_PASS_THROUGH = AFFINE_MODULES + HOMOGENEOUS_MODULES + (_MeanOnlyBatchNorm,)
+_PASS_THROUGH = POSITIVELY_HOMOGENEOUS_MODULES + (_MeanOnlyBatchNorm,)
 _STATE_POWERS = {"momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
 _SUPPORTED_TEXT = (
     "Linear/Conv1d/2d/3d layers (groups=1) in an nn.Sequential, separated only by ReLU, LeakyReLU, PReLU, "

@@ -135,7 +135,7 @@ def fx_graph(gm: torch.fx.GraphModule, model: nn.Module, layer_ndims: dict[int, 
                 op.weight = module._parameters.get("weight")
                 op.has_bias = module._parameters.get("bias") is not None
             elif isinstance(module, NORM_MODULES):
-                op.norm = norm_spec_of_module(module, None)
+                op.norm = norm_spec_of_module(module)
                 op.norm_type = type(module).__name__
             elif isinstance(module, nn.Flatten):
                 op.args = (module.start_dim, module.end_dim)
