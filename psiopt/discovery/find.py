@@ -126,13 +126,7 @@ def find_scale_invariant(
             for module, _ in saved.modes:
                 module.training = True
             seen = _see(work, inputs, seed, saved, proof_eps, structure, candidates is None, notes)
-            if candidates is None:
-                assert seen.graph is not None
-                proposed, rejected = propose(work, seen.graph, {id(p): n for n, p in params.items()})
-            else:
-                proposed = [Candidate(name=n, param=params[n], grouping=as_grouping(g)) for n, g in candidates.items()]
-                rejected = []
-            _check_candidates(proposed)
+            proposed, rejected = _propose(work, params, seen.graph, candidates)
             dtype = _least_precise([c.param.dtype for c in proposed] + [t.dtype for t in seen.outputs])
             tol = rtol if rtol is not None else _DEFAULT_RTOL.get(dtype, 1e-4)
             stats = [norm_stats(call) for call in seen.norm_calls]
@@ -200,6 +194,21 @@ def _see(
     if want_graph:
         graph = fx_graph(gm, model, tap.layer_ndims) if gm is not None else tap.graph(output)
     return _Seen(method, graph, tap.norm_calls, leaves)
+
+
+def _propose(
+    model: nn.Module, params: dict[str, nn.Parameter], graph: Graph | None,
+    candidates: Mapping[str, GroupingLike] | None,
+) -> tuple[list[Candidate], list[RejectedCandidate]]:
+    """The structural pass's candidates and rejections, or the given candidates; checked."""
+    if candidates is None:
+        assert graph is not None
+        proposed, rejected = propose(model, graph, {id(p): n for n, p in params.items()})
+    else:
+        proposed = [Candidate(name=n, param=params[n], grouping=as_grouping(g)) for n, g in candidates.items()]
+        rejected = []
+    _check_candidates(proposed)
+    return proposed, rejected
 
 
 @contextmanager
