@@ -117,15 +117,20 @@ class ScaleInvarianceReport(Sequence[ScaleInvariantWeight]):
     rejected : tuple of RejectedCandidate
         Weights of Linear/Conv layers (and given candidates) that are not, and why.
     method : {"fx", "hooks", "given"}
-        How the structural pass saw the model (``"given"``: ``candidates=`` was used).
+        How the structural pass saw the model: a torch.fx trace, a recorded forward pass
+        (forward hooks and a TorchFunctionMode), or not at all (``"given"``:
+        ``candidates=`` was used).
     notes : tuple of str
         Remarks on the run, e.g. why torch.fx tracing failed.
     dtype : torch.dtype
-        The precision the tolerance was chosen for.
+        The precision the proof ran in, which the tolerance was chosen for (float32 for a
+        float16/bfloat16 model, proved on a float32 copy).
     rtol, atol : float
-        The proof's tolerance: ``max|y' - y| <= atol + rtol * max|y|`` per output tensor.
+        The proof's tolerance: each normalization's output (before its affine map) may
+        change by ``rtol`` times its largest entry, each output tensor by
+        ``max|y' - y| <= atol + rtol * max|y|``.
     factors : tuple of float
-        The range of the random positive factors.
+        The range the random factors (powers of two) cover.
     proof_eps : float
         The eps of every normalization layer during the proof.
     """
