@@ -192,7 +192,7 @@ class Tap(TorchFunctionMode):
     ``record="layers"`` only the ranks of the Linear/ConvNd outputs (what a torch.fx graph
     needs from a real run).
 
-    Use as ``with tap.watching(model): model(x)``; the hooks it installs on the model's
+    Use as ``with tap.watching(): model(x)``; the hooks it installs on the model's
     modules are removed on exit.
     """
 
@@ -206,10 +206,12 @@ class Tap(TorchFunctionMode):
         self._fixed = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
         self._params = {id(p) for p in model.parameters()}
         self._version: dict[int, int] = {}
-        self._alive: list[Any] = []  # keeps recorded tensors alive, so that their ids stay theirs
+        # Keeps recorded tensors alive, so that their ids stay theirs (a recorded pass holds
+        # every intermediate tensor until its graph is read).
+        self._alive: list[Any] = []
 
-    def watching(self, model: nn.Module) -> "_Watching":
-        return _Watching(self, model)
+    def watching(self) -> "_Watching":
+        return _Watching(self, self.model)
 
     def graph(self, output: Any) -> Graph:
         """The recorded operations as a :class:`Graph` (after the forward pass)."""

@@ -103,7 +103,7 @@ def forward(model: nn.Module, inputs: tuple[Any, ...], seed: int, saved: SavedSt
     torch.manual_seed(seed)
     fresh = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
     try:
-        with torch.no_grad(), tap.watching(model):
+        with torch.no_grad(), tap.watching():
             return model(*fresh)
     finally:
         saved.reset_buffers()
