@@ -396,8 +396,8 @@ def ground_truth(model: nn.Module, x: torch.Tensor) -> dict[str, Grouping]:
                 p.fill_(1.0)
             elif p.dim() == 1 and not pname.endswith("bias") and bool((p == 0).all()):
                 p.uniform_(0.5, 1.5)
-        for mod in m.modules():
-            if isinstance(mod, psiopt.layers.NORM_MODULES):
+        for mod in m.modules():  # norm layers, and models that pass self.eps to F.*_norm
+            if isinstance(getattr(mod, "eps", None), float):
                 mod.eps = 1e-30
     x = x.double()
     ref = _run(m, x)
@@ -510,3 +510,30 @@ def test_thread_count_is_put_back():
     threads = torch.get_num_threads()
     psiopt.find_scale_invariant(_build("efficientnet"), _inputs())
     assert torch.get_num_threads() == threads
+
+
+class _FunctionalNorms(nn.Module):
+    """Normalizations called in the model's own forward, not through a norm module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, bias=False)
+        self.conv2 = nn.Conv2d(8, 6, 3, bias=False)
+        self.head = nn.Linear(6, 2)
+        self.eps = 1e-6
+
+    def forward(self, x):
+        x = F.relu(F.group_norm(self.conv1(x), 4, eps=self.eps))
+        x = self.conv2(x).permute(0, 2, 3, 1)
+        x = F.layer_norm(x, (6,), eps=self.eps)
+        return self.head(x.mean((1, 2)))
+
+
+@pytest.mark.parametrize("structure", ["auto", "hooks"])
+def test_functional_norms_in_the_models_forward(structure):
+    model = _FunctionalNorms()
+    report = psiopt.find_scale_invariant(model, _inputs(), structure=structure)
+    assert {w.name: w.grouping for w in report} == ground_truth(model, _inputs())
+    assert report.get("conv1.weight").grouping == Grouping.blocks(2)
+    assert report.get("conv2.weight").grouping == Grouping.whole()
+    assert report.get("conv2.weight").norm_type == "F.layer_norm" and report.get("conv2.weight").eps == 1e-6
