@@ -123,8 +123,8 @@ def _verdict(layer: Op, name: str, reached: _Reached | str) -> Candidate | str:
             f"({grouping.describe()} grouping), so scaling the weight alone changes the output"
         )
     return Candidate(
-        name, layer.weight, grouping, (reached.norm.module_name,), reached.norm.norm_type, reached.path,
-        reached.norm.norm.eps,
+        name=name, param=layer.weight, grouping=grouping, norm_layers=(reached.norm.module_name,),
+        norm_type=reached.norm.norm_type, path=reached.path, eps=reached.norm.norm.eps,
     )
 
 
