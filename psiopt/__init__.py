@@ -20,9 +20,8 @@ from .discovery import (
     mark_scale_invariant,
     scale_invariant_parameters,
 )
-from . import baselines, nn
-from .enorm import ENorm
-from .sbwn import SBWN
+from . import baselines, layers, nn
+from .baselines import ENorm, SBWN
 from .optim import PSIGD, PSISGD
 
 __all__ = [
@@ -40,6 +39,7 @@ __all__ = [
     "is_scale_invariant",
     "nn",
     "baselines",
+    "layers",
     "ENorm",
     "SBWN",
     "PSISGD",

@@ -288,5 +288,20 @@ def test_docstring_examples_run():
     import doctest
     import importlib
 
-    result = doctest.testmod(importlib.import_module("psiopt.enorm"), optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(importlib.import_module("psiopt.baselines.enorm"), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_prelu_passes_a_unit_scale_like_relu():
+    # PReLU is positively homogeneous per channel, as psiopt.layers says for every user.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 2))
+    with torch.no_grad():
+        net[0].weight.mul_(5.0)
+    x = torch.randn(8, 4)
+    before = net(x)
+    enorm = psiopt.ENorm(net)
+    norm_before = enorm.total_sq_norm()
+    for _ in range(10):
+        enorm.step()
+    assert torch.allclose(net(x), before, atol=1e-5) and enorm.total_sq_norm() < norm_before

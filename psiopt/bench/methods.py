@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from psiopt.layers import CHANNEL_FIRST_LAYERS
+
 __all__ = [
     "BuildContext",
     "Setup",
@@ -157,7 +159,7 @@ def zoo_scale_invariant_layers(model: nn.Module) -> list[nn.Module]:
     except the classifier head, which is the last ``nn.Linear`` registered. (The tests
     check this against :func:`psiopt.find_scale_invariant`.)
     """
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    layers = [m for m in model.modules() if isinstance(m, CHANNEL_FIRST_LAYERS)]
     if not layers or not isinstance(layers[-1], nn.Linear):
         raise ValueError("expected a zoo model whose last registered layer is the nn.Linear head")
     return layers[:-1]

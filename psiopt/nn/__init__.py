@@ -4,10 +4,12 @@
   for layers reparameterized with :func:`torch.nn.utils.parametrizations.weight_norm`.
 * :class:`MeanOnlyBatchNorm1d`, :class:`MeanOnlyBatchNorm2d` -- mean-only batch
   normalization, weight normalization's companion layer.
+
+They live with the other seed systems in :mod:`psiopt.baselines`.
 """
 
-from .mean_only_bn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d
-from .weight_norm import data_dependent_init_, weight_normed_layers
+from ..baselines.mean_only_bn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d
+from ..baselines.weight_norm import data_dependent_init_, weight_normed_layers
 
 __all__ = [
     "data_dependent_init_",

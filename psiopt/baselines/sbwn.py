@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .discovery import find_scale_invariant
-from .enorm import _BATCH_NORMS, _HOMOGENEOUS, _is_psi, _Layer, _MeanOnlyBatchNorm, _parse_chain, _Rescaler, _row_norms
-from .grouping import Grouping
-from .manifold import group_sq_norms
+from ..discovery import find_scale_invariant, is_scale_invariant
+from ..grouping import Grouping
+from ..layers import BATCH_NORMS
+from ..manifold import group_sq_norms
+from .enorm import _PASS_THROUGH, _Layer, _MeanOnlyBatchNorm, _parse_chain, _Rescaler, _row_norms
 
 __all__ = ["SBWN"]
 
@@ -156,9 +157,9 @@ class SBWN:
     def _absorber(self, layer: _Layer) -> nn.Module | None:
         """The BatchNorm that undoes this layer's unit scales before the next weight layer."""
         for _, module in layer.after:
-            if isinstance(module, _BATCH_NORMS):
+            if isinstance(module, BATCH_NORMS):
                 return module
-            if not isinstance(module, _HOMOGENEOUS + (_MeanOnlyBatchNorm, nn.Flatten)):
+            if not isinstance(module, _PASS_THROUGH + (nn.Flatten,)):
                 return None
         return None
 
@@ -195,7 +196,7 @@ class SBWN:
             for _, module in layer.after:
                 if isinstance(module, _MeanOnlyBatchNorm):
                     self._rescaler.scale_mean_only_bn(module, a)
-                elif isinstance(module, _BATCH_NORMS):
+                elif isinstance(module, BATCH_NORMS):
                     if module.running_mean is not None:
                         module.running_mean.mul_(a.to(module.running_mean.dtype))
                         module.running_var.mul_(a.pow(2).to(module.running_var.dtype))
@@ -260,7 +261,7 @@ def _find_normalized(model: nn.Module, example_inputs: Sequence[Any]) -> list[_N
         owner = model.get_submodule(owner_name)
         bias = getattr(owner, "bias", None) if leaf == "weight" else None
         for pname, p in ((record.name, weight), (f"{owner_name}.bias", bias)):
-            if p is not None and _is_psi(p):
+            if p is not None and is_scale_invariant(p):
                 raise TypeError(
                     f"SBWN: {pname} is marked scale invariant (a PSI ManifoldParameter); the PSI "
                     "optimizers already work on its class, SBWN is for the other optimizers: use an "

@@ -16,46 +16,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import geoopt
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .grouping import CHANNEL_FIRST_LAYERS
-from .manifold import PSIManifold
-from .nn.mean_only_bn import _MeanOnlyBatchNorm
+from ..discovery import is_scale_invariant
+from ..layers import BATCH_NORMS, CHANNEL_FIRST_LAYERS, POSITIVELY_HOMOGENEOUS_MODULES, TRANSPOSED_CONVS
+from .mean_only_bn import _MeanOnlyBatchNorm
 
 __all__ = ["ENorm"]
 
-# Modules that commute with a positive per-channel scaling: f(d * x) = d * f(x).
-_HOMOGENEOUS = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.Identity,
-)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Optimizer state entries shaped like their parameter, and the power of the gradient
 # they accumulate: a rescaling that multiplies a weight entry by a multiplies its
 # gradient by 1/a, so these entries by a**(-power).
+# Modules between two weight layers that a unit's scale passes through unchanged.
+_PASS_THROUGH = POSITIVELY_HOMOGENEOUS_MODULES + (_MeanOnlyBatchNorm,)
 _STATE_POWERS = {"momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
 _SUPPORTED_TEXT = (
-    "Linear/Conv1d/2d/3d layers (groups=1) in an nn.Sequential, separated only by ReLU, LeakyReLU, "
+    "Linear/Conv1d/2d/3d layers (groups=1) in an nn.Sequential, separated only by ReLU, LeakyReLU, PReLU, "
     "pooling, dropout, Identity, MeanOnlyBatchNorm and one Flatten between the last Conv and the first Linear"
 )
 
@@ -94,11 +72,7 @@ def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, n
 
 
 def _contains_weight_layer(module: nn.Module) -> bool:
-    return any(isinstance(m, CHANNEL_FIRST_LAYERS + (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) for m in module.modules())
-
-
-def _is_psi(p: torch.Tensor) -> bool:
-    return isinstance(p, geoopt.ManifoldParameter) and isinstance(p.manifold, PSIManifold)
+    return any(isinstance(m, CHANNEL_FIRST_LAYERS + TRANSPOSED_CONVS) for m in module.modules())
 
 
 def _parse_chain(model: nn.Module, who: str, allow_batch_norm: bool) -> list[_Layer]:
@@ -126,7 +100,7 @@ def _parse_chain(model: nn.Module, who: str, allow_batch_norm: bool) -> list[_La
                     f"its channels cannot be paired one to one. Supported: {_SUPPORTED_TEXT}"
                 )
             for pname, p in (("weight", module.weight), ("bias", module.bias)):
-                if p is not None and _is_psi(p):
+                if p is not None and is_scale_invariant(p):
                     raise TypeError(
                         f"{who}: {name}.{pname} is marked scale invariant (a PSI ManifoldParameter); "
                         f"{who}'s rescalings move it across layers, which the PSI optimizers do not "
@@ -160,14 +134,14 @@ def _parse_chain(model: nn.Module, who: str, allow_batch_norm: bool) -> list[_La
                         "only Flatten(1, -1) keeps each channel's entries consecutive"
                     )
                 flattens += 1
-            elif isinstance(module, _BATCH_NORMS):
+            elif isinstance(module, BATCH_NORMS):
                 if not allow_batch_norm:
                     raise TypeError(
                         f"{who}: {name!r} ({type(module).__name__}) sits between {layer.name!r} and "
                         f"{nxt.name!r}; batch norm undoes a unit's scale, so moving it into the next "
                         "layer would change the function. Use psiopt.SBWN or psiopt.PSISGD for BN networks"
                     )
-            elif not isinstance(module, _HOMOGENEOUS + (_MeanOnlyBatchNorm,)):
+            elif not isinstance(module, _PASS_THROUGH):
                 raise TypeError(
                     f"{who}: {name!r} ({type(module).__name__}) sits between {layer.name!r} and "
                     f"{nxt.name!r}; it is not known to commute with a positive per-channel scaling "

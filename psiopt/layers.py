@@ -1,0 +1,394 @@
+r"""What psiopt knows about layers: the one home of that knowledge.
+
+Discovery (:mod:`psiopt.discovery`), the rescaling systems (:class:`psiopt.ENorm`,
+:class:`psiopt.SBWN`) and the benchmarks all ask the same questions of a module or of
+a torch operation; they are answered here, once:
+
+* which layers hold a weight with output channels in dim 0 (the layout every
+  :class:`~psiopt.Grouping` assumes): :data:`CHANNEL_FIRST_LAYERS`;
+* which modules and functions *normalize*, over which dims, and so how the weight of a
+  layer before them groups: :class:`NormSpec`, :func:`norm_grouping`;
+* which modules and functions are *positively homogeneous* per channel,
+  :math:`f(c z) = c f(z)` for :math:`c > 0` (a scale passes through them), and which of
+  those are also *affine* per channel, :math:`f(c z + b) = c f(z) + b` (a layer's bias
+  passes through them too);
+* which operations only move dims around (``permute``, ``flatten``...), and where the
+  channel dim goes through them: :func:`move_channel_dim`.
+
+Operations are named as torch names them (``"relu"``, ``"max_pool2d"``,
+``"batch_norm"``), whether they come from a module call, a function or a tensor method,
+so that a torch.fx graph and a recorded forward pass are read with the same tables.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grouping import CHANNEL_FIRST_LAYERS, Grouping
+
+__all__ = [
+    "CHANNEL_FIRST_LAYERS",
+    "TRANSPOSED_CONVS",
+    "NORM_MODULES",
+    "BATCH_NORMS",
+    "AFFINE_MODULES",
+    "HOMOGENEOUS_MODULES",
+    "AFFINE_OPS",
+    "HOMOGENEOUS_OPS",
+    "LAYOUT_OPS",
+    "LAYER_OPS",
+    "QUERY_OPS",
+    "NORM_FUNCTIONS",
+    "NormSpec",
+    "op_name",
+    "module_op",
+    "POSITIVELY_HOMOGENEOUS_MODULES",
+    "norm_spec_of_module",
+    "norm_spec_of_call",
+    "norm_grouping",
+    "move_channel_dim",
+    "group_moments",
+    "normalized",
+    "norm_with_eps",
+    "norm_input",
+]
+
+TRANSPOSED_CONVS: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+_RMSNorm = getattr(nn, "RMSNorm", None)
+#: Normalization modules (and their subclasses): the scale of their input is removed.
+NORM_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+) + ((_RMSNorm,) if _RMSNorm is not None else ())
+#: The batch norms over dim 1 (with SyncBatchNorm), for the rescaling systems.
+BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+
+#: Modules affine per channel: :math:`f(c z + b) = c f(z) + b` for :math:`c > 0` and a
+#: per-channel :math:`b`.
+AFFINE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+#: Modules positively homogeneous per channel but not affine (a bias before them does not
+#: come out unchanged: ReLU clips it, average pooling's zero padding dilutes it, dropout
+#: masks it).
+HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+)
+#: Every module a positive per-channel scale passes through, :math:`f(c z) = c f(z)`.
+POSITIVELY_HOMOGENEOUS_MODULES = AFFINE_MODULES + HOMOGENEOUS_MODULES
+
+#: Operation names (see :func:`op_name`) of the affine modules' computations.
+AFFINE_OPS = frozenset(
+    {"identity", "contiguous", "clone"}
+    | {f"{kind}{d}d" for kind in ("max_pool", "adaptive_max_pool", "adaptive_avg_pool") for d in (1, 2, 3)}
+)
+#: Operation names of the positively homogeneous (not affine) computations.
+HOMOGENEOUS_OPS = frozenset(
+    {"relu", "relu_", "leaky_relu", "leaky_relu_", "prelu", "dropout", "dropout_", "feature_dropout"}
+    | {f"dropout{d}d" for d in (1, 2, 3)}
+    | {f"avg_pool{d}d" for d in (1, 2, 3)}
+)
+#: Operations that only move or merge dims.
+LAYOUT_OPS = frozenset({"permute", "transpose", "swapaxes", "flatten", "unsqueeze", "squeeze"})
+#: The computations of :data:`CHANNEL_FIRST_LAYERS`.
+LAYER_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
+#: Reads of a tensor's metadata: not a use of its values.
+QUERY_OPS = frozenset(
+    {"size", "dim", "ndimension", "numel", "ndim", "shape", "dtype", "device", "is_floating_point",
+     "is_contiguous", "stride", "get_device"}
+)
+
+_RMS_NORM_FN = getattr(F, "rms_norm", None)
+#: The functional normalizations, by the name of what they compute.
+NORM_FUNCTIONS: dict[Callable[..., Any], str] = {
+    F.batch_norm: "batch_norm",
+    F.instance_norm: "instance_norm",
+    F.group_norm: "group_norm",
+    F.layer_norm: "layer_norm",
+    **({_RMS_NORM_FN: "rms_norm"} if _RMS_NORM_FN is not None else {}),
+}
+_NORM_SIGNATURES = {fn: inspect.signature(fn) for fn in NORM_FUNCTIONS}
+
+
+def op_name(target: Any) -> str:
+    """The name of a torch operation: a function, a tensor method, or a method's name."""
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", str(target))
+
+
+def _snake(cls: type) -> str:
+    """``MaxPool2d`` -> ``max_pool2d``, ``AdaptiveAvgPool1d`` -> ``adaptive_avg_pool1d``."""
+    special = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.PReLU: "prelu"}
+    if cls in special:
+        return special[cls]
+    name = cls.__name__
+    return "".join(
+        ("_" if ch.isupper() and i and not name[i - 1].isdigit() else "") + ch.lower() for i, ch in enumerate(name)
+    )
+
+
+def module_op(module: nn.Module) -> str:
+    """The operation a leaf module computes, named as :func:`op_name` names it
+    (``nn.MaxPool2d`` -> ``"max_pool2d"``); other modules give their class name."""
+    for cls in CHANNEL_FIRST_LAYERS + POSITIVELY_HOMOGENEOUS_MODULES + (nn.Flatten,):
+        if isinstance(module, cls):
+            return _snake(cls)
+    return type(module).__name__
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What a normalization computes, as far as a layer's scale is concerned.
+
+    Attributes
+    ----------
+    kind : {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"}
+        Which statistic is removed, over which entries.
+    channel_dim : int
+        For batch, instance and group norm: the dim holding the channels (1).
+    num_groups : int
+        For group norm: the number of channel groups.
+    normalized_ndim : int
+        For layer and RMS norm: how many trailing dims are normalized together.
+    eps : float or None
+        The eps of the call (``None`` when unknown, e.g. RMS norm's default).
+    """
+
+    kind: str
+    channel_dim: int = 1
+    num_groups: int = 1
+    normalized_ndim: int = 0
+    eps: float | None = None
+
+    @property
+    def removes_mean(self) -> bool:
+        """Whether the mean of each normalized group is subtracted (all but RMS norm)."""
+        return self.kind != "rms_norm"
+
+
+def norm_spec_of_module(module: nn.Module) -> NormSpec | None:
+    """The :class:`NormSpec` of a call of a torch normalization module on a batch (``None``
+    if it is not one)."""
+    eps = getattr(module, "eps", None)
+    eps = float(eps) if isinstance(eps, (int, float)) else None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return NormSpec("batch_norm", eps=eps)
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return NormSpec("instance_norm", eps=eps)
+    if isinstance(module, nn.GroupNorm):
+        return NormSpec("group_norm", num_groups=module.num_groups, eps=eps)
+    if isinstance(module, nn.LayerNorm):
+        return NormSpec("layer_norm", normalized_ndim=len(module.normalized_shape), eps=eps)
+    if _RMSNorm is not None and isinstance(module, _RMSNorm):
+        return NormSpec("rms_norm", normalized_ndim=len(module.normalized_shape), eps=eps)
+    return None
+
+
+def norm_spec_of_call(function: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> NormSpec | None:
+    """The :class:`NormSpec` of a call of a functional normalization (``F.batch_norm``...),
+    or ``None`` when it is none or does not normalize by the batch's own statistics
+    (``F.batch_norm(..., training=False)`` uses running statistics: a fixed affine map)."""
+    kind = NORM_FUNCTIONS.get(function)
+    if kind is None:
+        return None
+    try:
+        bound = _NORM_SIGNATURES[function].bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    a = bound.arguments
+    eps = a.get("eps")
+    eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
+    if kind == "batch_norm":
+        return NormSpec(kind, eps=eps) if a["training"] is True else None
+    if kind == "instance_norm":
+        return NormSpec(kind, eps=eps) if a["use_input_stats"] is True else None
+    if kind == "group_norm":
+        return NormSpec(kind, num_groups=a["num_groups"], eps=eps) if isinstance(a["num_groups"], int) else None
+    shape = a["normalized_shape"]
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(isinstance(s, int) for s in shape):
+        return None
+    return NormSpec(kind, normalized_ndim=len(shape), eps=eps)
+
+
+def norm_with_eps(function: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], eps: float):
+    """``(args, kwargs)`` of a functional normalization call with its eps replaced."""
+    bound = _NORM_SIGNATURES[function].bind(*args, **kwargs)
+    bound.arguments["eps"] = eps
+    return bound.args, bound.kwargs
+
+
+def norm_input(function: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """The tensor a functional normalization call normalizes."""
+    return args[0] if args else kwargs.get("input")
+
+
+def norm_grouping(
+    spec: NormSpec, channel_dim: int, ndim: int, channels: int
+) -> tuple[Grouping | None, str, bool]:
+    """How a layer's weight groups when its output reaches this normalization.
+
+    Parameters
+    ----------
+    spec : NormSpec
+        The normalization.
+    channel_dim, ndim : int
+        Where the layer's output channels are in the normalization's input, and its rank.
+    channels : int
+        The layer's number of output channels.
+
+    Returns
+    -------
+    (Grouping or None, str, bool)
+        The grouping (``None`` if the normalization does not remove the layer's
+        scale), the reason when ``None``, and whether the normalization also removes a
+        per-channel bias of the layer.
+    """
+    kind = spec.kind
+    if kind in ("batch_norm", "instance_norm", "group_norm"):
+        if channel_dim != spec.channel_dim:
+            return None, (
+                f"{kind} normalizes the channels of dim {spec.channel_dim}, but the layer's output channels are "
+                f"in dim {channel_dim} there"
+            ), False
+        if kind != "group_norm":
+            return Grouping.per_channel(), "", True
+        if spec.num_groups == 1:
+            return Grouping.whole(), "", False
+        per_group = channels // spec.num_groups
+        if per_group == 1:
+            return Grouping.per_channel(), "", True
+        return Grouping.blocks(per_group), "", False
+    first = ndim - spec.normalized_ndim
+    if channel_dim >= first:
+        return Grouping.whole(), "", False
+    # Each channel's slice is normalized on its own: a per-channel scale (and, when the
+    # mean is removed, a per-channel bias) is constant over each normalized group.
+    return Grouping.per_channel(), "", spec.removes_mean
+
+
+def _dims(args: Sequence[Any], kwargs: dict[str, Any], key: str) -> list[Any]:
+    if key in kwargs:
+        value = kwargs[key]
+        return list(value) if isinstance(value, (tuple, list)) else [value]
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return list(args[0])
+    return list(args)
+
+
+def move_channel_dim(
+    name: str, args: Sequence[Any], kwargs: dict[str, Any], channel_dim: int, ndim: int
+) -> tuple[int, int] | str:
+    """Where the channel dim is, and the rank, after a layout operation.
+
+    ``args`` are the operation's arguments after the tensor. Returns ``(channel_dim,
+    ndim)`` or, when the channel dim is merged, dropped or cannot be followed, the
+    reason.
+    """
+    def norm(d: Any, rank: int) -> int | None:
+        if not isinstance(d, int) or isinstance(d, bool) or not -rank <= d < rank:
+            return None
+        return d % rank
+
+    if name == "permute":
+        dims = [norm(d, ndim) for d in _dims(args, kwargs, "dims")]
+        if None in dims or sorted(dims) != list(range(ndim)):  # type: ignore[type-var]
+            return f"permute{tuple(_dims(args, kwargs, 'dims'))} cannot be followed"
+        return dims.index(channel_dim), ndim
+    if name in ("transpose", "swapaxes"):
+        vals = list(args[:2]) + [kwargs[k] for k in ("dim0", "dim1", "axis0", "axis1") if k in kwargs]
+        if len(vals) != 2:
+            return f"{name} with arguments {tuple(args)} cannot be followed"
+        a, b = norm(vals[0], ndim), norm(vals[1], ndim)
+        if a is None or b is None:
+            return f"{name}{tuple(vals)} cannot be followed"
+        return (b if channel_dim == a else a if channel_dim == b else channel_dim), ndim
+    if name == "flatten":
+        start = args[0] if len(args) > 0 else kwargs.get("start_dim", 0)
+        end = args[1] if len(args) > 1 else kwargs.get("end_dim", -1)
+        s, e = norm(start, ndim), norm(end, ndim)
+        if s is None or e is None:
+            return f"flatten({start}, {end}) cannot be followed"
+        if s <= channel_dim <= e and s != e:
+            return f"flatten({start}, {end}) merges the channel dim with other dims"
+        merged = max(e - s, 0)
+        return (channel_dim - merged if channel_dim > e else channel_dim), ndim - merged
+    if name == "unsqueeze":
+        d = norm(args[0] if args else kwargs.get("dim"), ndim + 1)
+        if d is None:
+            return "unsqueeze cannot be followed"
+        return (channel_dim + 1 if d <= channel_dim else channel_dim), ndim + 1
+    if name == "squeeze":
+        d = norm(args[0] if args else kwargs.get("dim"), ndim)
+        if d is None or d == channel_dim:
+            return "squeeze without a dim other than the channel dim cannot be followed"
+        return (channel_dim - 1 if d < channel_dim else channel_dim), ndim - 1
+    return f"{name} cannot be followed"
+
+
+def group_moments(spec: NormSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the (biased) variance of each group the normalization normalizes,
+    for the input ``x`` of a functional call (channels in dim 1), in float64."""
+    if spec.kind == "batch_norm":
+        # Torch's batch-norm kernel is far faster than a strided reduction over (N, H, W):
+        # with momentum 1 it leaves the batch mean and unbiased variance in the buffers.
+        channels, n = x.shape[1], x.numel() // x.shape[1]
+        mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
+        var = torch.ones(channels, dtype=x.dtype, device=x.device)
+        F.batch_norm(x, mean, var, training=True, momentum=1.0)
+        return mean.double(), var.double() * ((n - 1) / n if n > 1 else 0.0)
+    if spec.kind == "instance_norm":
+        rows = x.reshape(x.shape[0] * x.shape[1], -1)
+    elif spec.kind == "group_norm":
+        rows = x.reshape(x.shape[0] * spec.num_groups, -1)
+    else:
+        rows = x.reshape(-1, math.prod(x.shape[x.dim() - spec.normalized_ndim :]))
+    var, mean = torch.var_mean(rows, dim=1, correction=0)
+    return mean.double(), var.double()
+
+
+def normalized(spec: NormSpec, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The normalization's output before its affine map, in ``x``'s shape and dtype, by
+    torch's own kernel for it (the input of a functional call: channels in dim 1)."""
+    if spec.kind == "batch_norm":
+        return F.batch_norm(x, None, None, training=True, eps=eps)
+    if spec.kind == "instance_norm":
+        return F.instance_norm(x, eps=eps)
+    if spec.kind == "group_norm":
+        return F.group_norm(x, spec.num_groups, eps=eps)
+    shape = x.shape[x.dim() - spec.normalized_ndim :]
+    if spec.kind == "layer_norm":
+        return F.layer_norm(x, shape, eps=eps)
+    return F.rms_norm(x, shape, eps=eps)  # type: ignore[misc]
