@@ -20,6 +20,7 @@ from .discovery import (
     mark_scale_invariant,
     scale_invariant_parameters,
 )
+from .groups import param_groups
 from . import baselines, nn
 from .enorm import ENorm
 from .sbwn import SBWN
@@ -32,6 +33,7 @@ __all__ = [
     "PSIManifold",
     "ZeroGroupError",
     "find_scale_invariant",
+    "param_groups",
     "mark_scale_invariant",
     "ScaleInvariantWeight",
     "RejectedCandidate",

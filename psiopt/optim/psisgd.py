@@ -38,10 +38,32 @@ class _PSIParamsMixin:
             return p.manifold
         return None
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # torch refuses a parameter already in another group without saying which: say it here.
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):  # torch's own error for a set stays
+            param_group["params"] = params = list(params)
+            where = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+            for j, item in enumerate(params):
+                p = item[1] if isinstance(item, tuple) else item
+                if isinstance(p, Tensor) and p in where:
+                    name = (
+                        f"parameter {item[0]!r}"
+                        if isinstance(item, tuple)
+                        else _param_name(param_group, len(self.param_groups), j, p)
+                    )
+                    raise ValueError(
+                        f"{name} is already in param group {where[p]}; a parameter can be in only one param group "
+                        "(psiopt.param_groups(model, ...) puts each parameter in exactly one)"
+                    )
+        super().add_param_group(param_group)  # type: ignore[misc]
+
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         grouping = group.get("grouping")
         if grouping is not None:
             grouping = as_grouping(grouping)  # a bad value raises here, with its fix
+            # Kept as plain text, so that state_dict() loads with torch.load(weights_only=True).
+            group["grouping"] = grouping.describe()
         for j, p in enumerate(group["params"]):
             name = _param_name(group, index, j, p)
             if grouping is not None:
@@ -62,9 +84,8 @@ class _PSIParamsMixin:
         if not any(self._manifold_of(p, g) is not None for g in self.param_groups for p in g["params"]):
             warnings.warn(
                 f"{type(self).__name__} received no scale-invariant parameter, so every parameter gets a plain "
-                "Euclidean update. Mark the model first with psiopt.mark_scale_invariant(model, example_input) "
-                "and create the optimizer after marking, or name a grouping in a param group "
-                "({'params': [...], 'grouping': 'channel'})",
+                "Euclidean update. Give it the param groups of psiopt.param_groups(model, example_input), "
+                "or name a grouping in a param group ({'params': [...], 'grouping': 'channel'})",
                 UserWarning,
                 stacklevel=3,
             )
