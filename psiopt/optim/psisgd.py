@@ -177,11 +177,11 @@ class PSISGD(_PSIParamsMixin, Optimizer):
 
     Parameters are split in two:
 
-    * **scale-invariant** ones, each a :class:`geoopt.ManifoldParameter` on a
-      :class:`psiopt.PSIManifold` (what :func:`psiopt.mark_scale_invariant` makes), or
-      any tensor in a param group that names a grouping,
+    * **scale-invariant** ones: every tensor in a param group that names a grouping,
       ``{"params": [...], "grouping": "channel"}`` (``"tensor"``, ``"block(4)"``, or a
-      :class:`psiopt.Grouping`), which then applies to every tensor of that group;
+      :class:`psiopt.Grouping`, kept as that text), as :func:`psiopt.param_groups`
+      makes them; and any :class:`geoopt.ManifoldParameter` on a
+      :class:`psiopt.PSIManifold` (what :func:`psiopt.mark_scale_invariant` makes);
     * **every other** parameter, which gets :class:`torch.optim.SGD`'s update bit for bit
       (the same function, :func:`torch.optim.sgd.sgd`, is called on them): momentum,
       dampening, Nesterov, weight decay, maximize, sparse gradients.
@@ -247,9 +247,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
       not on the scale of SGD's learning rate. Give them their own param group (and so
       their own schedule with any :mod:`torch.optim.lr_scheduler`)::
 
-          si = [p for _, p in psiopt.scale_invariant_parameters(model)]
-          rest = [p for p in model.parameters() if not psiopt.is_scale_invariant(p)]
-          PSISGD([{"params": si, "lr": 0.05}, {"params": rest}], lr=0.1, momentum=0.9)
+          groups = psiopt.param_groups(model, images, scale_invariant={"lr": 0.05})
+          PSISGD(groups, lr=0.1, momentum=0.9)
 
     * **Retraction, not exponential map.** :math:`w + \xi` agrees with the geodesic
       (:meth:`psiopt.PSIManifold.expmap`) to second order, costs no trigonometry, and
@@ -283,8 +282,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8),
     ...                             torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-    >>> _ = psiopt.mark_scale_invariant(model, x)
-    >>> opt = psiopt.PSISGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> opt = psiopt.PSISGD(psiopt.param_groups(model, x), lr=0.1, momentum=0.9)
     >>> torch.nn.functional.cross_entropy(model(x), y).backward()
     >>> opt.step()
     """
