@@ -6,7 +6,6 @@ and the distributed runs must equal a single-process PSISGD run (float64, 1e-9).
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 
 import pytest
@@ -100,17 +99,17 @@ def _assert_equal_to(model, reference, label):
         assert all(torch.equal(g, gathered[0]) for g in gathered), f"{label}: ranks differ on {name}"
 
 
-def _launch(worker):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_entry, args=(worker, port), nprocs=WORLD, join=True)
+def _launch(worker, tmp_path):
+    # A file store, not a TCP one: no port to pick, and no server thread that the first
+    # rank to finish would take down under the others.
+    store = tmp_path / "store"
+    mp.spawn(_entry, args=(worker, f"file://{store}"), nprocs=WORLD, join=True)
 
 
-def _entry(rank, worker, port):
+def _entry(rank, worker, init_method):
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
     )
     try:
         worker()
@@ -135,6 +134,13 @@ def _ddp_worker():
     _train(after, _optimizer(groups))
     _assert_equal_to(after.module, reference, "discovery after wrapping")
 
+    # Ranks that find different weights all raise (rank 1 tests one candidate only).
+    options = {"candidates": {"0.weight": "channel"}} if dist.get_rank() == 1 else {}
+    with pytest.raises(RuntimeError, match="the ranks found different scale-invariant weights"):
+        psiopt.param_groups(after, _batch(0)[0], **options)
+    with pytest.raises(TypeError, match="DistributedDataParallel.*psiopt.param_groups"):
+        psiopt.mark_scale_invariant(after, _batch(0)[0])
+
     plain = _net()
     report = psiopt.find_scale_invariant(plain, _batch(0)[0])  # before wrapping
     before = DDP(plain)
@@ -144,8 +150,8 @@ def _ddp_worker():
     _assert_equal_to(before.module, reference, "discovery before wrapping")
 
 
-def test_ddp_equals_single_process_with_discovery_before_and_after_wrapping():
-    _launch(_ddp_worker)
+def test_ddp_equals_single_process_with_discovery_before_and_after_wrapping(tmp_path):
+    _launch(_ddp_worker, tmp_path)
 
 
 # -- FSDP2 -------------------------------------------------------------------------------
@@ -175,6 +181,8 @@ def _fsdp_worker():
         assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in held)
     after = {n: _full(p.detach()) for n, p in sharded.named_parameters()}
     assert all(torch.equal(before[n], after[n]) for n in before)  # discovery ran on a replica
+    with pytest.raises(TypeError, match=r"fully_shard \(FSDP2\).*psiopt.param_groups"):
+        psiopt.mark_scale_invariant(sharded, x)
 
     # The step on channel groupings (rows whole on each rank), shards of unequal length.
     reference, expected = _reference(_channel_net)
@@ -185,6 +193,6 @@ def _fsdp_worker():
     _assert_equal_to(model, reference, "FSDP2")
 
 
-def test_fsdp2_param_groups_with_and_without_report_and_channel_step():
+def test_fsdp2_param_groups_with_and_without_report_and_channel_step(tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
-    _launch(_fsdp_worker)
+    _launch(_fsdp_worker, tmp_path)
