@@ -95,9 +95,7 @@ def param_groups(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if report is not None and (example_inputs or find_options):
-        raise ValueError(
-            "give either report= (no forward pass) or example inputs (discovery runs now), not both"
-        )
+        raise ValueError("give either report= (no forward pass) or example inputs (discovery runs now), not both")
     if report is None and not example_inputs:
         raise ValueError(
             "param_groups needs example inputs, param_groups(model, batch), to find the scale-invariant "
@@ -112,15 +110,27 @@ def param_groups(
         report = _discover(model, example_inputs, find_options)
 
     names = canonical_names(model)
-    by_name: dict[str, Any] = {}  # any name of a parameter (with or without wrappers) -> parameter
+    grouping_of = _groupings(model, names, report)
+    groups: dict[str | None, dict[str, Any]] = {}
+    for full, p in model.named_parameters():  # each parameter once, under its first name
+        text = grouping_of.get(id(p))
+        if text not in groups:
+            groups[text] = {"params": [], "param_names": []} | ({} if text is None else {"grouping": text})
+        groups[text]["params"].append(p)
+        groups[text]["param_names"].append(names[full])
+    rest = groups.pop(None, {"params": [], "param_names": []})
+    return [g | extra["scale_invariant"] for g in groups.values()] + [rest | extra["others"]]
+
+
+def _groupings(model: nn.Module, names: dict[str, str], report: Any) -> dict[int, str]:
+    """``id(parameter)`` -> grouping text for each parameter the report names, checked."""
+    by_name: dict[str, Any] = {}  # every name of a parameter, with and without wrappers
+    first_name: dict[int, str] = {}
     for full, p in model.named_parameters(remove_duplicate=False):
         by_name.setdefault(full, p)
         by_name.setdefault(names[full], p)
-    first_name: dict[int, str] = {}
-    for full, p in model.named_parameters(remove_duplicate=False):
         first_name.setdefault(id(p), names[full])
-
-    grouping_of: dict[int, tuple[str, str]] = {}  # id(param) -> (grouping text, the report's name)
+    grouping_of: dict[int, tuple[str, str]] = {}  # id -> (grouping text, the report's name)
     for record in report:
         param = by_name.get(record.name)
         if param is None:
@@ -144,16 +154,7 @@ def param_groups(
                 f"{seen[0]!r} and as {record.name!r} with grouping {text!r}; one parameter can have one grouping"
             )
         grouping_of[id(param)] = (text, record.name)
-
-    groups: dict[str | None, dict[str, Any]] = {}
-    for p in dict.fromkeys(model.parameters()):  # deduplicated, in order
-        text = grouping_of[id(p)][0] if id(p) in grouping_of else None
-        if text not in groups:
-            groups[text] = {"params": [], "param_names": []} | ({} if text is None else {"grouping": text})
-        groups[text]["params"].append(p)
-        groups[text]["param_names"].append(first_name[id(p)])
-    rest = groups.pop(None, {"params": [], "param_names": []})
-    return [g | extra["scale_invariant"] for g in groups.values()] + [rest | extra["others"]]
+    return {key: text for key, (text, _) in grouping_of.items()}
 
 
 def _discover(model: nn.Module, example_inputs: tuple[Any, ...], find_options: dict[str, Any]) -> Any:
