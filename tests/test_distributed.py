@@ -6,6 +6,7 @@ and the distributed runs must equal a single-process PSISGD run (float64, 1e-9).
 
 from __future__ import annotations
 
+import gc
 from datetime import timedelta
 
 import pytest
@@ -115,6 +116,9 @@ def _entry(rank, worker, init_method):
         worker()
         dist.barrier()  # no rank leaves while another still talks to it
     finally:
+        # The worker's models (DDP, FSDP state, device meshes) hold the process group in
+        # reference cycles; freed only at interpreter exit, gloo's threads can abort it.
+        gc.collect()
         dist.destroy_process_group()
 
 
