@@ -20,6 +20,7 @@ from .discovery import (
     mark_scale_invariant,
     scale_invariant_parameters,
 )
+from .groups import param_groups
 from . import baselines, layers, nn
 from .baselines import ENorm, SBWN
 from .optim import PSIGD, PSISGD
@@ -31,6 +32,7 @@ __all__ = [
     "PSIManifold",
     "ZeroGroupError",
     "find_scale_invariant",
+    "param_groups",
     "mark_scale_invariant",
     "ScaleInvariantWeight",
     "RejectedCandidate",

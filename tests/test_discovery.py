@@ -455,15 +455,23 @@ def test_geoopt_riemannian_sgd_takes_horizontal_steps():
         assert cos.abs().max() < 1e-8, name
 
 
-def test_optimizer_created_before_marking_is_caught():
+def test_optimizer_created_before_marking_holds_the_marked_objects():
+    """Marking keeps each parameter object, so an optimizer made before it steps the
+    marked weight on the manifold, exactly as one made after."""
     model = _build(lambda: models.mlp_bn(5, hidden=(4,), num_classes=2))
-    stale = torch.optim.SGD(model.parameters(), lr=0.1)
+    twin = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="no scale-invariant parameter"):
+        early = psiopt.PSISGD(model.parameters(), lr=0.1, momentum=0.9)
     psiopt.mark_scale_invariant(model, _vec())
-    model(_vec()).sum().backward()
-    with pytest.raises(RuntimeError, match=r"'0\.weight'.*created before marking"):
-        stale.step()
-    fresh = torch.optim.SGD(model.parameters(), lr=0.1)
-    fresh.step()
+    psiopt.mark_scale_invariant(twin, _vec())
+    late = psiopt.PSISGD(twin.parameters(), lr=0.1, momentum=0.9)
+    assert psiopt.is_scale_invariant(early.param_groups[0]["params"][0])
+    for _ in range(2):
+        for net, opt in ((model, early), (twin, late)):
+            opt.zero_grad()
+            net(_vec()).square().sum().backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
 def test_mark_refuses_another_manifold():

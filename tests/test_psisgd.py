@@ -364,7 +364,7 @@ def test_invalid_hyperparameters_raise_as_torch(kwargs) -> None:
 
 
 def test_warns_without_scale_invariant_parameters() -> None:
-    with pytest.warns(UserWarning, match="no scale-invariant parameter.*mark_scale_invariant"):
+    with pytest.warns(UserWarning, match="no scale-invariant parameter.*psiopt.param_groups"):
         psiopt.PSISGD(nn.Linear(3, 2).parameters(), lr=0.1)
 
 

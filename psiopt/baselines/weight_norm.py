@@ -19,9 +19,9 @@ The gradients of the reparameterization are
 
 so :math:`\nabla_v L` is orthogonal to :math:`v`: the loss is invariant to rescaling
 each row of :math:`v`. :func:`psiopt.find_scale_invariant` finds ``original1`` as a
-scale-invariant weight (one group per row), :func:`psiopt.mark_scale_invariant` marks
-it, and the PSI optimizers then train it on the PSI manifold while :math:`g` and the
-bias stay Euclidean.
+scale-invariant weight (one group per row), :func:`psiopt.param_groups` puts it in a
+``"channel"`` group, and the PSI optimizers then train it on the PSI manifold while
+:math:`g` and the bias stay Euclidean.
 """
 
 from __future__ import annotations

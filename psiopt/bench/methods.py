@@ -187,8 +187,8 @@ def _build_sgd(model: nn.Module, ctx: BuildContext) -> Setup:
     return Setup(model, torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=MOMENTUM))
 
 
-_MARKED: dict[tuple, dict[str, object]] = {}
-"""Architecture signature -> {parameter name: grouping} found by the first discovery."""
+_REPORTS: dict[tuple, object] = {}
+"""Architecture signature -> the report of its first discovery."""
 
 
 def _signature(model: nn.Module) -> tuple:
@@ -197,43 +197,33 @@ def _signature(model: nn.Module) -> tuple:
     )
 
 
-def _mark(model: nn.Module, ctx: BuildContext) -> list[torch.Tensor]:
-    """Mark the scale-invariant weights with :func:`psiopt.mark_scale_invariant`.
+def _psi_groups(model: nn.Module, ctx: BuildContext, **options) -> list[dict]:
+    """:func:`psiopt.param_groups` of ``model``.
 
-    Its numerical proof costs dozens of forward passes, so it runs once per
-    architecture; later models of the same architecture are marked directly through
-    the marking contract (a ``geoopt.ManifoldParameter`` on a ``PSIManifold`` with the
-    grouping the proof found).
+    Discovery's numerical proof costs dozens of forward passes, so it runs once per
+    architecture; later models of the same architecture reuse its report (``report=``).
     """
     import psiopt
 
     key = _signature(model)
-    found = _MARKED.get(key)
-    if found is None:
-        report = psiopt.mark_scale_invariant(model, ctx.example)
-        _MARKED[key] = {rec.name: rec.grouping for rec in report}
-    else:
-        for name, grouping in found.items():
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            old = getattr(module, attr)
-            marked = geoopt.ManifoldParameter(old.data, manifold=psiopt.PSIManifold(grouping))
-            setattr(module, attr, marked)
-    return [p for _, p in psiopt.scale_invariant_parameters(model)]
+    if key not in _REPORTS:
+        _REPORTS[key] = psiopt.find_scale_invariant(model, ctx.example)
+    return psiopt.param_groups(model, report=_REPORTS[key], **options)
 
 
 def _build_psisgd(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
-    si = _mark(model, ctx)
-    return Setup(model, psiopt.PSISGD(_lr_groups(model, si, ctx), lr=ctx.lr, momentum=MOMENTUM))
+    if ctx.base_lr is None:
+        raise ValueError("this method tunes its scale-invariant lr only: it needs the task's tuned SGD lr")
+    groups = _psi_groups(model, ctx, scale_invariant={"lr": ctx.lr}, others={"lr": ctx.base_lr})
+    return Setup(model, psiopt.PSISGD(groups, lr=ctx.lr, momentum=MOMENTUM))
 
 
 def _build_psisgd_1lr(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
-    _mark(model, ctx)
-    return Setup(model, psiopt.PSISGD(model.parameters(), lr=ctx.lr, momentum=MOMENTUM))
+    return Setup(model, psiopt.PSISGD(_psi_groups(model, ctx), lr=ctx.lr, momentum=MOMENTUM))
 
 
 class _RowsAsWeight(nn.Module):
@@ -344,7 +334,7 @@ register(
         "PSI-SGD",
         "psiopt.PSISGD, momentum 0.9; own (angular) lr for scale-invariant groups, SGD's tuned lr elsewhere",
         _build_psisgd,
-        requires=("psiopt:PSISGD", "psiopt:mark_scale_invariant"),
+        requires=("psiopt:PSISGD", "psiopt:param_groups"),
         own_si_lr=True,
     )
 )
@@ -354,7 +344,7 @@ register(
         "PSI-SGD (1 lr)",
         "psiopt.PSISGD, momentum 0.9, one lr for every parameter (the naive prototype set-up)",
         _build_psisgd_1lr,
-        requires=("psiopt:PSISGD", "psiopt:mark_scale_invariant"),
+        requires=("psiopt:PSISGD", "psiopt:param_groups"),
     )
 )
 register(

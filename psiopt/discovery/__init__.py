@@ -107,12 +107,10 @@ dropout draws the same masks in every run.
 
 Marking (:mod:`psiopt.discovery.marking`)
 -----------------------------------------
-:func:`mark_scale_invariant` replaces each found parameter by a
-``geoopt.ManifoldParameter(data, manifold=PSIManifold(grouping))`` that shares the
-storage of the old one. Create the optimizer *after* marking: an optimizer made before
-holds the replaced parameter objects and would update the shared storage with plain
-Euclidean steps. psiopt registers a global optimizer step pre-hook that raises a
-``RuntimeError`` when an optimizer steps a parameter that marking replaced.
+:func:`mark_scale_invariant` turns each found parameter, in place, into a
+``geoopt.ManifoldParameter`` on ``PSIManifold(grouping)`` (the object stays the same,
+so nothing that holds it goes stale), for geoopt's optimizers. psiopt's optimizers
+read scale invariance from their param groups: :func:`psiopt.param_groups`.
 """
 
 from .find import find_scale_invariant

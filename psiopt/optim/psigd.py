@@ -35,9 +35,10 @@ def _takes_backward_flag(closure: Callable[..., Any]) -> bool:
 class PSIGD(_PSIParamsMixin, Optimizer):
     r"""Gradient descent on the PSI manifold, for full-batch problems.
 
-    Scale-invariant parameters are recognized as by :class:`psiopt.PSISGD` (marked
-    :class:`geoopt.ManifoldParameter` on a :class:`psiopt.PSIManifold`, or a param group
-    with a ``"grouping"`` key); every other parameter takes a Euclidean gradient step.
+    Scale-invariant parameters are recognized as by :class:`psiopt.PSISGD` (a param
+    group with a ``"grouping"`` key, as :func:`psiopt.param_groups` makes, or a marked
+    :class:`geoopt.ManifoldParameter` on a :class:`psiopt.PSIManifold`); every other
+    parameter takes a Euclidean gradient step.
     ``step(closure)`` needs the closure, which evaluates the loss on all the data, and
     returns the loss at the point the step started from.
 

@@ -38,10 +38,32 @@ class _PSIParamsMixin:
             return p.manifold
         return None
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # torch refuses a parameter already in another group without saying which: say it here.
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):  # torch's own error for a set stays
+            param_group["params"] = params = list(params)
+            where = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+            for j, item in enumerate(params):
+                p = item[1] if isinstance(item, tuple) else item
+                if isinstance(p, Tensor) and p in where:
+                    name = (
+                        f"parameter {item[0]!r}"
+                        if isinstance(item, tuple)
+                        else _param_name(param_group, len(self.param_groups), j, p)
+                    )
+                    raise ValueError(
+                        f"{name} is already in param group {where[p]}; a parameter can be in only one param group "
+                        "(psiopt.param_groups(model, ...) puts each parameter in exactly one)"
+                    )
+        super().add_param_group(param_group)  # type: ignore[misc]
+
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         grouping = group.get("grouping")
         if grouping is not None:
             grouping = as_grouping(grouping)  # a bad value raises here, with its fix
+            # Kept as plain text, so that state_dict() loads with torch.load(weights_only=True).
+            group["grouping"] = grouping.describe()
         for j, p in enumerate(group["params"]):
             name = _param_name(group, index, j, p)
             if grouping is not None:
@@ -62,9 +84,8 @@ class _PSIParamsMixin:
         if not any(self._manifold_of(p, g) is not None for g in self.param_groups for p in g["params"]):
             warnings.warn(
                 f"{type(self).__name__} received no scale-invariant parameter, so every parameter gets a plain "
-                "Euclidean update. Mark the model first with psiopt.mark_scale_invariant(model, example_input) "
-                "and create the optimizer after marking, or name a grouping in a param group "
-                "({'params': [...], 'grouping': 'channel'})",
+                "Euclidean update. Give it the param groups of psiopt.param_groups(model, example_input), "
+                "or name a grouping in a param group ({'params': [...], 'grouping': 'channel'})",
                 UserWarning,
                 stacklevel=3,
             )
@@ -156,11 +177,11 @@ class PSISGD(_PSIParamsMixin, Optimizer):
 
     Parameters are split in two:
 
-    * **scale-invariant** ones, each a :class:`geoopt.ManifoldParameter` on a
-      :class:`psiopt.PSIManifold` (what :func:`psiopt.mark_scale_invariant` makes), or
-      any tensor in a param group that names a grouping,
+    * **scale-invariant** ones: every tensor in a param group that names a grouping,
       ``{"params": [...], "grouping": "channel"}`` (``"tensor"``, ``"block(4)"``, or a
-      :class:`psiopt.Grouping`), which then applies to every tensor of that group;
+      :class:`psiopt.Grouping`, kept as that text), as :func:`psiopt.param_groups`
+      makes them; and any :class:`geoopt.ManifoldParameter` on a
+      :class:`psiopt.PSIManifold` (what :func:`psiopt.mark_scale_invariant` makes);
     * **every other** parameter, which gets :class:`torch.optim.SGD`'s update bit for bit
       (the same function, :func:`torch.optim.sgd.sgd`, is called on them): momentum,
       dampening, Nesterov, weight decay, maximize, sparse gradients.
@@ -226,9 +247,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
       not on the scale of SGD's learning rate. Give them their own param group (and so
       their own schedule with any :mod:`torch.optim.lr_scheduler`)::
 
-          si = [p for _, p in psiopt.scale_invariant_parameters(model)]
-          rest = [p for p in model.parameters() if not psiopt.is_scale_invariant(p)]
-          PSISGD([{"params": si, "lr": 0.05}, {"params": rest}], lr=0.1, momentum=0.9)
+          groups = psiopt.param_groups(model, images, scale_invariant={"lr": 0.05})
+          PSISGD(groups, lr=0.1, momentum=0.9)
 
     * **Retraction, not exponential map.** :math:`w + \xi` agrees with the geodesic
       (:meth:`psiopt.PSIManifold.expmap`) to second order, costs no trigonometry, and
@@ -262,8 +282,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8),
     ...                             torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-    >>> _ = psiopt.mark_scale_invariant(model, x)
-    >>> opt = psiopt.PSISGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> opt = psiopt.PSISGD(psiopt.param_groups(model, x), lr=0.1, momentum=0.9)
     >>> torch.nn.functional.cross_entropy(model(x), y).backward()
     >>> opt.step()
     """
