@@ -2,19 +2,21 @@ r"""PSISGD: stochastic gradient descent with momentum on the PSI manifold."""
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import geoopt
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
+from torch.optim.optimizer import Optimizer, ParamsT
 from torch.optim.sgd import sgd
 
 from ..grouping import as_grouping
-from ..manifold import PSIManifold, any_zero_groups
-from ._functional import _multi_tensor_psisgd, _single_tensor_psisgd
+from ..manifold import PSIManifold, ZeroGroupError, any_zero_groups
+from ._functional import _elementwise_pass, _local, _prepare, _row_plan, _row_sums_and_flags, _single_tensor_psisgd
 
 __all__ = ["PSISGD"]
 
@@ -69,11 +71,15 @@ class _PSIParamsMixin:
                 stacklevel=3,
             )
 
-    def _collect(self) -> list[tuple[dict[str, Any], list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str]]]]:
+    def _collect(
+        self, check: bool = True
+    ) -> list[tuple[dict[str, Any], list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str]]]]:
         """Per param group: its scale-invariant and Euclidean parameters that have a gradient.
 
-        Checks every gradient and every scale-invariant weight before anything is
-        modified, so a refused step leaves weights and state untouched.
+        With ``check`` (the default), checks every gradient and every scale-invariant
+        weight before anything is modified, so a refused step leaves weights and state
+        untouched. ``check=False`` leaves the checks to the caller (PSISGD's one-pass step
+        reads them from its reduction pass, without a host synchronization).
         """
         plan = []
         for gi, group in enumerate(self.param_groups):
@@ -95,6 +101,8 @@ class _PSIParamsMixin:
                     )
                 psi.append((p, name, manifold))
             plan.append((group, psi, euclid))
+        if not check:
+            return plan
         _check_finite_gradients([(p, name) for _, psi, eu in plan for p, name, *_ in (*psi, *eu)])
         psi_all = [(p, name, m) for _, psi, _ in plan for p, name, m in psi]
         if any_zero_groups([m.rows(p.detach()) for p, _, m in psi_all]):
@@ -129,12 +137,7 @@ def _check_finite_gradients(entries: list[tuple[Tensor, str]]) -> None:
             bad = [i for i in flagged if not bool(grads[i].isfinite().all())]
             if not bad:
                 continue
-            first = bad[0]
-            raise FloatingPointError(
-                f"{entries[first][1]} has a NaN or infinite gradient; the step was refused and no weight was "
-                "changed. Lower the learning rate, clip the gradients, or skip such steps (a "
-                "torch.amp.GradScaler skips them for you)"
-            )
+            raise FloatingPointError(f"{entries[bad[0]][1]} {_NON_FINITE}")
 
 
 def _validate_sgd_hyperparameters(lr: Any, momentum: float, dampening: float, weight_decay: Any, nesterov: bool) -> None:
@@ -279,8 +282,17 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         _validate_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+        if fused and foreach:
+            raise RuntimeError("`foreach` and `fused` flags cannot be both True.")
+        if capturable and foreach is False:
+            raise ValueError(
+                "capturable=True needs the one-pass step, which foreach=False turns off; leave foreach at "
+                "None (or True), or set fused=True"
+            )
         self._psi_manifolds = {}
         defaults = {
             "lr": lr,
@@ -290,18 +302,29 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             "nesterov": nesterov,
             "maximize": maximize,
             "foreach": foreach,
+            "fused": fused,
+            "capturable": capturable,
             "grouping": None,
         }
         super().__init__(params, defaults)
+        # As torch's fused optimizers: a torch.amp.GradScaler then hands the step its scale and
+        # its found_inf flag (attributes grad_scale, found_inf) instead of unscaling and syncing.
+        self._step_supports_amp_scaling = bool(fused)
+        #: After each step: ``None``, or with ``capturable=True`` (or under a GradScaler) a 0-d
+        #: bool tensor on the parameters' device, true when the step was refused.
+        self.last_step_refused: Tensor | None = None
         self._warn_if_no_scale_invariant()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_psi_manifolds", {})
+        self.__dict__.setdefault("last_step_refused", None)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("capturable", False)
             group.setdefault("grouping", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -335,18 +358,157 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        inv_scale = None if grad_scale is None else grad_scale.reciprocal()
 
-        for group, psi, euclid in self._collect():
-            if euclid:
-                self._euclidean_step(group, [p for p, _ in euclid])
-            if psi:
-                self._psi_step(group, psi)
+        # The reduction pass of every one-pass tensor, then every check, then every write:
+        # a refused step changes nothing.
+        steps = []
+        for group, psi, euclid in self._collect(check=False):
+            loop, one_pass = self._split_paths(group, psi)
+            buffers = self._momentum_buffers(group, [p for p, _, _ in one_pass])
+            items = _prepare(
+                [p for p, _, _ in one_pass],
+                [p.grad for p, _, _ in one_pass],
+                buffers,
+                [_row_plan(p, m.grouping, name) for p, name, m in one_pass],
+                group["momentum"],
+                kernels=[self._kernels(group, p) for p, _, _ in one_pass],
+            )
+            sums, bad = _row_sums_and_flags(items, inv_scale)
+            steps.append(_GroupStep(group, loop, one_pass, euclid, items, buffers, sums, bad))
+
+        no_sync = any(g["capturable"] for g in self.param_groups) or found_inf is not None
+        refused = self._refused_on_device(steps, found_inf) if no_sync else self._check_or_raise(steps)
+        self.last_step_refused = refused
+
+        for st in steps:
+            group = st.group
+            if st.euclid:
+                self._euclidean_step(group, [p for p, _ in st.euclid], refused, grad_scale)
+            if st.loop:
+                self._loop_step(group, st.loop)
+            for t, sums in zip(st.items, st.sums):
+                options = {k: group[k] for k in ("momentum", "dampening", "nesterov", "maximize")}
+                if t.kernels is None:
+                    _elementwise_pass([t], [sums], refused, lr=float(group["lr"]), **options)
+                else:
+                    t.kernels.update(
+                        t.w, t.g, t.m, sums, refused, inv_scale, lr=float(group["lr"]), first=t.first, **options
+                    )
+            if group["momentum"] != 0:
+                for (p, _, _), buf in zip(st.one_pass, st.buffers):
+                    self.state[p]["momentum_buffer"] = buf
         return loss
 
-    def _euclidean_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        # torch.optim.SGD's own step on these tensors, argument for argument.
+    # -- which step each tensor takes ---------------------------------------------------
+    def _split_paths(
+        self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]
+    ) -> tuple[list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str, PSIManifold]]]:
+        """The tensors of the reference loop (``foreach=False``) and of the one-pass step
+        (every other case, and always for sharded tensors and weights whose storage has no
+        row view, such as non-dense slices: those go to the loop)."""
+        loop, one_pass = [], []
+        for entry in psi:
+            p = entry[0]
+            sharded = _local(p) is not p
+            if sharded or (group["foreach"] is not False and _row_plan(p, entry[2].grouping, entry[1]).has_row_view(p)):
+                one_pass.append(entry)
+            else:
+                loop.append(entry)
+        return loop, one_pass
+
+    def _kernels(self, group: dict[str, Any], p: Tensor):
+        """The compiled row kernels for ``p`` (a module), or ``None`` for torch operations.
+
+        ``fused=None`` uses them where they exist (CPU float32/float64 tensors, with numba
+        installed); ``fused=True`` requires them; while ``torch.compile`` traces the step,
+        the torch operations are used (dynamo cannot trace into compiled kernels)."""
+        fused = group["fused"]
+        if fused is False or group["foreach"] or torch.compiler.is_compiling():
+            return None
+        local = _local(p)
+        if local.device.type == "cpu" and local.dtype in (torch.float32, torch.float64):
+            if fused is None and importlib.util.find_spec("numba") is None:
+                return None
+            try:
+                from . import _cpu_kernels
+            except ImportError as err:
+                raise ImportError(
+                    f"fused=True on the CPU compiles PSISGD's kernels with numba, which failed to import ({err}); "
+                    "install it (pip install 'psiopt[fast]') or use fused=None"
+                ) from None
+            return _cpu_kernels
+        if fused:
+            raise RuntimeError(
+                f"fused=True has no kernel for {local.dtype} tensors on {local.device.type}; psiopt's fused "
+                "kernels step float32 and float64 tensors on the CPU. Use fused=None (the one-pass torch step)"
+            )
+        return None
+
+    def _momentum_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor | None]:
+        if group["momentum"] == 0:
+            return [None] * len(params)
+        return [self.state[p].get("momentum_buffer") for p in params]
+
+    # -- the checks -----------------------------------------------------------------------
+    def _check_or_raise(self, steps: list[_GroupStep]) -> None:
+        """Raise, before anything is written, if a gradient is not finite or a group cannot
+        be stepped, naming the parameter. One host synchronization (free on the CPU).
+        A flagged tensor whose entries are all fine had sums that overflowed: it takes the
+        reference loop, which does not form them."""
+        _check_finite_gradients([e for st in steps for e in (*((p, n) for p, n, _ in st.loop), *st.euclid)])
+        loop_all = [(p, name, m) for st in steps for p, name, m in st.loop]
+        if any_zero_groups([m.rows(p.detach()) for p, _, m in loop_all]):
+            for p, name, m in loop_all:
+                m.check_nonzero_groups(p.detach(), name)
+        flags = [b for st in steps for b in st.bad]
+        if not flags or not bool(torch.stack([f.to(flags[0].device) for f in flags]).any()):
+            return
+        flagged = [(st, k) for st in steps for k, b in enumerate(st.bad) if bool(b)]
+        for st, k in flagged:
+            p, name, _ = st.one_pass[k]
+            if not bool(_local(p.grad).isfinite().all()):
+                raise FloatingPointError(f"{name} {_NON_FINITE}")
+        for st, k in flagged:
+            p, name, m = st.one_pass[k]
+            if st.items[k].plan.group_of_row is None:
+                m.check_nonzero_groups(_local(p.detach()), name)  # the local rows are whole groups
+            elif not bool((st.sums[k][:, 0] > torch.finfo(st.sums[k].dtype).tiny).all()):
+                raise ZeroGroupError(
+                    f"{name}: a group ({m.grouping.describe()} grouping, shape {tuple(p.shape)}, sharded) has zero, "
+                    "underflowing or non-finite norm, so it has no direction on the PSI manifold; re-initialize it"
+                )
+        for st, k in reversed(flagged):
+            st.loop.append(st.one_pass.pop(k))
+            st.items.pop(k), st.buffers.pop(k), st.sums.pop(k), st.bad.pop(k)
+
+    def _refused_on_device(self, steps: list[_GroupStep], found_inf: Tensor | None) -> Tensor:
+        """Without a host synchronization: a 0-d bool flag, true when any group cannot be
+        stepped or (unless a GradScaler already checked them) any gradient is not finite."""
+        flags = [b for st in steps for b in st.bad]
+        if found_inf is not None:
+            flags.append(found_inf > 0)
+        else:
+            grads = [p.grad for st in steps for p, _ in st.euclid]
+            grads += [p.grad for st in steps for p, _, _ in st.loop]
+            if grads:
+                flags += [~torch.isfinite(n) for n in torch._foreach_norm(grads)]
+        if not flags:
+            return torch.zeros((), dtype=torch.bool)
+        device = flags[0].device
+        return torch.stack([f.to(device) for f in flags]).any()
+
+    # -- the updates ----------------------------------------------------------------------
+    def _euclidean_step(
+        self, group: dict[str, Any], params: list[Tensor], refused: Tensor | None, grad_scale: Tensor | None
+    ) -> None:
+        # torch.optim.SGD's own step on these tensors, argument for argument. A refused step
+        # that is only known on the device goes through torch's fused SGD, which skips on it.
         grads = [p.grad for p in params]
         momentum_buffers = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
+        on_device = refused is not None
         sgd(
             params,
             grads,
@@ -358,22 +520,20 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             nesterov=group["nesterov"],
             maximize=group["maximize"],
             has_sparse_grad=any(g.is_sparse for g in grads),
-            foreach=group["foreach"],
-            fused=None,
+            foreach=None if on_device else group["foreach"],
+            fused=True if on_device else None,
+            grad_scale=grad_scale,
+            found_inf=refused.float() if on_device else None,
         )
         if group["momentum"] != 0:
             for p, buf in zip(params, momentum_buffers):
                 self.state[p]["momentum_buffer"] = buf
 
-    def _psi_step(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
+    def _loop_step(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
         params = [p for p, _, _ in psi]
         momentum = group["momentum"]
-        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else [None] * len(params)
-        foreach = group["foreach"]
-        if foreach is None:
-            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        update = _multi_tensor_psisgd if foreach else _single_tensor_psisgd
-        update(
+        buffers = self._momentum_buffers(group, params)
+        _single_tensor_psisgd(
             params,
             [p.grad for p in params],
             buffers,
@@ -387,3 +547,23 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if momentum != 0:
             for p, buf in zip(params, buffers):
                 self.state[p]["momentum_buffer"] = buf
+
+
+_NON_FINITE = (
+    "has a NaN or infinite gradient; the step was refused and no weight was changed. Lower the learning rate, "
+    "clip the gradients, or skip such steps (a torch.amp.GradScaler skips them for you)"
+)
+
+
+@dataclass
+class _GroupStep:
+    """One param group's part of a step, between the reduction pass and the writes."""
+
+    group: dict[str, Any]
+    loop: list[tuple[Tensor, str, PSIManifold]]
+    one_pass: list[tuple[Tensor, str, PSIManifold]]
+    euclid: list[tuple[Tensor, str]]
+    items: list
+    buffers: list[Tensor | None]
+    sums: list[Tensor]
+    bad: list[Tensor]

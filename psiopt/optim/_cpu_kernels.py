@@ -1,0 +1,163 @@
+r"""Compiled CPU row kernels of PSISGD's fused step (``fused=True``), built with numba.
+
+Imported only when a fused step runs on the CPU, so ``import psiopt`` neither imports
+numba nor compiles anything. numba compiles each kernel the first time it meets a new
+argument type (float32 or float64 rows) and keeps the machine code in the kernel's own
+dispatcher, which is how numba is meant to be used: the compiled code of a function, not
+a cache of user data. Compilation takes about a second per dtype, once per process.
+
+Why numba: it is a well-kept compiler (used by the scientific Python stack), its wheels
+do not depend on torch, and its loops vectorize: with ``fastmath`` reassociation the six
+sums of a row run as one SIMD loop. torch.compile's C++ backend vectorizes row
+reductions poorly here (design note, section 6). The ``fastmath`` flags exclude
+``nnan`` and ``ninf``: a NaN or infinite sum must survive, because it is how a bad
+gradient or weight is detected.
+
+Both kernels handle one row (one group, or one part of a group) per iteration and
+accumulate in float64, so that no float32 square overflows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import torch
+from torch import Tensor
+
+from ..manifold import one_pass_step_scalars
+
+__all__ = ["row_sums", "update", "supports"]
+
+# Reassociation and contraction (vectorized sums, fused multiply-adds); not nnan/ninf.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+# The one home of the step's scalar algebra, compiled for the row loop.
+_step_scalars = numba.njit(one_pass_step_scalars, fastmath=_FASTMATH)
+
+
+def supports(t: Tensor) -> bool:
+    """Whether these kernels step ``t``: a CPU float32 or float64 tensor."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
+@numba.njit(fastmath=_FASTMATH, nogil=True)
+def _row_sums(w, g, m, has_m, inv_scale, out):  # pragma: no cover - compiled
+    k, d = w.shape
+    for j in range(k):
+        a = 0.0
+        b = 0.0
+        gg = 0.0
+        mg = 0.0
+        mw = 0.0
+        mm = 0.0
+        if has_m:
+            for i in range(d):
+                wi = numba.float64(w[j, i])
+                gi = numba.float64(g[j, i]) * inv_scale
+                mi = numba.float64(m[j, i])
+                a += wi * wi
+                b += gi * wi
+                gg += gi * gi
+                mg += mi * gi
+                mw += mi * wi
+                mm += mi * mi
+        else:
+            for i in range(d):
+                wi = numba.float64(w[j, i])
+                gi = numba.float64(g[j, i]) * inv_scale
+                a += wi * wi
+                b += gi * wi
+                gg += gi * gi
+        out[j, 0] = a
+        out[j, 1] = b
+        out[j, 2] = gg
+        out[j, 3] = mg
+        out[j, 4] = mw
+        out[j, 5] = mm
+
+
+@numba.njit(fastmath=_FASTMATH, nogil=True)
+def _update(w, g, m, has_m, sums, inv_scale, lr, momentum, dampening, nesterov, first, sign):  # pragma: no cover
+    k, d = w.shape
+    for j in range(k):
+        a = sums[j, 0]
+        b = sign * sums[j, 1]
+        s2, q = _step_scalars(
+            a, b, sums[j, 2], sign * sums[j, 3], sums[j, 4], sums[j, 5], lr, momentum, dampening, nesterov, first
+        )
+        s = math.sqrt(s2)
+        ga = sign * inv_scale * a  # r = ga * g - b * w, with g the stored (scaled) gradient
+        if not has_m:
+            cw = s * (1.0 + lr * b)
+            cg = -lr * s * ga
+            for i in range(d):
+                w[j, i] = cw * w[j, i] + cg * g[j, i]
+            continue
+        mu = 0.0 if first else momentum
+        damp = 1.0 if first else 1.0 - dampening
+        rg = damp * ga
+        rw = -damp * b
+        sq = s * q
+        for i in range(d):
+            wi = w[j, i]
+            mp = mu * m[j, i] + rg * g[j, i] + rw * wi
+            if nesterov:
+                wn = s * ((1.0 + lr * b) * wi - lr * ga * g[j, i] - lr * momentum * mp)
+            else:
+                wn = s * (wi - lr * mp)
+            w[j, i] = wn
+            m[j, i] = mp - sq * wn
+
+
+def _array(x: Tensor):
+    return x.detach().numpy()
+
+
+def _inv(inv_scale: Tensor | None) -> float:
+    return 1.0 if inv_scale is None else float(inv_scale)
+
+
+def row_sums(w: Tensor, g: Tensor, m: Tensor | None, inv_scale: Tensor | None) -> Tensor:
+    """The ``(rows, 6)`` float64 sums of :func:`psiopt.manifold.step_row_sums`, of the
+    gradient times ``inv_scale`` (a GradScaler's ``1 / scale``), in one pass."""
+    out = torch.empty(w.shape[0], 6, dtype=torch.float64)
+    if w.shape[0]:
+        _row_sums(_array(w), _array(g), _array(w if m is None else m), m is not None, _inv(inv_scale), out.numpy())
+    return out
+
+
+def update(
+    w: Tensor,
+    g: Tensor,
+    m: Tensor | None,
+    sums: Tensor,
+    refused: Tensor | None,
+    inv_scale: Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    first: bool,
+    maximize: bool,
+) -> None:
+    """The elementwise pass, in place on the row views ``w`` and ``m``: the operations of
+    :func:`psiopt.optim._functional._elementwise_pass`, one row at a time. A true
+    ``refused`` (a CPU flag: reading it costs no synchronization) changes nothing."""
+    if w.shape[0] == 0 or (refused is not None and bool(refused)):
+        return
+    _update(
+        _array(w),
+        _array(g),
+        _array(w if m is None else m),
+        m is not None,
+        _array(sums),
+        _inv(inv_scale),
+        float(lr),
+        float(momentum),
+        float(dampening),
+        bool(nesterov),
+        bool(first),
+        -1.0 if maximize else 1.0,
+    )
