@@ -13,8 +13,8 @@ reductions poorly here (design note, section 6). The ``fastmath`` flags exclude
 ``nnan`` and ``ninf``: a NaN or infinite sum must survive, because it is how a bad
 gradient or weight is detected.
 
-Both kernels handle one row (one group, or one part of a group) per iteration and
-accumulate in float64, so that no float32 square overflows.
+Both kernels handle one row (one group, or one part of a group) per iteration, in the
+rows' own precision (float32 or float64); only the per-row scalars are float64.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,73 +42,112 @@ def supports(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
-@numba.njit(fastmath=_FASTMATH, nogil=True)
-def _row_sums(w, g, m, has_m, inv_scale, out):  # pragma: no cover - compiled
-    k, d = w.shape
-    for j in range(k):
-        a = 0.0
-        b = 0.0
-        gg = 0.0
-        mg = 0.0
-        mw = 0.0
-        mm = 0.0
-        if has_m:
-            for i in range(d):
-                wi = numba.float64(w[j, i])
-                gi = numba.float64(g[j, i]) * inv_scale
-                mi = numba.float64(m[j, i])
-                a += wi * wi
-                b += gi * wi
-                gg += gi * gi
-                mg += mi * gi
-                mw += mi * wi
-                mm += mi * mi
-        else:
-            for i in range(d):
-                wi = numba.float64(w[j, i])
-                gi = numba.float64(g[j, i]) * inv_scale
-                a += wi * wi
-                b += gi * wi
-                gg += gi * gi
-        out[j, 0] = a
-        out[j, 1] = b
-        out[j, 2] = gg
-        out[j, 3] = mg
-        out[j, 4] = mw
-        out[j, 5] = mm
+def _make_row_sums(cast):
+    """The reduction row kernel for one dtype, accumulating in that dtype (as
+    :func:`psiopt.manifold.step_row_sums` does for float32 and float64)."""
 
+    tiny = float(np.finfo(cast).tiny)
 
-@numba.njit(fastmath=_FASTMATH, nogil=True)
-def _update(w, g, m, has_m, sums, inv_scale, lr, momentum, dampening, nesterov, first, sign):  # pragma: no cover
-    k, d = w.shape
-    for j in range(k):
-        a = sums[j, 0]
-        b = sign * sums[j, 1]
-        s2, q = _step_scalars(
-            a, b, sums[j, 2], sign * sums[j, 3], sums[j, 4], sums[j, 5], lr, momentum, dampening, nesterov, first
-        )
-        s = math.sqrt(s2)
-        ga = sign * inv_scale * a  # r = ga * g - b * w, with g the stored (scaled) gradient
-        if not has_m:
-            cw = s * (1.0 + lr * b)
-            cg = -lr * s * ga
-            for i in range(d):
-                w[j, i] = cw * w[j, i] + cg * g[j, i]
-            continue
-        mu = 0.0 if first else momentum
-        damp = 1.0 if first else 1.0 - dampening
-        rg = damp * ga
-        rw = -damp * b
-        sq = s * q
-        for i in range(d):
-            wi = w[j, i]
-            mp = mu * m[j, i] + rg * g[j, i] + rw * wi
-            if nesterov:
-                wn = s * ((1.0 + lr * b) * wi - lr * ga * g[j, i] - lr * momentum * mp)
+    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    def row_sums(w, g, m, has_m, inv_scale, out):  # pragma: no cover - compiled
+        k, d = w.shape
+        inv = cast(inv_scale)
+        bad = False
+        for j in range(k):
+            a = cast(0.0)
+            b = cast(0.0)
+            gg = cast(0.0)
+            mg = cast(0.0)
+            mw = cast(0.0)
+            mm = cast(0.0)
+            if has_m:
+                for i in range(d):
+                    wi = w[j, i]
+                    gi = g[j, i] * inv
+                    mi = m[j, i]
+                    a += wi * wi
+                    b += gi * wi
+                    gg += gi * gi
+                    mg += mi * gi
+                    mw += mi * wi
+                    mm += mi * mi
             else:
-                wn = s * (wi - lr * mp)
-            w[j, i] = wn
-            m[j, i] = mp - sq * wn
+                for i in range(d):
+                    wi = w[j, i]
+                    gi = g[j, i] * inv
+                    a += wi * wi
+                    b += gi * wi
+                    gg += gi * gi
+            out[j, 0] = a
+            out[j, 1] = b
+            out[j, 2] = gg
+            out[j, 3] = mg
+            out[j, 4] = mw
+            out[j, 5] = mm
+            # The flag of psiopt.optim._functional._bad_rows, computed here at no cost.
+            finite = math.isfinite(a + b + gg + mg + mw + mm)
+            if not (finite and numba.float64(a) > tiny):
+                bad = True
+        return bad
+
+    return row_sums
+
+
+def _make_update(cast):
+    """The elementwise row kernel for one dtype: the group scalars are computed in float64
+    and cast once per row, so that the loop over the row runs in the rows' own precision
+    (twice the SIMD width for float32)."""
+
+    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    def update(w, g, m, has_m, sums, inv_scale, lr, momentum, dampening, nesterov, first, sign):  # pragma: no cover
+        k, d = w.shape
+        for j in range(k):
+            a = sums[j, 0]
+            b = sign * sums[j, 1]
+            s2, q = _step_scalars(
+                a, b, sums[j, 2], sign * sums[j, 3], sums[j, 4], sums[j, 5], lr, momentum, dampening, nesterov, first
+            )
+            s = math.sqrt(s2)
+            ga = sign * inv_scale * a  # r = ga * g - b * w, with g the stored (scaled) gradient
+            if not has_m:
+                cw = cast(s * (1.0 + lr * b))
+                cg = cast(-lr * s * ga)
+                for i in range(d):
+                    w[j, i] = cw * w[j, i] + cg * g[j, i]
+                continue
+            mu = cast(0.0 if first else momentum)
+            damp = 1.0 if first else 1.0 - dampening
+            rg = cast(damp * ga)
+            rw = cast(-damp * b)
+            sq = cast(s * q)
+            if nesterov:
+                # w' = s((1 + lr b) w - lr ga g - lr mu m')
+                nw = cast(s * (1.0 + lr * b))
+                ng = cast(-lr * s * ga)
+                nm = cast(-lr * s * momentum)
+                for i in range(d):
+                    wi = w[j, i]
+                    gi = g[j, i]
+                    mp = mu * m[j, i] + rg * gi + rw * wi
+                    wn = nw * wi + ng * gi + nm * mp
+                    w[j, i] = wn
+                    m[j, i] = mp - sq * wn
+            else:
+                # w' = s(w - lr m')
+                cw = cast(s)
+                cm = cast(-lr * s)
+                for i in range(d):
+                    wi = w[j, i]
+                    mp = mu * m[j, i] + rg * g[j, i] + rw * wi
+                    wn = cw * wi + cm * mp
+                    w[j, i] = wn
+                    m[j, i] = mp - sq * wn
+
+    return update
+
+
+_ROW_SUMS = {torch.float32: _make_row_sums(np.float32), torch.float64: _make_row_sums(np.float64)}
+_UPDATE = {torch.float32: _make_update(np.float32), torch.float64: _make_update(np.float64)}
 
 
 def _array(x: Tensor):
@@ -118,13 +158,17 @@ def _inv(inv_scale: Tensor | None) -> float:
     return 1.0 if inv_scale is None else float(inv_scale)
 
 
-def row_sums(w: Tensor, g: Tensor, m: Tensor | None, inv_scale: Tensor | None) -> Tensor:
+def row_sums(w: Tensor, g: Tensor, m: Tensor | None, inv_scale: Tensor | None) -> tuple[Tensor, bool]:
     """The ``(rows, 6)`` float64 sums of :func:`psiopt.manifold.step_row_sums`, of the
-    gradient times ``inv_scale`` (a GradScaler's ``1 / scale``), in one pass."""
+    gradient times ``inv_scale`` (a GradScaler's ``1 / scale``), in one pass; and whether a
+    row is bad (a sum not finite, or a zero or underflowing squared weight norm)."""
     out = torch.empty(w.shape[0], 6, dtype=torch.float64)
-    if w.shape[0]:
-        _row_sums(_array(w), _array(g), _array(w if m is None else m), m is not None, _inv(inv_scale), out.numpy())
-    return out
+    if not w.shape[0]:
+        return out, False
+    bad = _ROW_SUMS[w.dtype](
+        _array(w), _array(g), _array(w if m is None else m), m is not None, _inv(inv_scale), out.numpy()
+    )
+    return out, bool(bad)
 
 
 def update(
@@ -147,7 +191,7 @@ def update(
     ``refused`` (a CPU flag: reading it costs no synchronization) changes nothing."""
     if w.shape[0] == 0 or (refused is not None and bool(refused)):
         return
-    _update(
+    _UPDATE[w.dtype](
         _array(w),
         _array(g),
         _array(w if m is None else m),

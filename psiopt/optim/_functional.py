@@ -160,7 +160,9 @@ class _RowPlan:
     def rows(self, x: Tensor) -> Tensor:
         """``x``'s local entries as ``(num_rows, d)``: a view when ``x`` has the layout the
         plan was made for, else a copy (only read from)."""
-        x = _local(x).permute(self.perm)
+        x = _local(x)
+        if self.perm != tuple(range(x.dim())):
+            x = x.permute(self.perm)
         return x.reshape(self.num_rows, -1) if self.num_rows else x.reshape(0, 0)
 
     def has_row_view(self, x: Tensor) -> bool:
@@ -282,7 +284,7 @@ def _prepare(
     return out
 
 
-def _reduce_split_groups(items: list[_Tensors], sums: list[Tensor], bad: list[Tensor]) -> None:
+def _reduce_split_groups(items: list[_Tensors], sums: list[Tensor], bad: list[Tensor | bool]) -> None:
     """Complete the sums of groups split across shards, and make the flags agree across
     ranks: one all-reduce per process group of every partial group sum and every flag.
 
@@ -302,7 +304,7 @@ def _reduce_split_groups(items: list[_Tensors], sums: list[Tensor], bad: list[Te
             acc = sums[i].new_zeros(plan.num_groups, 6, dtype=torch.float64)
             acc.index_add_(0, plan.group_of_row, sums[i].double())
             partial.append(acc.flatten())
-        flags = torch.stack([bad[i].double() for i in idx])
+        flags = torch.stack([torch.as_tensor(bad[i], dtype=torch.float64, device=sums[i].device) for i in idx])
         buffer = torch.cat([*partial, flags])
         dist.all_reduce(buffer, group=group)
         offset = 0
@@ -322,18 +324,23 @@ def _bad_rows(sums: Tensor) -> Tensor:
     return ~torch.isfinite(sums).all(dim=1) | ~(a > torch.finfo(a.dtype).tiny)
 
 
-def _row_sums_and_flags(items: list[_Tensors], inv_scale: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+def _row_sums_and_flags(
+    items: list[_Tensors], inv_scale: Tensor | None
+) -> tuple[list[Tensor], list[Tensor | bool]]:
     """The reduction pass: every tensor's row sums (completed across shards) and a 0-d
     flag per tensor, true when one of its groups cannot be stepped. ``inv_scale`` (a
     GradScaler's inverse scale) only reaches the compiled kernels, the only path a
     scaler hands its scale to."""
-    sums = []
+    sums: list[Tensor] = []
+    bad: list[Tensor | bool] = []  # a kernel's flag is a Python bool (it runs on the host)
     for t in items:
         if t.kernels is not None:
-            sums.append(t.kernels.row_sums(t.w, t.g, t.m, inv_scale))
+            row_sums, flag = t.kernels.row_sums(t.w, t.g, t.m, inv_scale)
         else:
-            sums.append(step_row_sums(t.w, t.g, t.m))
-    bad = [_bad_rows(s).any() for s in sums]
+            row_sums = step_row_sums(t.w, t.g, t.m)
+            flag = _bad_rows(row_sums).any()
+        sums.append(row_sums)
+        bad.append(flag)
     _reduce_split_groups(items, sums, bad)
     return sums, bad
 

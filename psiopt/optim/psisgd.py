@@ -16,7 +16,15 @@ from torch.optim.sgd import sgd
 
 from ..grouping import as_grouping
 from ..manifold import PSIManifold, ZeroGroupError, any_zero_groups
-from ._functional import _elementwise_pass, _local, _prepare, _row_plan, _row_sums_and_flags, _single_tensor_psisgd
+from ._functional import (
+    _elementwise_pass,
+    _local,
+    _prepare,
+    _row_plan,
+    _RowPlan,
+    _row_sums_and_flags,
+    _single_tensor_psisgd,
+)
 
 __all__ = ["PSISGD"]
 
@@ -294,6 +302,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 "None (or True), or set fused=True"
             )
         self._psi_manifolds = {}
+        self._row_plans: dict[Tensor, tuple[tuple, _RowPlan]] = {}
+        self._cpu_kernels = None
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -319,6 +329,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_psi_manifolds", {})
         self.__dict__.setdefault("last_step_refused", None)
+        self.__dict__.setdefault("_row_plans", {})
+        self.__dict__.setdefault("_cpu_kernels", None)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -372,7 +384,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 [p for p, _, _ in one_pass],
                 [p.grad for p, _, _ in one_pass],
                 buffers,
-                [_row_plan(p, m.grouping, name) for p, name, m in one_pass],
+                [self._row_plan(*entry) for entry in one_pass],
                 group["momentum"],
                 kernels=[self._kernels(group, p) for p, _, _ in one_pass],
             )
@@ -413,11 +425,22 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         for entry in psi:
             p = entry[0]
             sharded = _local(p) is not p
-            if sharded or (group["foreach"] is not False and _row_plan(p, entry[2].grouping, entry[1]).has_row_view(p)):
+            if sharded or (group["foreach"] is not False and self._row_plan(*entry).has_row_view(p)):
                 one_pass.append(entry)
             else:
                 loop.append(entry)
         return loop, one_pass
+
+    def _row_plan(self, p: Tensor, name: str, manifold: PSIManifold) -> _RowPlan:
+        """``p``'s :class:`_RowPlan`, kept per optimizer (it only depends on ``p``'s local
+        shape, strides and grouping, checked on every use) so that a step does not redo it."""
+        local = _local(p)
+        key = (local.shape, local.stride(), manifold.grouping)
+        kept = self._row_plans.get(p)
+        if kept is None or kept[0] != key:
+            kept = (key, _row_plan(p, manifold.grouping, name))
+            self._row_plans[p] = kept
+        return kept[1]
 
     def _kernels(self, group: dict[str, Any], p: Tensor):
         """The compiled row kernels for ``p`` (a module), or ``None`` for torch operations.
@@ -430,16 +453,18 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             return None
         local = _local(p)
         if local.device.type == "cpu" and local.dtype in (torch.float32, torch.float64):
-            if fused is None and importlib.util.find_spec("numba") is None:
-                return None
-            try:
-                from . import _cpu_kernels
-            except ImportError as err:
-                raise ImportError(
-                    f"fused=True on the CPU compiles PSISGD's kernels with numba, which failed to import ({err}); "
-                    "install it (pip install 'psiopt[fast]') or use fused=None"
-                ) from None
-            return _cpu_kernels
+            if self._cpu_kernels is None:
+                if fused is None and importlib.util.find_spec("numba") is None:
+                    return None
+                try:
+                    from . import _cpu_kernels
+                except ImportError as err:
+                    raise ImportError(
+                        f"fused=True on the CPU compiles PSISGD's kernels with numba, which failed to import "
+                        f"({err}); install it (pip install 'psiopt[fast]') or use fused=None"
+                    ) from None
+                self._cpu_kernels = _cpu_kernels
+            return self._cpu_kernels
         if fused:
             raise RuntimeError(
                 f"fused=True has no kernel for {local.dtype} tensors on {local.device.type}; psiopt's fused "
@@ -453,7 +478,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         return [self.state[p].get("momentum_buffer") for p in params]
 
     # -- the checks -----------------------------------------------------------------------
-    def _check_or_raise(self, steps: list[_GroupStep]) -> None:
+    def _check_or_raise(self, steps: list[_GroupStep]) -> None:  # noqa: C901 - one check after another
         """Raise, before anything is written, if a gradient is not finite or a group cannot
         be stepped, naming the parameter. One host synchronization (free on the CPU).
         A flagged tensor whose entries are all fine had sums that overflowed: it takes the
@@ -463,9 +488,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if any_zero_groups([m.rows(p.detach()) for p, _, m in loop_all]):
             for p, name, m in loop_all:
                 m.check_nonzero_groups(p.detach(), name)
-        flags = [b for st in steps for b in st.bad]
-        if not flags or not bool(torch.stack([f.to(flags[0].device) for f in flags]).any()):
-            return
+        if not _any_flag([b for st in steps for b in st.bad]):
+            return None
         flagged = [(st, k) for st in steps for k, b in enumerate(st.bad) if bool(b)]
         for st, k in flagged:
             p, name, _ = st.one_pass[k]
@@ -487,7 +511,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
     def _refused_on_device(self, steps: list[_GroupStep], found_inf: Tensor | None) -> Tensor:
         """Without a host synchronization: a 0-d bool flag, true when any group cannot be
         stepped or (unless a GradScaler already checked them) any gradient is not finite."""
-        flags = [b for st in steps for b in st.bad]
+        flags = [b if isinstance(b, Tensor) else torch.tensor(b) for st in steps for b in st.bad]
         if found_inf is not None:
             flags.append(found_inf > 0)
         else:
@@ -549,6 +573,15 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 self.state[p]["momentum_buffer"] = buf
 
 
+def _any_flag(flags: list[Tensor | bool]) -> bool:
+    """Whether any flag is set: Python bools (from host kernels) are read directly, tensors
+    with one synchronization."""
+    if any(f for f in flags if not isinstance(f, Tensor)):
+        return True
+    tensors = [f for f in flags if isinstance(f, Tensor)]
+    return bool(torch.stack([f.to(tensors[0].device) for f in tensors]).any()) if tensors else False
+
+
 _NON_FINITE = (
     "has a NaN or infinite gradient; the step was refused and no weight was changed. Lower the learning rate, "
     "clip the gradients, or skip such steps (a torch.amp.GradScaler skips them for you)"
@@ -566,4 +599,4 @@ class _GroupStep:
     items: list
     buffers: list[Tensor | None]
     sums: list[Tensor]
-    bad: list[Tensor]
+    bad: list[Tensor | bool]
