@@ -42,6 +42,19 @@ def supports(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
+@numba.njit(nogil=True)
+def _any_bad_row(sums, tiny):  # pragma: no cover - compiled
+    # The flag of psiopt.optim._functional._bad_rows. Compiled without fastmath, under which
+    # the compiler may assume that no value is infinite or NaN and fold the test away.
+    for j in range(sums.shape[0]):
+        if not sums[j, 0] > tiny:
+            return True
+        for c in range(6):
+            if not math.isfinite(sums[j, c]):
+                return True
+    return False
+
+
 def _make_row_sums(cast):
     """The reduction row kernel for one dtype, accumulating in that dtype (as
     :func:`psiopt.manifold.step_row_sums` does for float32 and float64)."""
@@ -52,7 +65,6 @@ def _make_row_sums(cast):
     def row_sums(w, g, m, has_m, inv_scale, out):  # pragma: no cover - compiled
         k, d = w.shape
         inv = cast(inv_scale)
-        bad = False
         for j in range(k):
             a = cast(0.0)
             b = cast(0.0)
@@ -84,11 +96,7 @@ def _make_row_sums(cast):
             out[j, 3] = mg
             out[j, 4] = mw
             out[j, 5] = mm
-            # The flag of psiopt.optim._functional._bad_rows, computed here at no cost.
-            finite = math.isfinite(a + b + gg + mg + mw + mm)
-            if not (finite and numba.float64(a) > tiny):
-                bad = True
-        return bad
+        return _any_bad_row(out, tiny)
 
     return row_sums
 

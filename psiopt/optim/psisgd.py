@@ -533,6 +533,18 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         grads = [p.grad for p in params]
         momentum_buffers = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
         on_device = refused is not None
+        if on_device and torch.compiler.is_compiling():
+            # dynamo does not trace torch's fused SGD: torch's traced step, then the old values
+            # put back where the step is refused (a fresh buffer then starts at zero).
+            olds = [p.clone() for p in params]
+            old_bufs = [b.clone() if b is not None else torch.zeros_like(p) for p, b in zip(params, momentum_buffers)]
+            self._euclidean_step(group, params, None, None)
+            for p, old in zip(params, olds):
+                p.copy_(torch.where(refused, old, p))
+            for p, old in zip(params, old_bufs) if group["momentum"] != 0 else ():
+                buf = self.state[p]["momentum_buffer"]
+                buf.copy_(torch.where(refused, old, buf))
+            return
         sgd(
             params,
             grads,
