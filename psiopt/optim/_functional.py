@@ -144,11 +144,11 @@ def _single_tensor_psisgd(
 class _RowPlan:
     """How one scale-invariant tensor's local storage is read as rows.
 
-    ``local`` maps the parameter (or its gradient or momentum, same placement) to the
-    tensor that holds this process's entries; ``perm`` orders its dims so that each row is
-    contiguous in memory; ``num_rows`` rows. ``group_of_row`` is ``None`` when every row is
-    one whole group; otherwise it gives each row's group among ``num_groups`` groups, whose
-    sums are partial here and all-reduced over ``process_group``.
+    ``perm`` orders the dims of the local tensor (the shard of a DTensor) so that each row
+    is contiguous in memory; ``num_rows`` rows. ``group_of_row`` is ``None`` when every row
+    is one whole group; otherwise it gives each row's group among ``num_groups`` groups,
+    whose sums are partial here. ``process_group`` (sharded tensors) is the group that
+    all-reduces the partial sums and the flags.
     """
 
     perm: tuple[int, ...]
@@ -200,14 +200,17 @@ def _row_plan(param: Tensor, grouping: Grouping, name: str) -> _RowPlan:
         return _RowPlan(perm, grouping.num_groups(param.shape))
     shard_dim, offset = _dim0_shard(param, name)
     n = local.shape[0]
-    if shard_dim is None or grouping.kind == "channel":
-        return _RowPlan(perm, n if shard_dim is not None else grouping.num_groups(param.shape))
+    if shard_dim is None:
+        return _RowPlan(perm, grouping.num_groups(param.shape))
+    process_group = param.device_mesh.get_group(shard_dim)
+    if grouping.kind == "channel":
+        return _RowPlan(perm, n, process_group=process_group)
     cpg = channels if grouping.kind == "tensor" else grouping.channels_per_group
     assert cpg is not None
-    if offset % cpg == 0 and n % cpg == 0 and _every_shard_aligned(param, shard_dim, cpg):
-        return _RowPlan(perm, n // cpg)
+    if _every_shard_aligned(param, shard_dim, cpg):
+        return _RowPlan(perm, n // cpg, process_group=process_group)
     group_of_row = torch.arange(offset, offset + n, device=local.device) // cpg
-    return _RowPlan(perm, n, group_of_row, channels // cpg, param.device_mesh.get_group(shard_dim))
+    return _RowPlan(perm, n, group_of_row, channels // cpg, process_group)
 
 
 def _dim0_shard(param: Tensor, name: str) -> tuple[int | None, int]:
@@ -234,10 +237,10 @@ def _dim0_shard(param: Tensor, name: str) -> tuple[int | None, int]:
 
 def _every_shard_aligned(param: Tensor, dim: int, cpg: int) -> bool:
     """Whether every rank's dim-0 shard starts and ends on a group boundary (the same
-    answer on every rank, so all of them take part in the same all-reduce)."""
+    answer on every rank, so all of them lay out the all-reduced buffer the same way)."""
     size = param.device_mesh.size(dim)
     per_rank = -(-param.shape[0] // size)
-    return per_rank % cpg == 0
+    return per_rank % cpg == 0 and param.shape[0] % cpg == 0
 
 
 # -- the one-pass step ---------------------------------------------------------------------
@@ -284,12 +287,16 @@ def _prepare(
     return out
 
 
-def _reduce_split_groups(items: list[_Tensors], sums: list[Tensor], bad: list[Tensor | bool]) -> None:
+def _reduce_across_shards(
+    items: list[_Tensors], sums: list[Tensor], bad: list[Tensor | bool], flag: Tensor | None
+) -> Tensor | None:
     """Complete the sums of groups split across shards, and make the flags agree across
-    ranks: one all-reduce per process group of every partial group sum and every flag.
+    ranks: **one all-reduce** per process group (one per step under FSDP2) of every partial
+    group sum, of every sharded tensor's flag, and of ``flag`` (the other gradients' flag).
 
     ``sums[i]`` (``(rows, 6)``) becomes, for each row, the sums of its whole group;
-    ``bad[i]`` becomes the count of bad groups over all ranks.
+    ``bad[i]`` becomes true when any rank flagged tensor ``i``. Returns ``flag`` reduced
+    the same way (unchanged when nothing is sharded).
     """
     by_group: dict[object, list[int]] = {}
     for i, t in enumerate(items):
@@ -298,23 +305,32 @@ def _reduce_split_groups(items: list[_Tensors], sums: list[Tensor], bad: list[Te
     for group, idx in by_group.items():
         import torch.distributed as dist
 
+        device = items[idx[0]].w.device
         partial = []
         for i in idx:
             plan = items[i].plan
-            acc = sums[i].new_zeros(plan.num_groups, 6, dtype=torch.float64)
-            acc.index_add_(0, plan.group_of_row, sums[i].double())
-            partial.append(acc.flatten())
-        flags = torch.stack([torch.as_tensor(bad[i], dtype=torch.float64, device=sums[i].device) for i in idx])
-        buffer = torch.cat([*partial, flags])
+            if plan.group_of_row is not None:
+                acc = torch.zeros(plan.num_groups, 6, dtype=torch.float64, device=device)
+                acc.index_add_(0, plan.group_of_row, sums[i].double())
+                partial.append(acc.flatten())
+        flags = [torch.as_tensor(bad[i], dtype=torch.float64, device=device).reshape(1) for i in idx]
+        if flag is not None:
+            flags.append(flag.to(device, torch.float64).reshape(1))
+        buffer = torch.cat([*partial, *flags])
         dist.all_reduce(buffer, group=group)
         offset = 0
         for i in idx:
             plan = items[i].plan
-            whole = buffer[offset : offset + 6 * plan.num_groups].view(plan.num_groups, 6)
-            sums[i] = whole[plan.group_of_row].to(sums[i].dtype)
-            offset += 6 * plan.num_groups
-        for k, i in enumerate(idx):
-            bad[i] = buffer[offset + k] > 0
+            if plan.group_of_row is not None:
+                whole = buffer[offset : offset + 6 * plan.num_groups].view(plan.num_groups, 6)
+                sums[i] = whole[plan.group_of_row].to(sums[i].dtype)
+                offset += 6 * plan.num_groups
+        for i in idx:
+            bad[i] = buffer[offset] > 0
+            offset += 1
+        if flag is not None:
+            flag = buffer[offset] > 0
+    return flag
 
 
 def _bad_rows(sums: Tensor) -> Tensor:
@@ -327,8 +343,9 @@ def _bad_rows(sums: Tensor) -> Tensor:
 def _row_sums_and_flags(
     items: list[_Tensors], inv_scale: Tensor | None
 ) -> tuple[list[Tensor], list[Tensor | bool]]:
-    """The reduction pass: every tensor's row sums (completed across shards) and a 0-d
-    flag per tensor, true when one of its groups cannot be stepped. ``inv_scale`` (a
+    """The reduction pass on this process's rows: every tensor's row sums and a flag per
+    tensor, true when one of its rows cannot be stepped (:func:`_reduce_across_shards`
+    then completes both for sharded tensors). ``inv_scale`` (a
     GradScaler's inverse scale) only reaches the compiled kernels, the only path a
     scaler hands its scale to."""
     sums: list[Tensor] = []
@@ -341,7 +358,6 @@ def _row_sums_and_flags(
             flag = _bad_rows(row_sums).any()
         sums.append(row_sums)
         bad.append(flag)
-    _reduce_split_groups(items, sums, bad)
     return sums, bad
 
 

@@ -20,6 +20,7 @@ from ._functional import (
     _elementwise_pass,
     _local,
     _prepare,
+    _reduce_across_shards,
     _row_plan,
     _RowPlan,
     _row_sums_and_flags,
@@ -130,7 +131,7 @@ def _check_finite_gradients(entries: list[tuple[Tensor, str]]) -> None:
     """Raise, naming the first parameter whose gradient holds a NaN or an infinity."""
     if not entries:
         return
-    grads = [g.coalesce().values() if g.is_sparse else g for g in (p.grad for p, _ in entries)]
+    grads = [g.coalesce().values() if g.is_sparse else _local(g) for g in (p.grad for p, _ in entries)]
     by_device: dict[torch.device, list[int]] = {}
     for i, g in enumerate(grads):
         by_device.setdefault(g.device, []).append(i)
@@ -146,6 +147,17 @@ def _check_finite_gradients(entries: list[tuple[Tensor, str]]) -> None:
             if not bad:
                 continue
             raise FloatingPointError(f"{entries[bad[0]][1]} {_NON_FINITE}")
+
+
+def _non_finite_flag(grads: list[Tensor]) -> Tensor | None:
+    """A 0-d bool tensor, without a host synchronization: whether the 2-norm of some gradient
+    (of this process's shard) is not finite. A NaN or infinity makes it so; so can an
+    overflow of finite entries, which :func:`_check_finite_gradients` tells apart."""
+    local = [g.coalesce().values() if g.is_sparse else _local(g) for g in grads]
+    if not local:
+        return None
+    device = local[0].device
+    return torch.stack([~torch.isfinite(n).to(device) for n in torch._foreach_norm(local)]).any()
 
 
 def _validate_sgd_hyperparameters(lr: Any, momentum: float, dampening: float, weight_decay: Any, nesterov: bool) -> None:
@@ -390,9 +402,20 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             )
             sums, bad = _row_sums_and_flags(items, inv_scale)
             steps.append(_GroupStep(group, loop, one_pass, euclid, items, buffers, sums, bad))
+        # The other gradients (Euclidean, reference loop) get a device-side flag, unless a
+        # GradScaler has checked every gradient already.
+        others = [e for st in steps for e in (*st.euclid, *((p, name) for p, name, _ in st.loop))]
+        other_flag = None if found_inf is not None else _non_finite_flag([p.grad for p, _ in others])
+        other_flag = self._reduce_across_shards(steps, other_flag)
 
         no_sync = any(g["capturable"] for g in self.param_groups) or found_inf is not None
-        refused = self._refused_on_device(steps, found_inf) if no_sync else self._check_or_raise(steps)
+        if no_sync:
+            refused = self._refused_on_device(steps, other_flag, found_inf)
+        else:
+            refused = None
+            if other_flag is not None and bool(other_flag):
+                _check_finite_gradients(others)  # raises, naming the parameter (or confirms an overflow)
+            self._check_or_raise(steps)
         self.last_step_refused = refused
 
         for st in steps:
@@ -479,11 +502,10 @@ class PSISGD(_PSIParamsMixin, Optimizer):
 
     # -- the checks -----------------------------------------------------------------------
     def _check_or_raise(self, steps: list[_GroupStep]) -> None:  # noqa: C901 - one check after another
-        """Raise, before anything is written, if a gradient is not finite or a group cannot
-        be stepped, naming the parameter. One host synchronization (free on the CPU).
+        """Raise, before anything is written, if a scale-invariant gradient is not finite or
+        a group cannot be stepped, naming the parameter. One host synchronization.
         A flagged tensor whose entries are all fine had sums that overflowed: it takes the
         reference loop, which does not form them."""
-        _check_finite_gradients([e for st in steps for e in (*((p, n) for p, n, _ in st.loop), *st.euclid)])
         loop_all = [(p, name, m) for st in steps for p, name, m in st.loop]
         if any_zero_groups([m.rows(p.detach()) for p, _, m in loop_all]):
             for p, name, m in loop_all:
@@ -508,17 +530,25 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             st.loop.append(st.one_pass.pop(k))
             st.items.pop(k), st.buffers.pop(k), st.sums.pop(k), st.bad.pop(k)
 
-    def _refused_on_device(self, steps: list[_GroupStep], found_inf: Tensor | None) -> Tensor:
+    @staticmethod
+    def _reduce_across_shards(steps: list[_GroupStep], other_flag: Tensor | None) -> Tensor | None:
+        """:func:`_reduce_across_shards` over every param group at once: one all-reduce per step."""
+        items = [t for st in steps for t in st.items]
+        sums = [x for st in steps for x in st.sums]
+        bad = [x for st in steps for x in st.bad]
+        other_flag = _reduce_across_shards(items, sums, bad, other_flag)
+        for st in steps:
+            n = len(st.items)
+            st.sums[:], st.bad[:] = sums[:n], bad[:n]
+            del sums[:n], bad[:n]
+        return other_flag
+
+    @staticmethod
+    def _refused_on_device(steps: list[_GroupStep], other_flag: Tensor | None, found_inf: Tensor | None) -> Tensor:
         """Without a host synchronization: a 0-d bool flag, true when any group cannot be
-        stepped or (unless a GradScaler already checked them) any gradient is not finite."""
+        stepped or any gradient is not finite (the GradScaler's ``found_inf``, if given)."""
         flags = [b if isinstance(b, Tensor) else torch.tensor(b) for st in steps for b in st.bad]
-        if found_inf is not None:
-            flags.append(found_inf > 0)
-        else:
-            grads = [p.grad for st in steps for p, _ in st.euclid]
-            grads += [p.grad for st in steps for p, _, _ in st.loop]
-            if grads:
-                flags += [~torch.isfinite(n) for n in torch._foreach_norm(grads)]
+        flags += [f for f in (other_flag, None if found_inf is None else found_inf > 0) if f is not None]
         if not flags:
             return torch.zeros((), dtype=torch.bool)
         device = flags[0].device
