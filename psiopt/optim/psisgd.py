@@ -575,6 +575,35 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 buf = self.state[p]["momentum_buffer"]
                 buf.copy_(torch.where(refused, old, buf))
             return
+        sharded = [_local(p) is not p for p in params]
+        if on_device and any(sharded):
+            # torch's fused SGD has no DTensor rule: it runs on the local shards, and the
+            # buffers it creates are wrapped back into DTensors like their parameters.
+            from torch.distributed.tensor import DTensor
+
+            local_buffers = [None if b is None else _local(b) for b in momentum_buffers]
+            sgd(
+                [_local(p) for p in params],
+                [_local(g) for g in grads],
+                local_buffers,
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                fused=True,
+                grad_scale=grad_scale,
+                found_inf=refused.float(),
+            )
+            for p, is_dtensor, old, new in zip(params, sharded, momentum_buffers, local_buffers):
+                if old is None and new is not None:
+                    self.state[p]["momentum_buffer"] = (
+                        DTensor.from_local(new, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                        if is_dtensor
+                        else new
+                    )
+            return
         sgd(
             params,
             grads,
