@@ -5,6 +5,10 @@ and torch.compile."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -286,3 +290,43 @@ def test_capturable_step_does_not_synchronize_on_cuda() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert not bool(opt.last_step_refused)
+
+
+TRITON_CHECK = """
+import torch, psiopt
+from psiopt.optim import _triton_kernels
+from tests.test_psisgd_paths import OPTIONS, SHAPES, _params, _run
+
+class TritonOnCPU(psiopt.PSISGD):
+    def _kernels(self, group, p):  # the interpreter runs the CUDA kernels on CPU tensors
+        return _triton_kernels
+
+worst = 0.0
+for dtype in (torch.float64, torch.float32):
+    for options in [*OPTIONS.values(), dict(momentum=0.9, capturable=True)]:
+        reference, params = _params(dtype), _params(dtype, channels_last=True)
+        loop = {k: v for k, v in options.items() if k != "capturable"}
+        _run(reference, foreach=False, **loop)
+        groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)]
+        opt = TritonOnCPU(groups, lr=0.1, **options)
+        for k in range(4):
+            gen = torch.Generator().manual_seed(100 + k)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+            opt.step()
+        err = max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(params, reference))
+        assert err < (1e-12 if dtype == torch.float64 else 2e-5), (dtype, options, err)
+        worst = max(worst, err)
+print("ok", worst)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CPU torch)")
+def test_triton_kernels_match_the_reference_loop_under_the_interpreter() -> None:
+    """The CUDA kernels, run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must
+    be set before triton is imported: a fresh process)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(TRITON_CHECK)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr

@@ -316,6 +316,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         self._psi_manifolds = {}
         self._row_plans: dict[Tensor, tuple[tuple, _RowPlan]] = {}
         self._cpu_kernels = None
+        self._triton_kernels = None
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -343,6 +344,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         self.__dict__.setdefault("last_step_refused", None)
         self.__dict__.setdefault("_row_plans", {})
         self.__dict__.setdefault("_cpu_kernels", None)
+        self.__dict__.setdefault("_triton_kernels", None)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -468,13 +470,25 @@ class PSISGD(_PSIParamsMixin, Optimizer):
     def _kernels(self, group: dict[str, Any], p: Tensor):
         """The compiled row kernels for ``p`` (a module), or ``None`` for torch operations.
 
-        ``fused=None`` uses them where they exist (CPU float32/float64 tensors, with numba
-        installed); ``fused=True`` requires them; while ``torch.compile`` traces the step,
-        the torch operations are used (dynamo cannot trace into compiled kernels)."""
+        ``fused=None`` uses them where they exist (CUDA tensors with Triton installed; CPU
+        float32/float64 tensors with numba installed); ``fused=True`` requires them; while
+        ``torch.compile`` traces the step, the torch operations are used (dynamo does not
+        trace into compiled kernels)."""
         fused = group["fused"]
         if fused is False or group["foreach"] or torch.compiler.is_compiling():
             return None
         local = _local(p)
+        if local.device.type == "cuda" and (fused or importlib.util.find_spec("triton") is not None):
+            if self._triton_kernels is None:
+                try:
+                    from . import _triton_kernels
+                except ImportError as err:
+                    raise ImportError(
+                        f"fused=True on CUDA runs PSISGD's Triton kernels, and triton failed to import ({err}); "
+                        "install the triton that matches your torch, or use fused=None"
+                    ) from None
+                self._triton_kernels = _triton_kernels
+            return self._triton_kernels
         if local.device.type == "cpu" and local.dtype in (torch.float32, torch.float64):
             if self._cpu_kernels is None:
                 if fused is None and importlib.util.find_spec("numba") is None:
@@ -491,7 +505,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if fused:
             raise RuntimeError(
                 f"fused=True has no kernel for {local.dtype} tensors on {local.device.type}; psiopt's fused "
-                "kernels step float32 and float64 tensors on the CPU. Use fused=None (the one-pass torch step)"
+                "kernels step float32 and float64 tensors on the CPU and floating-point tensors on CUDA. Use "
+                "fused=None (the one-pass torch step)"
             )
         return None
 
