@@ -159,7 +159,8 @@ _UPDATE = {torch.float32: _make_update(np.float32), torch.float64: _make_update(
 
 
 def _array(x: Tensor):
-    return x.detach().numpy()
+    # Row views made under torch.no_grad() do not require grad; a tensor that does is detached.
+    return x.detach().numpy() if x.requires_grad else x.numpy()
 
 
 def _inv(inv_scale: Tensor | None) -> float:

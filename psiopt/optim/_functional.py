@@ -144,30 +144,33 @@ def _single_tensor_psisgd(
 class _RowPlan:
     """How one scale-invariant tensor's local storage is read as rows.
 
-    ``perm`` orders the dims of the local tensor (the shard of a DTensor) so that each row
-    is contiguous in memory; ``num_rows`` rows. ``group_of_row`` is ``None`` when every row
+    ``perm`` orders the dims of the local tensor (the shard of a DTensor, when
+    ``sharded``) so that each row is contiguous in memory; ``num_rows`` rows. ``group_of_row`` is ``None`` when every row
     is one whole group; otherwise it gives each row's group among ``num_groups`` groups,
     whose sums are partial here. ``process_group`` (sharded tensors) is the group that
     all-reduces the partial sums and the flags.
     """
 
-    perm: tuple[int, ...]
+    perm: tuple[int, ...] | None  # None: the identity
     num_rows: int
     group_of_row: Tensor | None = None
     num_groups: int = 0
     process_group: object = None
+    sharded: bool = False
 
     def rows(self, x: Tensor) -> Tensor:
         """``x``'s local entries as ``(num_rows, d)``: a view when ``x`` has the layout the
         plan was made for, else a copy (only read from)."""
-        x = _local(x)
-        if self.perm != tuple(range(x.dim())):
+        if self.sharded:
+            x = _local(x)
+        if self.perm is not None:
             x = x.permute(self.perm)
         return x.reshape(self.num_rows, -1) if self.num_rows else x.reshape(0, 0)
 
     def has_row_view(self, x: Tensor) -> bool:
         """Whether :meth:`rows` of ``x`` is a view, so writes to it reach ``x``."""
-        return _local(x).permute(self.perm).is_contiguous()
+        x = _local(x) if self.sharded else x
+        return (x if self.perm is None else x.permute(self.perm)).is_contiguous()
 
 
 def _dtensor_type() -> type | None:
@@ -195,22 +198,24 @@ def _row_plan(param: Tensor, grouping: Grouping, name: str) -> _RowPlan:
     sharded on dim 0)."""
     local = _local(param)
     perm = _memory_order(local)
+    if perm == tuple(range(local.dim())):
+        perm = None
     channels = param.shape[0]
     if local is param:
         return _RowPlan(perm, grouping.num_groups(param.shape))
     shard_dim, offset = _dim0_shard(param, name)
     n = local.shape[0]
     if shard_dim is None:
-        return _RowPlan(perm, grouping.num_groups(param.shape))
+        return _RowPlan(perm, grouping.num_groups(param.shape), sharded=True)
     process_group = param.device_mesh.get_group(shard_dim)
     if grouping.kind == "channel":
-        return _RowPlan(perm, n, process_group=process_group)
+        return _RowPlan(perm, n, process_group=process_group, sharded=True)
     cpg = channels if grouping.kind == "tensor" else grouping.channels_per_group
     assert cpg is not None
     if _every_shard_aligned(param, shard_dim, cpg):
-        return _RowPlan(perm, n // cpg, process_group=process_group)
+        return _RowPlan(perm, n // cpg, process_group=process_group, sharded=True)
     group_of_row = torch.arange(offset, offset + n, device=local.device) // cpg
-    return _RowPlan(perm, n, group_of_row, channels // cpg, process_group)
+    return _RowPlan(perm, n, group_of_row, channels // cpg, process_group, sharded=True)
 
 
 def _dim0_shard(param: Tensor, name: str) -> tuple[int | None, int]:

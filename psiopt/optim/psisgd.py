@@ -157,7 +157,7 @@ def _non_finite_flag(grads: list[Tensor]) -> Tensor | None:
     if not local:
         return None
     device = local[0].device
-    return torch.stack([~torch.isfinite(n).to(device) for n in torch._foreach_norm(local)]).any()
+    return ~torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(local)]).isfinite().all()
 
 
 def _validate_sgd_hyperparameters(lr: Any, momentum: float, dampening: float, weight_decay: Any, nesterov: bool) -> None:
