@@ -226,9 +226,22 @@ class PSISGD(_PSIParamsMixin, Optimizer):
     maximize : bool, default False
         Maximize the objective instead.
     foreach : bool, optional
-        Use the batched implementation. ``None`` chooses as torch does (batched on CUDA).
-        The scale-invariant tensors of one device, dtype and group size are stacked and
-        stepped together; the Euclidean ones use torch's own choice.
+        ``False``: the reference loop, tensor by tensor, chaining the formulas of
+        :mod:`psiopt.manifold`. ``True``: the one-pass step as multi-tensor torch
+        operations. ``None`` (default): the fused kernels where they exist, else the
+        one-pass torch step. The Euclidean parameters use torch's own choice.
+    fused : bool, optional
+        ``True``: the one-pass step as compiled row kernels, Triton on CUDA, numba on the
+        CPU (float32 and float64; ``pip install 'psiopt[fast]'``); an error where there is
+        none. ``None`` (default): used where available. A :class:`torch.amp.GradScaler`
+        then hands the step its scale and ``found_inf`` flag, as to torch's fused
+        optimizers: gradients are unscaled inside the kernels and nothing is checked twice.
+    capturable : bool, default False
+        ``False``: a step that cannot be taken raises (see *Bad input*), which reads one
+        flag back to the host (free on the CPU, a pipeline stall on a GPU). ``True``: no
+        host synchronization; such a step is refused on the device, leaves weights and
+        momentum untouched, and :attr:`last_step_refused` (a 0-d bool tensor) says so.
+        Needed for ``torch.compile(..., fullgraph=True)`` and CUDA graphs.
 
     Notes
     -----
@@ -257,12 +270,30 @@ class PSISGD(_PSIParamsMixin, Optimizer):
       (:meth:`psiopt.PSIManifold.expmap`) to second order, costs no trigonometry, and
       is what makes the step equivariant under rescaling; the transport is the
       projection :meth:`psiopt.PSIManifold.transp`, the one that matches the retraction.
+    * **One pass over memory.** Every quantity of the step follows from six sums per
+      group, :math:`w\cdot w, g\cdot w, g\cdot g, m\cdot g, m\cdot w, m\cdot m`
+      (:func:`psiopt.manifold.one_pass_step_scalars`): the step reads the weights,
+      gradients and momentum once for the sums, then once to write weights and momentum
+      in place, the memory traffic of torch's multi-tensor SGD with momentum. It makes no
+      ``(k, d)`` temporary and no copy of the weights; channels-last weights are read in
+      their own layout.
     * **Bad input.** A NaN or infinite gradient (any parameter) makes ``step`` raise
       ``FloatingPointError`` naming the parameter; a scale-invariant group with zero,
       underflowing or non-finite norm raises :class:`psiopt.ZeroGroupError` naming the
       parameter and group; a sparse gradient on a scale-invariant weight raises
       ``RuntimeError``. All checks run on every parameter before any is modified, so a
-      refused step leaves weights and momentum untouched.
+      refused step leaves weights and momentum untouched. The checks come from the sums
+      of the one-pass step at no extra read of the scale-invariant tensors. With
+      ``capturable=True``, or under a GradScaler, the same checks refuse the step on the
+      device instead of raising (a refused first step leaves a zero momentum buffer).
+    * **Sharded weights (FSDP2).** A DTensor sharded on dim 0 (``fully_shard``, evenly
+      or not) is stepped on its local shard, with no per-operation DTensor dispatch.
+      Channel groups, and blocks that do not straddle shards, need no communication;
+      a ``"tensor"`` grouping or straddling blocks have their partial sums completed by
+      **one all-reduce per step** for all of them, together with the flags of the
+      checks (so every rank takes the same decision): :math:`8(6G + T + 1)` bytes for
+      :math:`G` split groups and :math:`T` sharded tensors. The weights are never
+      gathered.
 
     Compared with :class:`geoopt.optim.RiemannianSGD` on the same
     :class:`psiopt.PSIManifold` parameters (it calls the manifold's ``egrad2rgrad``,
