@@ -523,7 +523,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if local.device.type == "cpu" and local.dtype in (torch.float32, torch.float64):
             if self._cpu_kernels is None:
                 if fused is None and importlib.util.find_spec("numba") is None:
-                    return None
+                    return None  # looked up again next step: numba may be installed meanwhile
                 try:
                     from . import _cpu_kernels
                 except ImportError as err:
@@ -573,6 +573,13 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                     "underflowing or non-finite norm, so it has no direction on the PSI manifold; re-initialize it"
                 )
         for st, k in reversed(flagged):
+            p, name, _ = st.one_pass[k]
+            if _local(p) is not p:
+                raise FloatingPointError(
+                    f"{name}: the squared norms of its groups overflow {p.dtype} (huge gradient, weights or "
+                    "momentum); the step was refused and no weight was changed. Clip the gradients or lower "
+                    "the learning rate"
+                )
             st.loop.append(st.one_pass.pop(k))
             st.items.pop(k), st.buffers.pop(k), st.sums.pop(k), st.bad.pop(k)
 
