@@ -314,9 +314,31 @@ for dtype in (torch.float64, torch.float32):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
             opt.step()
-        err = max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(params, reference))
+        err = max(float((p.detach() - q.detach()).abs().max() / q.detach().abs().max()) for p, q in zip(params, reference))
         assert err < (1e-12 if dtype == torch.float64 else 2e-5), (dtype, options, err)
         worst = max(worst, err)
+# The device-side flags: a NaN gradient refused without raising; a zero group raises.
+params = _params(torch.float32)
+for capturable in (True, False):
+    groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)]
+    opt = TritonOnCPU(groups, lr=0.1, momentum=0.9, capturable=capturable)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if capturable:
+        params[1].grad[0, 0, 0, 0] = float("nan")
+        opt.step()
+        assert bool(opt.last_step_refused)
+    else:
+        with torch.no_grad():
+            params[2][3] = 0.0
+        before[2] = params[2].detach().clone()
+        try:
+            opt.step()
+            raise AssertionError("a zero group was stepped")
+        except psiopt.ZeroGroupError:
+            pass
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
 print("ok", worst)
 """
 

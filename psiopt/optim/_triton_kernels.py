@@ -46,8 +46,8 @@ def supports(t: Tensor) -> bool:
 
 @triton.jit
 def _row_sums_kernel(
-    w_ptr, g_ptr, m_ptr, out_ptr, bad_ptr, inv_ptr, d, sw, sg, sm, tiny,
-    HAS_M: tl.constexpr, HAS_INV: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    w_ptr, g_ptr, m_ptr, out_ptr, bad_ptr, inv_ptr, d, sw, sg, sm,
+    TINY: tl.constexpr, HAS_M: tl.constexpr, HAS_INV: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     inv = tl.load(inv_ptr).to(ACC) if HAS_INV else 1.0
@@ -70,12 +70,21 @@ def _row_sums_kernel(
             mg += m * g
             mw += m * w
             mm += m * m
-    sums = (tl.sum(a, 0), tl.sum(b, 0), tl.sum(gg, 0), tl.sum(mg, 0), tl.sum(mw, 0), tl.sum(mm, 0))
-    ok = sums[0] > tiny
-    for c in tl.static_range(6):
-        tl.store(out_ptr + row * 6 + c, sums[c])
-        ok = ok & (sums[c] - sums[c] == 0)  # false for a NaN or an infinity
-    tl.atomic_max(bad_ptr, tl.where(ok, 0, 1))
+    a = tl.sum(a, 0)
+    b = tl.sum(b, 0)
+    gg = tl.sum(gg, 0)
+    mg = tl.sum(mg, 0)
+    mw = tl.sum(mw, 0)
+    mm = tl.sum(mm, 0)
+    tl.store(out_ptr + row * 6, a)
+    tl.store(out_ptr + row * 6 + 1, b)
+    tl.store(out_ptr + row * 6 + 2, gg)
+    tl.store(out_ptr + row * 6 + 3, mg)
+    tl.store(out_ptr + row * 6 + 4, mw)
+    tl.store(out_ptr + row * 6 + 5, mm)
+    # x - x == 0 is false for a NaN or an infinity.
+    finite = (a - a == 0) & (b - b == 0) & (gg - gg == 0) & (mg - mg == 0) & (mw - mw == 0) & (mm - mm == 0)
+    tl.atomic_max(bad_ptr, tl.where(finite & (a > TINY), 0, 1))
 
 
 @triton.jit
@@ -157,8 +166,8 @@ def row_sums(w: Tensor, g: Tensor, m: Tensor | None, inv_scale: Tensor | None) -
         mm = w if m is None else m
         _row_sums_kernel[(w.shape[0],)](
             w, g, mm, out, bad, w if inv_scale is None else inv_scale, w.shape[1],
-            w.stride(0), g.stride(0), mm.stride(0), torch.finfo(acc_dtype).tiny,
-            HAS_M=m is not None, HAS_INV=inv_scale is not None, ACC=_acc(w), BLOCK=_BLOCK,
+            w.stride(0), g.stride(0), mm.stride(0),
+            TINY=torch.finfo(acc_dtype).tiny, HAS_M=m is not None, HAS_INV=inv_scale is not None, ACC=_acc(w), BLOCK=_BLOCK,
         )  # fmt: skip
     return out, bad > 0
 
