@@ -173,6 +173,9 @@ class _RowPlan:
         return (x if self.perm is None else x.permute(self.perm)).is_contiguous()
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _dtensor_type() -> type | None:
     # A DTensor exists only once torch.distributed.tensor has been imported; looking it
     # up in sys.modules keeps psiopt from importing it (and its start-up cost) itself.
@@ -182,6 +185,8 @@ def _dtensor_type() -> type | None:
 
 def _local(x: Tensor) -> Tensor:
     """The local shard of a DTensor (a view: writes reach it), or ``x`` itself."""
+    if type(x) in _PLAIN:  # the common case, without a module lookup
+        return x
     dtensor = _dtensor_type()
     return x.to_local() if dtensor is not None and isinstance(x, dtensor) else x
 
