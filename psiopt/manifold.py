@@ -45,6 +45,8 @@ __all__ = [
     "parallel_transport_rows",
     "normalize_rows",
     "any_zero_groups",
+    "step_row_sums",
+    "one_pass_step_scalars",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -158,6 +160,90 @@ def normalize_rows(w: torch.Tensor, target_sq: torch.Tensor) -> torch.Tensor:
     r"""Rescale each row to the squared norm ``target_sq`` (the norm-keeping representative)."""
     w = _acc(w)
     return w * torch.sqrt(target_sq / group_sq_norms(w))
+
+
+def step_row_sums(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The six inner products a PSI step needs, row by row, shape ``(k, 6)``.
+
+    Columns: :math:`a = w_j\cdot w_j`, :math:`b = g_j\cdot w_j`, :math:`g_j\cdot g_j`,
+    :math:`m_j\cdot g_j`, :math:`m_j\cdot w_j`, :math:`m_j\cdot m_j` (the last three zero
+    when ``m`` is ``None``), in accumulation dtype. :func:`one_pass_step_scalars` turns
+    them into the whole step. The squared norms are computed as squared 2-norms (one read,
+    no temporary); the cross products with :func:`torch.linalg.vecdot`.
+    """
+    w, g = _acc(w), _acc(g)
+    cols = [torch.linalg.vector_norm(w, dim=1).square(), torch.linalg.vecdot(g, w, dim=1)]
+    cols.append(torch.linalg.vector_norm(g, dim=1).square())
+    if m is None:
+        zero = torch.zeros_like(cols[0])
+        cols += [zero, zero, zero]
+    else:
+        m = _acc(m)
+        cols += [
+            torch.linalg.vecdot(m, g, dim=1),
+            torch.linalg.vecdot(m, w, dim=1),
+            torch.linalg.vector_norm(m, dim=1).square(),
+        ]
+    return torch.stack(cols, dim=1)
+
+
+def one_pass_step_scalars(a, b, gg, mg, mw, mm, lr, momentum, dampening, nesterov, first):
+    r"""The per-group scalars of one PSI-SGD step, from the six sums of :func:`step_row_sums`.
+
+    With :math:`r = a\,g - b\,w` (the Riemannian gradient, horizontal lift), the momentum
+    :math:`m' = \mu m + (1-\tau) r` (:math:`m' = r` on the ``first`` step, no
+    :math:`m'` when ``momentum == 0``), the direction :math:`d = m'` or, with Nesterov,
+    :math:`d = r + \mu m'` (:math:`d = r` without momentum), the new weights and momentum
+    are
+
+    .. math::
+
+        w' = s\,(w - \eta d), \qquad m_{\text{new}} = m' - s\,q\,w',
+
+    that is the retraction rescaled to the norm :math:`\sqrt a` the group started
+    from, and the transport (projection) of :math:`m'` to :math:`w'`. This returns
+    :math:`(s^2, q)`; every inner product comes from the sums because :math:`w, g, m`
+    span all the vectors involved:
+
+    .. math::
+
+        r\cdot w &= 0, \quad r\cdot r = a(a\,gg - b^2), \quad r\cdot m = a\,mg - b\,mw\\
+        m'\cdot w &= \mu\,mw, \quad m'\cdot m' = \mu^2 mm + 2\mu(1-\tau)\,r\cdot m
+            + (1-\tau)^2 r\cdot r, \quad m'\cdot r = \mu\,r\cdot m + (1-\tau)\,r\cdot r\\
+        u\cdot u &= a - 2\eta\,d\cdot w + \eta^2 d\cdot d, \qquad s^2 = a / u\cdot u,
+            \qquad q = (m'\cdot w - \eta\,m'\cdot d) / a .
+
+    (:math:`m\cdot w` is kept, not assumed 0, so rounding drift does not build up.) Pure
+    arithmetic on its arguments, so the same function serves tensors of per-group sums and
+    the scalars of a compiled row kernel; the square root is the caller's. With
+    ``maximize``, pass :math:`-g`'s sums (:math:`b` and :math:`mg` negated).
+    """
+    rr = a * (a * gg - b * b)
+    if momentum == 0:
+        dw = 0.0 * a
+        dd = rr
+        md = 0.0 * a
+        mpw = 0.0 * a
+    else:
+        if first:
+            mpw = 0.0 * a
+            mpmp = rr
+            mpr = rr
+        else:
+            rm = a * mg - b * mw
+            mpw = momentum * mw
+            mpmp = momentum * momentum * mm + 2.0 * momentum * (1.0 - dampening) * rm + (1.0 - dampening) * (1.0 - dampening) * rr
+            mpr = momentum * rm + (1.0 - dampening) * rr
+        if nesterov:
+            dw = momentum * mpw
+            dd = rr + 2.0 * momentum * mpr + momentum * momentum * mpmp
+            md = mpr + momentum * mpmp
+        else:
+            dw = mpw
+            dd = mpmp
+            md = mpmp
+    uu = a - 2.0 * lr * dw + lr * lr * dd
+    return a / uu, (mpw - lr * md) / a
 
 
 def _bad_group_mask(w: torch.Tensor) -> torch.Tensor:

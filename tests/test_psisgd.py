@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import psiopt
-from psiopt.optim._functional import _multi_tensor_psisgd, _single_tensor_psisgd
 
 
 def _psi(shape, grouping="channel", dtype=torch.float64, seed=0) -> geoopt.ManifoldParameter:
@@ -158,34 +157,6 @@ def test_rescaled_start_gives_rescaled_iterates() -> None:
             _rayleigh_loss([p], [a]).backward()
             opt.step()
     torch.testing.assert_close(v.detach(), factors * w.detach(), rtol=1e-12, atol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(
-    "options",
-    [dict(momentum=0.0), dict(momentum=0.9), dict(momentum=0.9, dampening=0.2, maximize=True), dict(momentum=0.5, nesterov=True)],
-    ids=["plain", "momentum", "dampening-maximize", "nesterov"],
-)
-def test_foreach_matches_the_reference_loop(dtype, options) -> None:
-    gen = torch.Generator().manual_seed(5)
-    shapes = [((4, 3, 3, 3), "channel"), ((6, 3, 3, 3), "channel"), ((5, 27), "channel"), ((8, 2, 2), "block(2)"), ((3, 4), "tensor")]
-    params = [torch.randn(s, generator=gen, dtype=dtype) for s, _ in shapes]
-    rows = [psiopt.PSIManifold(g).rows for _, g in shapes]
-    loop_params = [p.clone() for p in params]
-    bufs_loop: list = [None] * len(params)
-    bufs_multi: list = [None] * len(params)
-    kwargs = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, maximize=False) | options
-    for _ in range(4):
-        grads = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in params]
-        _single_tensor_psisgd(loop_params, grads, bufs_loop, rows, **kwargs)
-        _multi_tensor_psisgd(params, grads, bufs_multi, rows, **kwargs)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-14)
-    for p, q in zip(params, loop_params):
-        torch.testing.assert_close(p, q, **tol)
-    for b, c in zip(bufs_multi, bufs_loop):
-        assert (b is None) == (c is None)
-        if b is not None:
-            torch.testing.assert_close(b, c, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -449,16 +420,3 @@ def test_cuda_matches_cpu(foreach) -> None:
             opt.step()
     for p, q in zip(cpu, gpu):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-12, atol=1e-13)
-
-
-def test_foreach_none_chooses_like_torch_on_cpu() -> None:
-    # torch picks the loop for CPU tensors; so does PSISGD, bit for bit.
-    a = _sym(5, 2)
-    ws = [_psi((4, 5)), _psi((4, 5))]
-    opts = [psiopt.PSISGD([w], lr=0.1, momentum=0.9, foreach=fe) for w, fe in zip(ws, (None, False))]
-    for _ in range(3):
-        for w, opt in zip(ws, opts):
-            opt.zero_grad()
-            _rayleigh_loss([w], [a]).backward()
-            opt.step()
-    assert torch.equal(ws[0], ws[1])

@@ -1,11 +1,16 @@
 r"""Functional core of :class:`psiopt.PSISGD`: the PSI step on scale-invariant tensors.
 
-As in :mod:`torch.optim.sgd`, the update exists twice: :func:`_single_tensor_psisgd`, a
-plain loop over tensors (the reference, and the ground truth of the tests), and
-:func:`_multi_tensor_psisgd`, which stacks the ``(k, d)`` group matrices of all tensors
-that share a device, dtype and group size ``d`` into one matrix and runs each formula
-once per stack. Both call the formulas of :mod:`psiopt.manifold` (their one home) on
-row matrices; nothing here re-derives them.
+As in :mod:`torch.optim.sgd`, the update exists in several forms:
+
+* :func:`_single_tensor_psisgd`, a plain loop over tensors that chains the formulas of
+  :mod:`psiopt.manifold` on each ``(k, d)`` group matrix: the reference, and the ground
+  truth of the tests;
+* :func:`_one_pass_psisgd`, the fast step, in two passes over memory whatever the
+  options: one **reduction pass** computes the six sums of every group
+  (:func:`psiopt.manifold.step_row_sums`), the group scalars follow from them
+  (:func:`psiopt.manifold.one_pass_step_scalars`), and one **elementwise pass** writes
+  the weights and the momentum in place. It runs as multi-tensor (``foreach``) torch
+  operations, or as compiled row kernels (``fused``: :mod:`._cpu_kernels`).
 
 One step on the groups :math:`w_j` of one tensor, with learning rate :math:`\eta`,
 momentum :math:`\mu`, dampening :math:`\tau` (see :class:`psiopt.PSISGD`):
@@ -19,21 +24,39 @@ momentum :math:`\mu`, dampening :math:`\tau` (see :class:`psiopt.PSISGD`):
     m &\leftarrow T_{w \to w'}(m)
 
 The stored momentum is always a horizontal vector at the stored weights.
+
+Rows, groups and shards. The one-pass step works on *rows*: a ``(rows, d)`` view of
+the tensor's local storage in which each row holds entries of one group. A row is a
+whole group, except where a group is split, across the dim-0 shards of an FSDP2
+:class:`~torch.distributed.tensor.DTensor` (a ``"tensor"`` grouping, or ``"block"``
+groups that straddle a shard boundary): such a tensor has one row per local output
+channel, the rows' sums are added group by group, and the partial sums of all such
+tensors are all-reduced together, once per step. Within a row the entries are taken
+in memory order (channels-last weights need no copy); sums do not depend on the order.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import sys
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..manifold import group_sq_norms, horizontal_lift_rows, normalize_rows, transport_rows
+from ..grouping import Grouping
+from ..manifold import (
+    group_sq_norms,
+    horizontal_lift_rows,
+    normalize_rows,
+    one_pass_step_scalars,
+    step_row_sums,
+    transport_rows,
+)
 
 __all__: list[str] = []
 
-# Most elements stacked into one matrix by the multi-tensor step (4 MiB of float32).
-_STACK_NUMEL = 1 << 20
+
+# -- the reference loop ------------------------------------------------------------------
 
 
 def _psisgd_rows(
@@ -114,11 +137,244 @@ def _single_tensor_psisgd(
             buf.copy_(new_buf)
 
 
-def _multi_tensor_psisgd(
+# -- rows of the local storage -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """How one scale-invariant tensor's local storage is read as rows.
+
+    ``perm`` orders the dims of the local tensor (the shard of a DTensor, when
+    ``sharded``) so that each row is contiguous in memory; ``num_rows`` rows. ``group_of_row`` is ``None`` when every row
+    is one whole group; otherwise it gives each row's group among ``num_groups`` groups,
+    whose sums are partial here. ``process_group`` (sharded tensors) is the group that
+    all-reduces the partial sums and the flags.
+    """
+
+    perm: tuple[int, ...] | None  # None: the identity
+    num_rows: int
+    group_of_row: Tensor | None = None
+    num_groups: int = 0
+    process_group: object = None
+    sharded: bool = False
+
+    def rows(self, x: Tensor) -> Tensor:
+        """``x``'s local entries as ``(num_rows, d)``: a view when ``x`` has the layout the
+        plan was made for, else a copy (only read from)."""
+        if self.sharded:
+            x = _local(x)
+        if self.perm is not None:
+            x = x.permute(self.perm)
+        return x.reshape(self.num_rows, -1) if self.num_rows else x.reshape(0, 0)
+
+    def has_row_view(self, x: Tensor) -> bool:
+        """Whether :meth:`rows` of ``x`` is a view, so writes to it reach ``x``."""
+        x = _local(x) if self.sharded else x
+        return (x if self.perm is None else x.permute(self.perm)).is_contiguous()
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _dtensor_type() -> type | None:
+    # A DTensor exists only once torch.distributed.tensor has been imported; looking it
+    # up in sys.modules keeps psiopt from importing it (and its start-up cost) itself.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def _local(x: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: writes reach it), or ``x`` itself."""
+    if type(x) in _PLAIN:  # the common case, without a module lookup
+        return x
+    dtensor = _dtensor_type()
+    return x.to_local() if dtensor is not None and isinstance(x, dtensor) else x
+
+
+def _memory_order(x: Tensor) -> tuple[int, ...]:
+    """Dim 0 first, then the other dims from the largest stride to the smallest: the
+    permutation under which a dense tensor (contiguous, channels-last...) is contiguous."""
+    rest = sorted(range(1, x.dim()), key=lambda i: (-x.stride(i), i))
+    return (0, *rest)
+
+
+def _row_plan(param: Tensor, grouping: Grouping, name: str) -> _RowPlan:
+    """The :class:`_RowPlan` of a scale-invariant parameter (a plain tensor or a DTensor
+    sharded on dim 0)."""
+    local = _local(param)
+    perm = _memory_order(local)
+    if perm == tuple(range(local.dim())):
+        perm = None
+    channels = param.shape[0]
+    if local is param:
+        return _RowPlan(perm, grouping.num_groups(param.shape))
+    shard_dim, offset = _dim0_shard(param, name)
+    n = local.shape[0]
+    if shard_dim is None:
+        return _RowPlan(perm, grouping.num_groups(param.shape), sharded=True)
+    process_group = param.device_mesh.get_group(shard_dim)
+    if grouping.kind == "channel":
+        return _RowPlan(perm, n, process_group=process_group, sharded=True)
+    cpg = channels if grouping.kind == "tensor" else grouping.channels_per_group
+    assert cpg is not None
+    if _every_shard_aligned(param, shard_dim, cpg):
+        return _RowPlan(perm, n // cpg, process_group=process_group, sharded=True)
+    group_of_row = torch.arange(offset, offset + n, device=local.device) // cpg
+    return _RowPlan(perm, n, group_of_row, channels // cpg, process_group, sharded=True)
+
+
+def _dim0_shard(param: Tensor, name: str) -> tuple[int | None, int]:
+    """For a DTensor: the mesh dim along which dim 0 is sharded (``None`` if replicated)
+    and the first global channel of this process's shard."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shard_dims = [i for i, pl in enumerate(param.placements) if isinstance(pl, Shard)]
+    bad = [pl for pl in param.placements if not isinstance(pl, (Shard, Replicate))]
+    if bad or any(param.placements[i].dim != 0 for i in shard_dims) or len(shard_dims) > 1:
+        raise NotImplementedError(
+            f"{name} is a DTensor with placements {param.placements}; the PSI step supports DTensors "
+            "sharded on dim 0 over one mesh dimension (FSDP2's fully_shard) or replicated. Shard the "
+            "scale-invariant weights with fully_shard, or leave them out of this optimizer"
+        )
+    if not shard_dims:
+        return None, 0
+    dim = shard_dims[0]
+    # torch.chunk's split, the one DTensor and FSDP2 use: ceil(C / n) channels per rank.
+    size = param.device_mesh.size(dim)
+    per_rank = -(-param.shape[0] // size)
+    return dim, min(per_rank * param.device_mesh.get_local_rank(dim), param.shape[0])
+
+
+def _every_shard_aligned(param: Tensor, dim: int, cpg: int) -> bool:
+    """Whether every rank's dim-0 shard starts and ends on a group boundary (the same
+    answer on every rank, so all of them lay out the all-reduced buffer the same way)."""
+    size = param.device_mesh.size(dim)
+    per_rank = -(-param.shape[0] // size)
+    return per_rank % cpg == 0 and param.shape[0] % cpg == 0
+
+
+# -- the one-pass step ---------------------------------------------------------------------
+
+
+@dataclass
+class _Tensors:
+    """One scale-invariant tensor in a one-pass step: its plan and its row views."""
+
+    plan: _RowPlan
+    w: Tensor
+    g: Tensor
+    m: Tensor | None
+    first: bool
+    kernels: object = None  # the compiled row kernels (a module), or None for torch operations
+
+
+def _prepare(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
-    row_fns: list,
+    plans: list[_RowPlan],
+    momentum: float,
+    kernels: list,
+) -> list[_Tensors]:
+    """Row views of every tensor; makes the momentum buffers of a first step (zeros, in the
+    parameter's layout) and re-lays out a buffer whose layout differs from its parameter's
+    (a loaded checkpoint), once, so that every write lands in place."""
+    out = []
+    for i, (p, plan) in enumerate(zip(params, plans)):
+        m = None
+        first = False
+        if momentum != 0:
+            buf = momentum_buffer_list[i]
+            if buf is None:
+                first = True
+                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                momentum_buffer_list[i] = buf
+            elif not plan.has_row_view(buf):
+                buf = torch.empty_like(p, memory_format=torch.preserve_format).copy_(buf)
+                momentum_buffer_list[i] = buf
+            m = plan.rows(buf)
+        out.append(_Tensors(plan, plan.rows(p), plan.rows(grads[i]), m, first, kernels[i]))
+    return out
+
+
+def _reduce_across_shards(
+    items: list[_Tensors], sums: list[Tensor], bad: list[Tensor | bool], flag: Tensor | None
+) -> Tensor | None:
+    """Complete the sums of groups split across shards, and make the flags agree across
+    ranks: **one all-reduce** per process group (one per step under FSDP2) of every partial
+    group sum, of every sharded tensor's flag, and of ``flag`` (the other gradients' flag).
+
+    ``sums[i]`` (``(rows, 6)``) becomes, for each row, the sums of its whole group;
+    ``bad[i]`` becomes true when any rank flagged tensor ``i``. Returns ``flag`` reduced
+    the same way (unchanged when nothing is sharded).
+    """
+    by_group: dict[object, list[int]] = {}
+    for i, t in enumerate(items):
+        if t.plan.process_group is not None:
+            by_group.setdefault(t.plan.process_group, []).append(i)
+    for group, idx in by_group.items():
+        import torch.distributed as dist
+
+        device = items[idx[0]].w.device
+        partial = []
+        for i in idx:
+            plan = items[i].plan
+            if plan.group_of_row is not None:
+                acc = torch.zeros(plan.num_groups, 6, dtype=torch.float64, device=device)
+                acc.index_add_(0, plan.group_of_row, sums[i].double())
+                partial.append(acc.flatten())
+        flags = [torch.as_tensor(bad[i], dtype=torch.float64, device=device).reshape(1) for i in idx]
+        if flag is not None:
+            flags.append(flag.to(device, torch.float64).reshape(1))
+        buffer = torch.cat([*partial, *flags])
+        dist.all_reduce(buffer, group=group)
+        offset = 0
+        for i in idx:
+            plan = items[i].plan
+            if plan.group_of_row is not None:
+                whole = buffer[offset : offset + 6 * plan.num_groups].view(plan.num_groups, 6)
+                sums[i] = whole[plan.group_of_row].to(sums[i].dtype)
+                offset += 6 * plan.num_groups
+        for i in idx:
+            bad[i] = buffer[offset] > 0
+            offset += 1
+        if flag is not None:
+            flag = buffer[offset] > 0
+    return flag
+
+
+def _bad_rows(sums: Tensor) -> Tensor:
+    """Per row: a sum is not finite (a NaN or infinite gradient, weight or momentum), or the
+    weight's squared norm is zero or underflows (no direction on the manifold)."""
+    a = sums[:, 0]
+    return ~torch.isfinite(sums).all(dim=1) | ~(a > torch.finfo(a.dtype).tiny)
+
+
+def _row_sums_and_flags(
+    items: list[_Tensors], inv_scale: Tensor | None
+) -> tuple[list[Tensor], list[Tensor | bool]]:
+    """The reduction pass on this process's rows: every tensor's row sums and a flag per
+    tensor, true when one of its rows cannot be stepped (:func:`_reduce_across_shards`
+    then completes both for sharded tensors). ``inv_scale`` (a
+    GradScaler's inverse scale) only reaches the compiled kernels, the only path a
+    scaler hands its scale to."""
+    sums: list[Tensor] = []
+    bad: list[Tensor | bool] = []  # a kernel's flag is a Python bool (it runs on the host)
+    for t in items:
+        if t.kernels is not None:
+            row_sums, flag = t.kernels.row_sums(t.w, t.g, t.m, inv_scale)
+        else:
+            row_sums = step_row_sums(t.w, t.g, t.m)
+            flag = _bad_rows(row_sums).any()
+        sums.append(row_sums)
+        bad.append(flag)
+    return sums, bad
+
+
+def _elementwise_pass(
+    items: list[_Tensors],
+    sums: list[Tensor],
+    refused: Tensor | None,
     *,
     lr: float,
     momentum: float,
@@ -126,56 +382,57 @@ def _multi_tensor_psisgd(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    """Batched version of :func:`_single_tensor_psisgd`.
+    """The elementwise pass with torch operations, in place on the row views.
 
-    Tensors with the same device, dtype, group size ``d`` and momentum status (first
-    step or not) are stacked, up to ``_STACK_NUMEL`` elements per stack: their group
-    matrices are concatenated into one ``(K, d)`` matrix, the step runs once on it, and the results are split back and
-    written with :func:`torch._foreach_copy_`. Row reductions do not mix rows, so each
-    group's arithmetic is the same as in the loop.
+    With the group scalars of :func:`~psiopt.manifold.one_pass_step_scalars` and
+    :math:`\\sigma = \\pm 1` (``maximize``), the operations are those of
+
+    .. math::
+
+        m' = \\mu m + (1-\\tau)(a\\sigma g - b w), \\quad
+        w' = s(w - \\eta d), \\quad m_{\\text{new}} = m' - s q w'
+
+    written into ``m``, then ``w``, then ``m``: each reads only what is still current.
+    ``refused`` (a 0-d device flag, or ``None``) turns the whole step into the identity
+    without a host synchronization: the scalars become those of no step and the gradient
+    is read as zeros.
     """
-    if not params:
-        return
-    same_kind: dict[tuple, list[int]] = defaultdict(list)
-    for i, param in enumerate(params):
-        rows = row_fns[i](param)
-        has_buf = momentum != 0 and momentum_buffer_list[i] is not None
-        same_kind[(param.device, param.dtype, rows.shape[1], has_buf)].append(i)
-    # Stacks are capped in size: stacking saves kernel launches on many small tensors,
-    # while copying large ones into a stack only costs memory traffic and allocations.
-    stacks: list[tuple[torch.dtype, bool, list[int]]] = []
-    for (_, dtype, _, has_buf), members in same_kind.items():
-        chunk: list[int] = []
-        chunk_numel = 0
-        for i in members:
-            if chunk and chunk_numel + params[i].numel() > _STACK_NUMEL:
-                stacks.append((dtype, has_buf, chunk))
-                chunk, chunk_numel = [], 0
-            chunk.append(i)
-            chunk_numel += params[i].numel()
-        stacks.append((dtype, has_buf, chunk))
+    sign = -1.0 if maximize else 1.0
 
-    for dtype, has_buf, idx in stacks:
-        w_rows = [row_fns[i](params[i]) for i in idx]
-        sizes = [r.shape[0] for r in w_rows]
-        w = torch.cat(w_rows) if len(idx) > 1 else w_rows[0]
-        g = torch.cat([row_fns[i](grads[i]) for i in idx]) if len(idx) > 1 else row_fns[idx[0]](grads[idx[0]])
-        buf = None
-        if has_buf:
-            buf_rows = [row_fns[i](momentum_buffer_list[i]) for i in idx]
-            buf = torch.cat(buf_rows) if len(idx) > 1 else buf_rows[0]
-        w_new, new_buf = _psisgd_rows(
-            w, g, buf, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize
-        )
-        new_params = [x.reshape(params[i].shape) for i, x in zip(idx, w_new.to(dtype).split(sizes))]
-        torch._foreach_copy_([params[i] for i in idx], new_params)
-        if new_buf is None:
+    def kept(value: Tensor, identity: float) -> Tensor:
+        # The scalar of the step, or of no step when the step is refused.
+        return value if refused is None else torch.where(refused, identity, value)
+
+    for t, s6 in zip(items, sums):
+        if t.plan.num_rows == 0:
             continue
-        pieces = [x.reshape(params[i].shape) for i, x in zip(idx, new_buf.to(dtype).split(sizes))]
-        if has_buf:
-            # Written into the existing buffers: no allocation, and state keeps its tensors.
-            torch._foreach_copy_([momentum_buffer_list[i] for i in idx], pieces)
+        a, b, gg, mg, mw, mm = (c.unsqueeze(1) for c in s6.unbind(1))
+        if maximize:
+            b, mg = -b, -mg
+        s2, q = one_pass_step_scalars(a, b, gg, mg, mw, mm, lr, momentum, dampening, nesterov, t.first)
+        s = s2.sqrt()
+        w, g, m = t.w, t.g, t.m
+        if refused is not None:
+            g = torch.where(refused, 0.0, g)  # 0 * NaN is NaN: a refused gradient is not read
+        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+
+        def coef(value: Tensor, identity: float) -> Tensor:
+            return kept(value, identity).to(dtype)
+
+        if m is None or nesterov:
+            w_coef, g_coef = coef(s * (1 + lr * b), 1.0), coef(-lr * sign * s * a, 0.0)
+        if m is None:
+            w.mul_(w_coef).addcmul_(g, g_coef)
+            continue
+        if t.first:
+            torch.mul(g, coef(sign * a, 0.0), out=m)
+            m.addcmul_(w, coef(-b, 0.0))
         else:
-            for i, x in zip(idx, pieces):
-                # A copy, not a view of the stack, so each buffer owns its storage.
-                momentum_buffer_list[i] = x.clone(memory_format=torch.contiguous_format)
+            mu = kept(torch.tensor(momentum, dtype=dtype), 1.0) if refused is not None else momentum
+            m.mul_(mu).addcmul_(g, coef(sign * (1 - dampening) * a, 0.0))
+            m.addcmul_(w, coef(-(1 - dampening) * b, 0.0))
+        if nesterov:
+            w.mul_(w_coef).addcmul_(g, g_coef).addcmul_(m, coef(-lr * momentum * s, 0.0))
+        else:
+            w.mul_(coef(s, 1.0)).addcmul_(m, coef(-lr * s, 0.0))
+        m.addcmul_(w, coef(-s * q, 0.0))

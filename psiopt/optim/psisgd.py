@@ -2,19 +2,30 @@ r"""PSISGD: stochastic gradient descent with momentum on the PSI manifold."""
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import geoopt
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
+from torch.optim.optimizer import Optimizer, ParamsT
 from torch.optim.sgd import sgd
 
 from ..grouping import as_grouping
-from ..manifold import PSIManifold, any_zero_groups
-from ._functional import _multi_tensor_psisgd, _single_tensor_psisgd
+from ..manifold import PSIManifold, ZeroGroupError, any_zero_groups
+from ._functional import (
+    _elementwise_pass,
+    _local,
+    _prepare,
+    _reduce_across_shards,
+    _row_plan,
+    _RowPlan,
+    _row_sums_and_flags,
+    _single_tensor_psisgd,
+)
 
 __all__ = ["PSISGD"]
 
@@ -90,11 +101,15 @@ class _PSIParamsMixin:
                 stacklevel=3,
             )
 
-    def _collect(self) -> list[tuple[dict[str, Any], list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str]]]]:
+    def _collect(
+        self, check: bool = True
+    ) -> list[tuple[dict[str, Any], list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str]]]]:
         """Per param group: its scale-invariant and Euclidean parameters that have a gradient.
 
-        Checks every gradient and every scale-invariant weight before anything is
-        modified, so a refused step leaves weights and state untouched.
+        With ``check`` (the default), checks every gradient and every scale-invariant
+        weight before anything is modified, so a refused step leaves weights and state
+        untouched. ``check=False`` leaves the checks to the caller (PSISGD's one-pass step
+        reads them from its reduction pass, without a host synchronization).
         """
         plan = []
         for gi, group in enumerate(self.param_groups):
@@ -116,6 +131,8 @@ class _PSIParamsMixin:
                     )
                 psi.append((p, name, manifold))
             plan.append((group, psi, euclid))
+        if not check:
+            return plan
         _check_finite_gradients([(p, name) for _, psi, eu in plan for p, name, *_ in (*psi, *eu)])
         psi_all = [(p, name, m) for _, psi, _ in plan for p, name, m in psi]
         if any_zero_groups([m.rows(p.detach()) for p, _, m in psi_all]):
@@ -135,7 +152,7 @@ def _check_finite_gradients(entries: list[tuple[Tensor, str]]) -> None:
     """Raise, naming the first parameter whose gradient holds a NaN or an infinity."""
     if not entries:
         return
-    grads = [g.coalesce().values() if g.is_sparse else g for g in (p.grad for p, _ in entries)]
+    grads = [g.coalesce().values() if g.is_sparse else _local(g) for g in (p.grad for p, _ in entries)]
     by_device: dict[torch.device, list[int]] = {}
     for i, g in enumerate(grads):
         by_device.setdefault(g.device, []).append(i)
@@ -150,12 +167,18 @@ def _check_finite_gradients(entries: list[tuple[Tensor, str]]) -> None:
             bad = [i for i in flagged if not bool(grads[i].isfinite().all())]
             if not bad:
                 continue
-            first = bad[0]
-            raise FloatingPointError(
-                f"{entries[first][1]} has a NaN or infinite gradient; the step was refused and no weight was "
-                "changed. Lower the learning rate, clip the gradients, or skip such steps (a "
-                "torch.amp.GradScaler skips them for you)"
-            )
+            raise FloatingPointError(f"{entries[bad[0]][1]} {_NON_FINITE}")
+
+
+def _non_finite_flag(grads: list[Tensor]) -> Tensor | None:
+    """A 0-d bool tensor, without a host synchronization: whether the 2-norm of some gradient
+    (of this process's shard) is not finite. A NaN or infinity makes it so; so can an
+    overflow of finite entries, which :func:`_check_finite_gradients` tells apart."""
+    local = [g.coalesce().values() if g.is_sparse else _local(g) for g in grads]
+    if not local:
+        return None
+    device = local[0].device
+    return ~torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(local)]).isfinite().all()
 
 
 def _validate_sgd_hyperparameters(lr: Any, momentum: float, dampening: float, weight_decay: Any, nesterov: bool) -> None:
@@ -224,9 +247,22 @@ class PSISGD(_PSIParamsMixin, Optimizer):
     maximize : bool, default False
         Maximize the objective instead.
     foreach : bool, optional
-        Use the batched implementation. ``None`` chooses as torch does (batched on CUDA).
-        The scale-invariant tensors of one device, dtype and group size are stacked and
-        stepped together; the Euclidean ones use torch's own choice.
+        ``False``: the reference loop, tensor by tensor, chaining the formulas of
+        :mod:`psiopt.manifold`. ``True``: the one-pass step as multi-tensor torch
+        operations. ``None`` (default): the fused kernels where they exist, else the
+        one-pass torch step. The Euclidean parameters use torch's own choice.
+    fused : bool, optional
+        ``True``: the one-pass step as compiled row kernels, Triton on CUDA, numba on the
+        CPU (float32 and float64; ``pip install 'psiopt[fast]'``); an error where there is
+        none. ``None`` (default): used where available. A :class:`torch.amp.GradScaler`
+        then hands the step its scale and ``found_inf`` flag, as to torch's fused
+        optimizers: gradients are unscaled inside the kernels and nothing is checked twice.
+    capturable : bool, default False
+        ``False``: a step that cannot be taken raises (see *Bad input*), which reads one
+        flag back to the host (free on the CPU, a pipeline stall on a GPU). ``True``: no
+        host synchronization; such a step is refused on the device, leaves weights and
+        momentum untouched, and :attr:`last_step_refused` (a 0-d bool tensor) says so.
+        Needed for ``torch.compile(..., fullgraph=True)`` and CUDA graphs.
 
     Notes
     -----
@@ -254,12 +290,30 @@ class PSISGD(_PSIParamsMixin, Optimizer):
       (:meth:`psiopt.PSIManifold.expmap`) to second order, costs no trigonometry, and
       is what makes the step equivariant under rescaling; the transport is the
       projection :meth:`psiopt.PSIManifold.transp`, the one that matches the retraction.
+    * **One pass over memory.** Every quantity of the step follows from six sums per
+      group, :math:`w\cdot w, g\cdot w, g\cdot g, m\cdot g, m\cdot w, m\cdot m`
+      (:func:`psiopt.manifold.one_pass_step_scalars`): the step reads the weights,
+      gradients and momentum once for the sums, then once to write weights and momentum
+      in place, the memory traffic of torch's multi-tensor SGD with momentum. It makes no
+      ``(k, d)`` temporary and no copy of the weights; channels-last weights are read in
+      their own layout.
     * **Bad input.** A NaN or infinite gradient (any parameter) makes ``step`` raise
       ``FloatingPointError`` naming the parameter; a scale-invariant group with zero,
       underflowing or non-finite norm raises :class:`psiopt.ZeroGroupError` naming the
       parameter and group; a sparse gradient on a scale-invariant weight raises
       ``RuntimeError``. All checks run on every parameter before any is modified, so a
-      refused step leaves weights and momentum untouched.
+      refused step leaves weights and momentum untouched. The checks come from the sums
+      of the one-pass step at no extra read of the scale-invariant tensors. With
+      ``capturable=True``, or under a GradScaler, the same checks refuse the step on the
+      device instead of raising (a refused first step leaves a zero momentum buffer).
+    * **Sharded weights (FSDP2).** A DTensor sharded on dim 0 (``fully_shard``, evenly
+      or not) is stepped on its local shard, with no per-operation DTensor dispatch.
+      Channel groups, and blocks that do not straddle shards, need no communication;
+      a ``"tensor"`` grouping or straddling blocks have their partial sums completed by
+      **one all-reduce per step** for all of them, together with the flags of the
+      checks (so every rank takes the same decision): :math:`8(6G + T + 1)` bytes for
+      :math:`G` split groups and :math:`T` sharded tensors. The weights are never
+      gathered.
 
     Compared with :class:`geoopt.optim.RiemannianSGD` on the same
     :class:`psiopt.PSIManifold` parameters (it calls the manifold's ``egrad2rgrad``,
@@ -298,9 +352,21 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         _validate_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+        if fused and foreach:
+            raise RuntimeError("`foreach` and `fused` flags cannot be both True.")
+        if capturable and foreach is False:
+            raise ValueError(
+                "capturable=True needs the one-pass step, which foreach=False turns off; leave foreach at "
+                "None (or True), or set fused=True"
+            )
         self._psi_manifolds = {}
+        self._row_plans: dict[Tensor, tuple[tuple, _RowPlan]] = {}
+        self._cpu_kernels = None
+        self._triton_kernels = None
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -309,18 +375,32 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             "nesterov": nesterov,
             "maximize": maximize,
             "foreach": foreach,
+            "fused": fused,
+            "capturable": capturable,
             "grouping": None,
         }
         super().__init__(params, defaults)
+        # As torch's fused optimizers: a torch.amp.GradScaler then hands the step its scale and
+        # its found_inf flag (attributes grad_scale, found_inf) instead of unscaling and syncing.
+        self._step_supports_amp_scaling = bool(fused)
+        #: After each step: ``None``, or with ``capturable=True`` (or under a GradScaler) a 0-d
+        #: bool tensor on the parameters' device, true when the step was refused.
+        self.last_step_refused: Tensor | None = None
         self._warn_if_no_scale_invariant()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_psi_manifolds", {})
+        self.__dict__.setdefault("last_step_refused", None)
+        self.__dict__.setdefault("_row_plans", {})
+        self.__dict__.setdefault("_cpu_kernels", None)
+        self.__dict__.setdefault("_triton_kernels", None)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("capturable", False)
             group.setdefault("grouping", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -354,18 +434,248 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        inv_scale = None if grad_scale is None else grad_scale.reciprocal()
 
-        for group, psi, euclid in self._collect():
-            if euclid:
-                self._euclidean_step(group, [p for p, _ in euclid])
-            if psi:
-                self._psi_step(group, psi)
+        # The reduction pass of every one-pass tensor, then every check, then every write:
+        # a refused step changes nothing.
+        steps = []
+        for group, psi, euclid in self._collect(check=False):
+            loop, one_pass = self._split_paths(group, psi)
+            buffers = self._momentum_buffers(group, [p for p, _, _ in one_pass])
+            items = _prepare(
+                [p for p, _, _ in one_pass],
+                [p.grad for p, _, _ in one_pass],
+                buffers,
+                [self._row_plan(*entry) for entry in one_pass],
+                group["momentum"],
+                kernels=[self._kernels(group, p) for p, _, _ in one_pass],
+            )
+            sums, bad = _row_sums_and_flags(items, inv_scale)
+            steps.append(_GroupStep(group, loop, one_pass, euclid, items, buffers, sums, bad))
+        # The other gradients (Euclidean, reference loop) get a device-side flag, unless a
+        # GradScaler has checked every gradient already.
+        others = [e for st in steps for e in (*st.euclid, *((p, name) for p, name, _ in st.loop))]
+        other_flag = None if found_inf is not None else _non_finite_flag([p.grad for p, _ in others])
+        other_flag = self._reduce_across_shards(steps, other_flag)
+
+        no_sync = any(g["capturable"] for g in self.param_groups) or found_inf is not None
+        if no_sync:
+            refused = self._refused_on_device(steps, other_flag, found_inf)
+        else:
+            refused = None
+            if other_flag is not None and bool(other_flag):
+                _check_finite_gradients(others)  # raises, naming the parameter (or confirms an overflow)
+            self._check_or_raise(steps)
+        self.last_step_refused = refused
+
+        for st in steps:
+            group = st.group
+            if st.euclid:
+                self._euclidean_step(group, [p for p, _ in st.euclid], refused, grad_scale)
+            if st.loop:
+                self._loop_step(group, st.loop)
+            for t, sums in zip(st.items, st.sums):
+                options = {k: group[k] for k in ("momentum", "dampening", "nesterov", "maximize")}
+                if t.kernels is None:
+                    _elementwise_pass([t], [sums], refused, lr=float(group["lr"]), **options)
+                else:
+                    t.kernels.update(
+                        t.w, t.g, t.m, sums, refused, inv_scale, lr=float(group["lr"]), first=t.first, **options
+                    )
+            if group["momentum"] != 0:
+                for (p, _, _), buf in zip(st.one_pass, st.buffers):
+                    self.state[p]["momentum_buffer"] = buf
         return loss
 
-    def _euclidean_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        # torch.optim.SGD's own step on these tensors, argument for argument.
+    # -- which step each tensor takes ---------------------------------------------------
+    def _split_paths(
+        self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]
+    ) -> tuple[list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str, PSIManifold]]]:
+        """The tensors of the reference loop (``foreach=False``) and of the one-pass step
+        (every other case, and always for sharded tensors and weights whose storage has no
+        row view, such as non-dense slices: those go to the loop)."""
+        loop, one_pass = [], []
+        for entry in psi:
+            p = entry[0]
+            sharded = _local(p) is not p
+            if sharded or (group["foreach"] is not False and self._row_plan(*entry).has_row_view(p)):
+                one_pass.append(entry)
+            else:
+                loop.append(entry)
+        return loop, one_pass
+
+    def _row_plan(self, p: Tensor, name: str, manifold: PSIManifold) -> _RowPlan:
+        """``p``'s :class:`_RowPlan`, kept per optimizer (it only depends on ``p``'s local
+        shape, strides and grouping, checked on every use) so that a step does not redo it."""
+        local = _local(p)
+        key = (local.shape, local.stride(), manifold.grouping)
+        kept = self._row_plans.get(p)
+        if kept is None or kept[0] != key:
+            kept = (key, _row_plan(p, manifold.grouping, name))
+            self._row_plans[p] = kept
+        return kept[1]
+
+    def _kernels(self, group: dict[str, Any], p: Tensor):
+        """The compiled row kernels for ``p`` (a module), or ``None`` for torch operations.
+
+        ``fused=None`` uses them where they exist (CUDA tensors with Triton installed; CPU
+        float32/float64 tensors with numba installed); ``fused=True`` requires them; while
+        ``torch.compile`` traces the step, the torch operations are used (dynamo does not
+        trace into compiled kernels)."""
+        fused = group["fused"]
+        if fused is False or group["foreach"] or torch.compiler.is_compiling():
+            return None
+        local = _local(p)
+        if local.device.type == "cuda" and (fused or importlib.util.find_spec("triton") is not None):
+            if self._triton_kernels is None:
+                try:
+                    from . import _triton_kernels
+                except ImportError as err:
+                    raise ImportError(
+                        f"fused=True on CUDA runs PSISGD's Triton kernels, and triton failed to import ({err}); "
+                        "install the triton that matches your torch, or use fused=None"
+                    ) from None
+                self._triton_kernels = _triton_kernels
+            return self._triton_kernels
+        if local.device.type == "cpu" and local.dtype in (torch.float32, torch.float64):
+            if self._cpu_kernels is None:
+                if fused is None and importlib.util.find_spec("numba") is None:
+                    return None  # looked up again next step: numba may be installed meanwhile
+                try:
+                    from . import _cpu_kernels
+                except ImportError as err:
+                    raise ImportError(
+                        f"fused=True on the CPU compiles PSISGD's kernels with numba, which failed to import "
+                        f"({err}); install it (pip install 'psiopt[fast]') or use fused=None"
+                    ) from None
+                self._cpu_kernels = _cpu_kernels
+            return self._cpu_kernels
+        if fused:
+            raise RuntimeError(
+                f"fused=True has no kernel for {local.dtype} tensors on {local.device.type}; psiopt's fused "
+                "kernels step float32 and float64 tensors on the CPU and floating-point tensors on CUDA. Use "
+                "fused=None (the one-pass torch step)"
+            )
+        return None
+
+    def _momentum_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor | None]:
+        if group["momentum"] == 0:
+            return [None] * len(params)
+        return [self.state[p].get("momentum_buffer") for p in params]
+
+    # -- the checks -----------------------------------------------------------------------
+    def _check_or_raise(self, steps: list[_GroupStep]) -> None:  # noqa: C901 - one check after another
+        """Raise, before anything is written, if a scale-invariant gradient is not finite or
+        a group cannot be stepped, naming the parameter. One host synchronization.
+        A flagged tensor whose entries are all fine had sums that overflowed: it takes the
+        reference loop, which does not form them."""
+        loop_all = [(p, name, m) for st in steps for p, name, m in st.loop]
+        if any_zero_groups([m.rows(p.detach()) for p, _, m in loop_all]):
+            for p, name, m in loop_all:
+                m.check_nonzero_groups(p.detach(), name)
+        if not _any_flag([b for st in steps for b in st.bad]):
+            return None
+        flagged = [(st, k) for st in steps for k, b in enumerate(st.bad) if bool(b)]
+        for st, k in flagged:
+            p, name, _ = st.one_pass[k]
+            if not bool(_local(p.grad).isfinite().all()):
+                raise FloatingPointError(f"{name} {_NON_FINITE}")
+        for st, k in flagged:
+            p, name, m = st.one_pass[k]
+            if st.items[k].plan.group_of_row is None:
+                m.check_nonzero_groups(_local(p.detach()), name)  # the local rows are whole groups
+            elif not bool((st.sums[k][:, 0] > torch.finfo(st.sums[k].dtype).tiny).all()):
+                raise ZeroGroupError(
+                    f"{name}: a group ({m.grouping.describe()} grouping, shape {tuple(p.shape)}, sharded) has zero, "
+                    "underflowing or non-finite norm, so it has no direction on the PSI manifold; re-initialize it"
+                )
+        for st, k in reversed(flagged):
+            p, name, _ = st.one_pass[k]
+            if _local(p) is not p:
+                raise FloatingPointError(
+                    f"{name}: the squared norms of its groups overflow {p.dtype} (huge gradient, weights or "
+                    "momentum); the step was refused and no weight was changed. Clip the gradients or lower "
+                    "the learning rate"
+                )
+            st.loop.append(st.one_pass.pop(k))
+            st.items.pop(k), st.buffers.pop(k), st.sums.pop(k), st.bad.pop(k)
+
+    @staticmethod
+    def _reduce_across_shards(steps: list[_GroupStep], other_flag: Tensor | None) -> Tensor | None:
+        """:func:`_reduce_across_shards` over every param group at once: one all-reduce per step."""
+        items = [t for st in steps for t in st.items]
+        sums = [x for st in steps for x in st.sums]
+        bad = [x for st in steps for x in st.bad]
+        other_flag = _reduce_across_shards(items, sums, bad, other_flag)
+        for st in steps:
+            n = len(st.items)
+            st.sums[:], st.bad[:] = sums[:n], bad[:n]
+            del sums[:n], bad[:n]
+        return other_flag
+
+    @staticmethod
+    def _refused_on_device(steps: list[_GroupStep], other_flag: Tensor | None, found_inf: Tensor | None) -> Tensor:
+        """Without a host synchronization: a 0-d bool flag, true when any group cannot be
+        stepped or any gradient is not finite (the GradScaler's ``found_inf``, if given)."""
+        flags = [b if isinstance(b, Tensor) else torch.tensor(b) for st in steps for b in st.bad]
+        flags += [f for f in (other_flag, None if found_inf is None else found_inf > 0) if f is not None]
+        if not flags:
+            return torch.zeros((), dtype=torch.bool)
+        device = flags[0].device
+        return torch.stack([f.to(device) for f in flags]).any()
+
+    # -- the updates ----------------------------------------------------------------------
+    def _euclidean_step(
+        self, group: dict[str, Any], params: list[Tensor], refused: Tensor | None, grad_scale: Tensor | None
+    ) -> None:
+        # torch.optim.SGD's own step on these tensors, argument for argument. A refused step
+        # that is only known on the device goes through torch's fused SGD, which skips on it.
         grads = [p.grad for p in params]
         momentum_buffers = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
+        on_device = refused is not None
+        if on_device and torch.compiler.is_compiling():
+            # dynamo does not trace torch's fused SGD: torch's traced step, then the old values
+            # put back where the step is refused (a fresh buffer then starts at zero).
+            olds = [p.clone() for p in params]
+            old_bufs = [b.clone() if b is not None else torch.zeros_like(p) for p, b in zip(params, momentum_buffers)]
+            self._euclidean_step(group, params, None, None)
+            for p, old in zip(params, olds):
+                p.copy_(torch.where(refused, old, p))
+            for p, old in zip(params, old_bufs) if group["momentum"] != 0 else ():
+                buf = self.state[p]["momentum_buffer"]
+                buf.copy_(torch.where(refused, old, buf))
+            return
+        sharded = [_local(p) is not p for p in params]
+        if on_device and any(sharded):
+            # torch's fused SGD has no DTensor rule: it runs on the local shards, and the
+            # buffers it creates are wrapped back into DTensors like their parameters.
+            from torch.distributed.tensor import DTensor
+
+            local_buffers = [None if b is None else _local(b) for b in momentum_buffers]
+            sgd(
+                [_local(p) for p in params],
+                [_local(g) for g in grads],
+                local_buffers,
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                fused=True,
+                grad_scale=grad_scale,
+                found_inf=refused.float(),
+            )
+            for p, is_dtensor, old, new in zip(params, sharded, momentum_buffers, local_buffers):
+                if old is None and new is not None:
+                    self.state[p]["momentum_buffer"] = (
+                        DTensor.from_local(new, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                        if is_dtensor
+                        else new
+                    )
+            return
         sgd(
             params,
             grads,
@@ -377,22 +687,20 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             nesterov=group["nesterov"],
             maximize=group["maximize"],
             has_sparse_grad=any(g.is_sparse for g in grads),
-            foreach=group["foreach"],
-            fused=None,
+            foreach=None if on_device else group["foreach"],
+            fused=True if on_device else None,
+            grad_scale=grad_scale,
+            found_inf=refused.float() if on_device else None,
         )
         if group["momentum"] != 0:
             for p, buf in zip(params, momentum_buffers):
                 self.state[p]["momentum_buffer"] = buf
 
-    def _psi_step(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
+    def _loop_step(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
         params = [p for p, _, _ in psi]
         momentum = group["momentum"]
-        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else [None] * len(params)
-        foreach = group["foreach"]
-        if foreach is None:
-            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        update = _multi_tensor_psisgd if foreach else _single_tensor_psisgd
-        update(
+        buffers = self._momentum_buffers(group, params)
+        _single_tensor_psisgd(
             params,
             [p.grad for p in params],
             buffers,
@@ -406,3 +714,32 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if momentum != 0:
             for p, buf in zip(params, buffers):
                 self.state[p]["momentum_buffer"] = buf
+
+
+def _any_flag(flags: list[Tensor | bool]) -> bool:
+    """Whether any flag is set: Python bools (from host kernels) are read directly, tensors
+    with one synchronization."""
+    if any(f for f in flags if not isinstance(f, Tensor)):
+        return True
+    tensors = [f for f in flags if isinstance(f, Tensor)]
+    return bool(torch.stack([f.to(tensors[0].device) for f in tensors]).any()) if tensors else False
+
+
+_NON_FINITE = (
+    "has a NaN or infinite gradient; the step was refused and no weight was changed. Lower the learning rate, "
+    "clip the gradients, or skip such steps (a torch.amp.GradScaler skips them for you)"
+)
+
+
+@dataclass
+class _GroupStep:
+    """One param group's part of a step, between the reduction pass and the writes."""
+
+    group: dict[str, Any]
+    loop: list[tuple[Tensor, str, PSIManifold]]
+    one_pass: list[tuple[Tensor, str, PSIManifold]]
+    euclid: list[tuple[Tensor, str]]
+    items: list
+    buffers: list[Tensor | None]
+    sums: list[Tensor]
+    bad: list[Tensor | bool]

@@ -1,0 +1,142 @@
+"""PSISGD on FSDP2-sharded weights (DTensors sharded on dim 0, unevenly), on CPU with gloo:
+the same iterates as single-process PSISGD, with one all-reduce of a few numbers per step."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import psiopt
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+
+WORLD = 2
+STEPS = 4
+CONFIGS = [
+    dict(momentum=0.9, nesterov=False),  # the default path (fused kernels on local shards if numba is installed)
+    dict(momentum=0.9, nesterov=True, foreach=True),
+    dict(momentum=0.9, dampening=0.1, capturable=True),
+]
+
+
+class Net(nn.Module):
+    """A channel grouping (Conv -> BN, 5 channels: shards of 3 and 2), a block grouping
+    whose middle block straddles the shards (Conv -> GroupNorm(3, 6): 3 channels per
+    rank, 2 per group) and a tensor grouping (Linear -> LayerNorm, 7 rows: 4 and 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, bias=False)
+        self.bn = nn.BatchNorm2d(5)
+        self.conv2 = nn.Conv2d(5, 6, 3, bias=False)
+        self.gn = nn.GroupNorm(3, 6)
+        self.fc = nn.Linear(6 * 4 * 4, 7, bias=False)
+        self.ln = nn.LayerNorm(7)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.gn(self.conv2(x)))
+        x = torch.relu(self.ln(self.fc(x.flatten(1))))
+        return self.head(x)
+
+
+def _groups(model: Net) -> list[dict]:
+    si = {"conv1.weight": "channel", "conv2.weight": "block(2)", "fc.weight": "tensor"}
+    named = dict(model.named_parameters())
+    groups = [{"params": [named[name]], "grouping": g, "param_names": [name]} for name, g in si.items()]
+    rest = [name for name in named if name not in si]
+    return [*groups, {"params": [named[n] for n in rest], "param_names": rest}]
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen))
+            for _ in range(STEPS)]
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, on_step=contextlib.nullcontext) -> None:
+    for x, y in _batches():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with on_step():
+            opt.step()
+
+
+@contextlib.contextmanager
+def _counting_all_reduce(record: list[int]):
+    """Count dist.all_reduce calls and their bytes inside this worker process only."""
+    original = dist.all_reduce
+
+    def counted(tensor, *args, **kwargs):
+        record.append(tensor.numel() * tensor.element_size())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield
+    finally:
+        dist.all_reduce = original
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        results = []
+        for config in CONFIGS:
+            torch.manual_seed(0)
+            reference = Net().double()
+            sharded = Net().double()
+            sharded.load_state_dict(reference.state_dict())
+            for layer in (sharded.conv1, sharded.bn, sharded.conv2, sharded.gn, sharded.fc, sharded.ln, sharded.head):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(sharded, mesh=mesh)
+            _train(reference, psiopt.PSISGD(_groups(reference), lr=0.1, **config))
+
+            opt = psiopt.PSISGD(_groups(sharded), lr=0.1, **config)
+            sizes: list[int] = []
+            counts: list[dict] = []
+
+            @contextlib.contextmanager
+            def on_step():
+                with _counting_all_reduce(sizes), CommDebugMode() as comm:
+                    yield
+                counts.append({str(k): v for k, v in comm.get_comm_counts().items()})
+
+            _train(sharded, opt, on_step)
+            err = max(
+                float((p.detach().full_tensor() - q.detach()).abs().max())
+                for p, q in zip(sharded.parameters(), reference.parameters())
+            )
+            model_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+            results.append(dict(err=err, sizes=sizes, counts=counts, model_bytes=model_bytes))
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_weights_step_like_a_single_process(tmp_path) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        for config, result in zip(CONFIGS, torch.load(tmp_path / f"rank{rank}.pt")):
+            assert result["err"] < 1e-9, (config, result["err"])
+            # One all-reduce per step, of 6 sums per split group (conv2's 3 blocks, fc's
+            # whole tensor) plus one flag per sharded weight and one for the other
+            # gradients, in float64: 224 bytes, for a model of about 7 KB.
+            assert result["sizes"] == [8 * (6 * 3 + 6 * 1 + 3 + 1)] * STEPS, (config, result["sizes"])
+            for counts in result["counts"]:
+                assert sum(counts.values()) == 1, (config, counts)  # no other collective: no all-gather
+            assert result["model_bytes"] == 8 * sum(p.numel() for p in Net().parameters())

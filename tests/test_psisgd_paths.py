@@ -1,0 +1,354 @@
+"""PSISGD's step paths: the reference loop, the one-pass torch step (foreach), the fused
+kernels, and the default; their checks with and without host synchronization; GradScaler
+and torch.compile."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import psiopt
+
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="the fused CPU kernels need numba (psiopt[fast])")
+
+SHAPES = [
+    ((4, 3, 3, 3), "channel"),
+    ((6, 4, 2, 2), "channel"),
+    ((5, 27), "channel"),
+    ((8, 2, 2), "block(2)"),
+    ((6, 3, 2, 2), "block(3)"),
+    ((3, 4), "tensor"),
+    ((4, 2, 3, 3), "tensor"),
+]
+OPTIONS = {
+    "plain": dict(momentum=0.0),
+    "momentum": dict(momentum=0.9),
+    "dampening-maximize": dict(momentum=0.9, dampening=0.2, maximize=True),
+    "nesterov": dict(momentum=0.5, nesterov=True),
+    "nesterov-maximize": dict(momentum=0.9, nesterov=True, maximize=True),
+}
+PATHS = {
+    "foreach": dict(foreach=True),
+    "fused": pytest.param(dict(fused=True), marks=needs_numba),
+    "default": dict(),
+}
+
+
+def _params(dtype, channels_last=False, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape, _ in SHAPES:
+        p = torch.randn(shape, generator=gen, dtype=dtype)
+        if channels_last and p.dim() == 4:
+            p = p.contiguous(memory_format=torch.channels_last)
+        params.append(nn.Parameter(p))
+    return params
+
+
+def _run(params, steps=4, scale=None, **kwargs):
+    groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)]
+    opt = psiopt.PSISGD(groups, lr=0.1, **kwargs)
+    for k in range(steps):
+        gen = torch.Generator().manual_seed(100 + k)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            if scale is not None:
+                p.grad.mul_(scale)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_path_matches_the_reference_loop(dtype, path, options, channels_last) -> None:
+    reference = _params(dtype)
+    ref_opt = _run(reference, foreach=False, **options)
+    params = _params(dtype, channels_last)
+    strides = [p.stride() for p in params]
+    opt = _run(params, **path, **options)
+    eps = 1e-12 if dtype == torch.float64 else 2e-5  # relative to each tensor's largest entry
+
+    def close(x, y):
+        torch.testing.assert_close(x, y, rtol=eps, atol=eps * float(y.abs().max()))
+
+    for p, q, stride in zip(params, reference, strides):
+        assert p.stride() == stride  # the layout is kept: the step writes in place
+        close(p.detach(), q.detach())
+        if options["momentum"]:
+            buf = opt.state[p]["momentum_buffer"]
+            assert buf.stride() == p.stride()
+            close(buf, ref_opt.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+def test_bfloat16_and_float16_weights_follow_the_reference_loop(path) -> None:
+    """Half types take the one-pass torch step (the fused kernels step float32 and float64),
+    accumulating in float32; each in-place operation rounds, so the tolerance is the dtype's."""
+    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float16, 4e-3)):
+        reference, params = _params(dtype), _params(dtype)
+        _run(reference, foreach=False, momentum=0.9)
+        if path.get("fused"):
+            with pytest.raises(RuntimeError, match="fused=True has no kernel for torch.bfloat16"):
+                _run(params, momentum=0.9, **path)
+            return
+        _run(params, momentum=0.9, **path)
+        for p, q in zip(params, reference):
+            torch.testing.assert_close(p.detach().float(), q.detach().float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", [dict(foreach=False), *PATHS.values()], ids=["loop", *PATHS.keys()])
+def test_rescaled_starts_stay_rescaled_on_every_path(path) -> None:
+    """The defining property: a start whose groups are rescaled by positive factors gives the
+    same iterates, rescaled by the same factors (weights and momentum), to rounding."""
+    params = _params(torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    manifolds = [psiopt.PSIManifold(g) for _, g in SHAPES]
+    factors = [torch.exp(4 * torch.rand(m.num_groups(p), generator=gen, dtype=torch.float64) - 2)
+               for p, m in zip(params, manifolds)]
+    scaled = [nn.Parameter((m.rows(p.detach()) * f.unsqueeze(1)).reshape(p.shape))
+              for p, m, f in zip(params, manifolds, factors)]
+    mats = []
+    for p, m in zip(params, manifolds):
+        x = torch.randn(m.rows(p).shape[1], m.rows(p).shape[1], generator=gen, dtype=torch.float64)
+        mats.append(x + x.T)
+
+    def loss(ps):
+        # Rayleigh quotients of the groups: scale invariant group by group.
+        total = 0.0
+        for p, m, a in zip(ps, manifolds, mats):
+            rows = m.rows(p)
+            total = total + ((rows @ a) * rows).sum(1).div((rows * rows).sum(1)).sum()
+        return total
+
+    opts = []
+    for ps in (params, scaled):
+        groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(ps, SHAPES)]
+        opts.append(psiopt.PSISGD(groups, lr=0.05, momentum=0.9, nesterov=True, **path))
+    for _ in range(10):
+        for ps, opt in zip((params, scaled), opts):
+            opt.zero_grad()
+            loss(ps).backward()
+            opt.step()
+    for p, q, m, f in zip(params, scaled, manifolds, factors):
+        rows = m.rows
+        torch.testing.assert_close(rows(q.detach()), f.unsqueeze(1) * rows(p.detach()), rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            rows(opts[1].state[q]["momentum_buffer"]), f.unsqueeze(1) * rows(opts[0].state[p]["momentum_buffer"]),
+            rtol=1e-8, atol=1e-14,
+        )
+
+
+@pytest.mark.parametrize("path", [*PATHS.values()], ids=[*PATHS.keys()])
+def test_euclidean_parameters_still_follow_torch_sgd_bit_for_bit(path) -> None:
+    gen = torch.Generator().manual_seed(1)
+    euclid = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(5, 3), (7,)]]
+    reference = [nn.Parameter(p.detach().clone()) for p in euclid]
+    si = nn.Parameter(torch.randn(4, 3, generator=gen))
+    ours = psiopt.PSISGD([{"params": euclid}, {"params": [si], "grouping": "channel"}], lr=0.1, momentum=0.9, **path)
+    theirs = torch.optim.SGD(reference, lr=0.1, momentum=0.9, foreach=path.get("foreach"))
+    for _ in range(3):
+        for p, q in zip(euclid, reference):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        si.grad = torch.randn(si.shape, generator=gen)
+        ours.step()
+        theirs.step()
+        for p, q in zip(euclid, reference):
+            assert torch.equal(p, q)
+
+
+@needs_numba
+def test_default_path_is_the_fused_one_where_numba_is_installed() -> None:
+    a, b = _params(torch.float32), _params(torch.float32)
+    _run(a, momentum=0.9)
+    _run(b, momentum=0.9, fused=True)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+def test_non_finite_gradient_raises_untouched_on_every_path(path, bad) -> None:
+    params = _params(torch.float64)
+    opt = _run(params, steps=2, momentum=0.9, **path)
+    before = [p.detach().clone() for p in params]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    params[3].grad[1, 0, 1] = bad
+    with pytest.raises(FloatingPointError, match=r"param_groups\[3\]\['params'\]\[0\].*NaN or infinite gradient"):
+        opt.step()
+    for p, w, m in zip(params, before, buffers):
+        assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], m)
+
+
+@pytest.mark.parametrize("path", [dict(foreach=True), pytest.param(dict(fused=True), marks=needs_numba)], ids=["foreach", "fused"])
+@pytest.mark.parametrize("problem", ["nan-gradient", "inf-euclidean-gradient", "zero-group"])
+def test_capturable_refuses_the_step_on_the_device_without_raising(path, problem) -> None:
+    params = _params(torch.float64)
+    euclid = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)] + [{"params": [euclid]}]
+    opt = psiopt.PSISGD(groups, lr=0.1, momentum=0.9, capturable=True, **path)
+    everything = [*params, euclid]
+    for p in everything:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.last_step_refused is not None and not opt.last_step_refused
+    before = [p.detach().clone() for p in everything]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in everything]
+    if problem == "nan-gradient":
+        params[0].grad[2, 1] = float("nan")
+    elif problem == "inf-euclidean-gradient":
+        euclid.grad[0] = float("inf")
+    else:
+        with torch.no_grad():
+            params[2][1] = 0.0
+        before[2] = params[2].detach().clone()
+    opt.step()  # no exception, no host synchronization needed
+    assert opt.last_step_refused.dtype == torch.bool and bool(opt.last_step_refused)
+    for p, w, m in zip(everything, before, buffers):
+        assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], m)
+
+
+def test_capturable_needs_the_one_pass_step() -> None:
+    with pytest.raises(ValueError, match="capturable=True needs the one-pass step"):
+        psiopt.PSISGD([{"params": [nn.Parameter(torch.ones(2, 2))], "grouping": "channel"}], capturable=True, foreach=False)
+    with pytest.raises(RuntimeError, match="cannot be both True"):
+        psiopt.PSISGD([{"params": [nn.Parameter(torch.ones(2, 2))], "grouping": "channel"}], fused=True, foreach=True)
+
+
+@needs_numba
+def test_grad_scaler_hands_its_scale_and_flag_to_the_fused_step() -> None:
+    """Under a GradScaler the fused step divides by the scale itself and skips on the
+    scaler's found_inf: the scaler neither unscales the gradients nor syncs for the step.
+    The scale is a power of two, so the unscaled step is the same bit for bit."""
+    plain, scaled = _params(torch.float32), _params(torch.float32)
+    ref = _run(plain, steps=1, momentum=0.9, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    assert scaler.scale(torch.ones(())) == 2.0**10  # what a training step does first; it sets the scale up
+    opt = _run(scaled, steps=0, momentum=0.9, fused=True)
+    assert opt._step_supports_amp_scaling
+    gen = torch.Generator().manual_seed(100)
+    for p in scaled:
+        p.grad = torch.randn(p.shape, generator=gen) * 2.0**10  # what backward of scaler.scale(loss) gives
+    stored = [p.grad.clone() for p in scaled]
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p.grad, g) for p, g in zip(scaled, stored))  # not unscaled in place
+    for p, q in zip(scaled, plain):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+    # An infinite gradient: the scaler's flag refuses the step, and the scale backs off.
+    before = [p.detach().clone() for p in scaled]
+    scaled[0].grad[0, 0, 0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9
+    assert all(torch.equal(p, w) for p, w in zip(scaled, before))
+    assert not hasattr(opt, "found_inf")  # the scaler removes its attributes after the step
+
+
+def test_compiled_step_has_no_graph_break_in_the_no_sync_mode() -> None:
+    params = _params(torch.float32)[:3]
+    euclid = nn.Parameter(torch.randn(4))
+    groups = [{"params": params, "grouping": "channel"}, {"params": [euclid]}]
+    opt = psiopt.PSISGD(groups, lr=0.1, momentum=0.9, capturable=True)
+    twin_params = [nn.Parameter(p.detach().clone()) for p in [*params, euclid]]
+    twin = psiopt.PSISGD([{"params": twin_params[:3], "grouping": "channel"}, {"params": twin_params[3:]}],
+                         lr=0.1, momentum=0.9, capturable=True, foreach=True)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    for k in range(3):
+        gen = torch.Generator().manual_seed(k)
+        for p, q in zip([*params, euclid], twin_params):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        step()
+        twin.step()
+    for p, q in zip([*params, euclid], twin_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capturable_step_does_not_synchronize_on_cuda() -> None:
+    params = [nn.Parameter(p.detach().cuda()) for p in _params(torch.float32)]
+    opt = _run(params, steps=1, momentum=0.9, capturable=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not bool(opt.last_step_refused)
+
+
+TRITON_CHECK = """
+import torch, psiopt
+from psiopt.optim import _triton_kernels
+from tests.test_psisgd_paths import OPTIONS, SHAPES, _params, _run
+
+class TritonOnCPU(psiopt.PSISGD):
+    def _kernels(self, group, p):  # the interpreter runs the CUDA kernels on CPU tensors
+        return _triton_kernels
+
+worst = 0.0
+for dtype in (torch.float64, torch.float32):
+    for options in [*OPTIONS.values(), dict(momentum=0.9, capturable=True)]:
+        reference, params = _params(dtype), _params(dtype, channels_last=True)
+        loop = {k: v for k, v in options.items() if k != "capturable"}
+        _run(reference, foreach=False, **loop)
+        groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)]
+        opt = TritonOnCPU(groups, lr=0.1, **options)
+        for k in range(4):
+            gen = torch.Generator().manual_seed(100 + k)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+            opt.step()
+        err = max(float((p.detach() - q.detach()).abs().max() / q.detach().abs().max()) for p, q in zip(params, reference))
+        assert err < (1e-12 if dtype == torch.float64 else 2e-5), (dtype, options, err)
+        worst = max(worst, err)
+# The device-side flags: a NaN gradient refused without raising; a zero group raises.
+params = _params(torch.float32)
+for capturable in (True, False):
+    groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)]
+    opt = TritonOnCPU(groups, lr=0.1, momentum=0.9, capturable=capturable)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if capturable:
+        params[1].grad[0, 0, 0, 0] = float("nan")
+        opt.step()
+        assert bool(opt.last_step_refused)
+    else:
+        with torch.no_grad():
+            params[2][3] = 0.0
+        before[2] = params[2].detach().clone()
+        try:
+            opt.step()
+            raise AssertionError("a zero group was stepped")
+        except psiopt.ZeroGroupError:
+            pass
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+print("ok", worst)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CPU torch)")
+def test_triton_kernels_match_the_reference_loop_under_the_interpreter() -> None:
+    """The CUDA kernels, run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must
+    be set before triton is imported: a fresh process)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(TRITON_CHECK)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr
