@@ -13,7 +13,6 @@ the optimizer steps.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from collections.abc import Sequence

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from ..manifold import PSIManifold, group_sq_norms, horizontal_lift_rows, metric_inner_rows, normalize_rows
+from ..manifold import group_sq_norms, horizontal_lift_rows, metric_inner_rows, normalize_rows
 from .psisgd import _PSIParamsMixin
 
 __all__ = ["PSIGD"]
