@@ -26,7 +26,7 @@ STEPS = 3
 # first trial on this model: the line search rejects some before it accepts one.
 CONFIGS = [
     (dict(lr=0.1), True),
-    (dict(lr=20.0, line_search="armijo"), True),
+    (dict(lr=20.0, line_search="armijo", c=0.5), True),  # c large: the decrease term decides
     (dict(lr=20.0, line_search="armijo", backtrack=0.3), False),  # trials run backward too
 ]
 # One all-reduce per step from PSIGD: 3 sums (|w|^2, <g,w>, |g|^2) per split group
