@@ -129,6 +129,20 @@ class PSIGD(_PSIParamsMixin, Optimizer):
     no momentum and no weight decay (on scale-invariant groups it would be a vertical
     move; on the others, add it to the loss). A non-finite trial loss counts as a
     rejection.
+
+    **Sharded weights (FSDP2).** DTensors sharded on dim 0 (``fully_shard``, evenly or
+    not) are stepped on their local shards. A step makes **one all-reduce**, whatever
+    the number of trials, of :math:`8(3G + T + 2)` bytes for :math:`G` groups split
+    across shards (a ``"tensor"`` grouping, straddling blocks) and :math:`T` sharded
+    scale-invariant weights: the split groups' sums :math:`\|w_j\|^2,
+    \langle g_j, w_j\rangle, \|g_j\|^2`, the refusal flags (a bad gradient or group on
+    one rank refuses the step on all), and each rank's part of
+    :math:`\|\operatorname{grad} f\|_w^2` (its whole groups and Euclidean shards). The
+    trial points follow from the same sums (:math:`r_j \perp w_j`, so
+    :math:`\|w_j - \alpha r_j\|^2 = \|w_j\|^2 + \alpha^2\|r_j\|^2`) and need no
+    communication. PSIGD does not reduce the loss: under FSDP2 the closure must return
+    the **same global loss on every rank** (e.g. the ranks' mean, all-reduced), so that
+    every rank takes the same accept/reject decisions.
     """
 
     def __init__(
