@@ -217,6 +217,8 @@ class PSIGD(_PSIParamsMixin, Optimizer):
         with torch.enable_grad():
             loss = closure(backward=True) if takes_flag else closure()
         sharded = any(_local(p) is not p for g in self.param_groups for p in g["params"] if p.grad is not None)
+        # Sharded steps are checked from the flags of their all-reduce, on every rank at once:
+        # a rank raising alone would leave the others waiting in it.
         plan = self._collect(check=not sharded)
         trials = self._sharded_trials(plan) if sharded else _Trials.of_plain_tensors(plan)
         if trials is None:
