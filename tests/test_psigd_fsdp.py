@@ -173,6 +173,20 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 dict(err=err, losses=losses, ref_losses=ref_losses, states=states, psigd_bytes=psigd_bytes,
                      unexplained=unexplained)
             )
+        # A NaN in one rank's shard of a gradient refuses the step on both ranks, which
+        # raise (neither waits in an all-reduce the other skipped) and change no weight.
+        before = [p.detach().full_tensor() for p in sharded.parameters()]
+
+        def nan_on_rank_1():
+            loss = closure()
+            if rank == 1:
+                sharded.conv1.weight.grad.to_local()[0, 0, 0, 0] = float("nan")
+            return loss
+
+        with pytest.raises(FloatingPointError) as refused:
+            opt.step(nan_on_rank_1)
+        unchanged = all(torch.equal(p.detach().full_tensor(), q) for p, q in zip(sharded.parameters(), before))
+        results.append(dict(message=str(refused.value), unchanged=unchanged))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -181,7 +195,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_fsdp2_psigd_steps_like_a_single_process(tmp_path) -> None:
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
     for rank in range(WORLD):
-        for (options, takes_flag), result in zip(CONFIGS, torch.load(tmp_path / f"rank{rank}.pt")):
+        *results, refusal = torch.load(tmp_path / f"rank{rank}.pt")
+        assert refusal["unchanged"]
+        assert "'conv1.weight'" in refusal["message"], refusal["message"]
+        assert ("another rank" in refusal["message"]) == (rank == 0), refusal["message"]
+        for (options, takes_flag), result in zip(CONFIGS, results):
             config = (options, takes_flag)
             assert result["err"] < 1e-9, (config, result["err"])
             assert result["losses"] == pytest.approx(result["ref_losses"], abs=1e-12), config
