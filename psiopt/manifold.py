@@ -47,6 +47,7 @@ __all__ = [
     "any_zero_groups",
     "step_row_sums",
     "one_pass_step_scalars",
+    "grad_metric_sq_from_sums",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -218,6 +219,8 @@ def one_pass_step_scalars(a, b, gg, mg, mw, mm, lr, momentum, dampening, nestero
     the scalars of a compiled row kernel; the square root is the caller's. With
     ``maximize``, pass :math:`-g`'s sums (:math:`b` and :math:`mg` negated).
     """
+    # a times grad_metric_sq_from_sums, written out: the compiled row kernels compile this
+    # function by itself, and it can call no other.
     rr = a * (a * gg - b * b)
     if momentum == 0:
         dw = 0.0 * a
@@ -244,6 +247,21 @@ def one_pass_step_scalars(a, b, gg, mg, mw, mm, lr, momentum, dampening, nestero
             md = mpmp
     uu = a - 2.0 * lr * dw + lr * lr * dd
     return a / uu, (mpw - lr * md) / a
+
+
+def grad_metric_sq_from_sums(a, b, gg):
+    r"""The squared PSI-metric norm of a group's Riemannian gradient, from three of the sums
+    of :func:`step_row_sums`: with :math:`a = \|w_j\|^2`, :math:`b = \langle g_j, w_j\rangle`,
+    :math:`gg = \|g_j\|^2` and the lift :math:`r_j = a\,g_j - b\,w_j`,
+
+    .. math::
+
+        \|r_j\|_w^2 = \frac{\|r_j\|^2}{a} = a\,gg - b^2 .
+
+    Pure arithmetic, like :func:`one_pass_step_scalars`: sums completed across shards give
+    the norm of a group split between processes without touching its entries again.
+    """
+    return a * gg - b * b
 
 
 def _bad_group_mask(w: torch.Tensor) -> torch.Tensor:

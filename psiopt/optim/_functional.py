@@ -298,49 +298,66 @@ def _prepare(
 
 
 def _reduce_across_shards(
-    items: list[_Tensors], sums: list[Tensor], bad: list[Tensor | bool], flag: Tensor | None
+    items: list[_Tensors],
+    sums: list[Tensor],
+    bad: list[Tensor | bool],
+    totals: Tensor | None = None,
+    *,
+    totals_group: object = None,
+    whole: list[Tensor | None] | None = None,
 ) -> Tensor | None:
     """Complete the sums of groups split across shards, and make the flags agree across
     ranks: **one all-reduce** per process group (one per step under FSDP2) of every partial
-    group sum, of every sharded tensor's flag, and of ``flag`` (the other gradients' flag).
+    group sum, of every sharded tensor's flag, and of ``totals``.
 
-    ``sums[i]`` (``(rows, 6)``) becomes, for each row, the sums of its whole group;
-    ``bad[i]`` becomes true when any rank flagged tensor ``i``. Returns ``flag`` reduced
-    the same way (unchanged when nothing is sharded).
+    ``sums[i]`` (``(rows, k)``: :func:`~psiopt.manifold.step_row_sums` or its first
+    columns) becomes, for each row, the sums of its whole group; ``bad[i]`` becomes true
+    when any rank flagged tensor ``i``. ``totals`` (a 1-d float64 tensor: flags as 0/1,
+    partial sums) is summed over the ranks and returned (unchanged when nothing is
+    reduced); with several process groups it is summed within each, which suits flags
+    only. ``totals_group`` makes it reduced over that process group even when no tensor
+    of ``items`` is sharded over it. ``whole``, if given, receives for each item the
+    ``(groups, k)`` sums of all the groups of a split tensor (``None`` for the others),
+    the same on every rank.
     """
-    by_group: dict[object, list[int]] = {}
+    by_group: dict[object, list[int]] = {} if totals_group is None else {totals_group: []}
     for i, t in enumerate(items):
         if t.plan.process_group is not None:
             by_group.setdefault(t.plan.process_group, []).append(i)
+    if whole is not None:
+        whole[:] = [None] * len(items)
     for group, idx in by_group.items():
         import torch.distributed as dist
 
-        device = items[idx[0]].w.device
+        device = items[idx[0]].w.device if idx else totals.device  # type: ignore[union-attr]
         partial = []
         for i in idx:
             plan = items[i].plan
             if plan.group_of_row is not None:
-                acc = torch.zeros(plan.num_groups, 6, dtype=torch.float64, device=device)
+                acc = torch.zeros(plan.num_groups, sums[i].shape[1], dtype=torch.float64, device=device)
                 acc.index_add_(0, plan.group_of_row, sums[i].double())
                 partial.append(acc.flatten())
         flags = [torch.as_tensor(bad[i], dtype=torch.float64, device=device).reshape(1) for i in idx]
-        if flag is not None:
-            flags.append(flag.to(device, torch.float64).reshape(1))
+        if totals is not None:
+            flags.append(totals.to(device, torch.float64).reshape(-1))
         buffer = torch.cat([*partial, *flags])
         dist.all_reduce(buffer, group=group)
         offset = 0
         for i in idx:
             plan = items[i].plan
             if plan.group_of_row is not None:
-                whole = buffer[offset : offset + 6 * plan.num_groups].view(plan.num_groups, 6)
-                sums[i] = whole[plan.group_of_row].to(sums[i].dtype)
-                offset += 6 * plan.num_groups
+                width = sums[i].shape[1]
+                groups = buffer[offset : offset + width * plan.num_groups].view(plan.num_groups, width)
+                sums[i] = groups[plan.group_of_row].to(sums[i].dtype)
+                if whole is not None:
+                    whole[i] = groups
+                offset += width * plan.num_groups
         for i in idx:
             bad[i] = buffer[offset] > 0
             offset += 1
-        if flag is not None:
-            flag = buffer[offset] > 0
-    return flag
+        if totals is not None:
+            totals = buffer[offset:]
+    return totals
 
 
 def _bad_rows(sums: Tensor) -> Tensor:

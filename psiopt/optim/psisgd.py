@@ -32,10 +32,12 @@ __all__ = ["PSISGD"]
 
 class _PSIParamsMixin:
     """What PSISGD and PSIGD share: which parameters are scale invariant, their names in
-    error messages, and the checks that run on every weight before any is modified."""
+    error messages, the checks that run on every weight before any is modified, and how
+    each scale-invariant tensor's local storage is read as rows."""
 
     param_groups: list[dict[str, Any]]
     _psi_manifolds: dict
+    _row_plans: dict
 
     def _manifold_of(self, p: Tensor, group: dict[str, Any]) -> PSIManifold | None:
         """The PSI manifold ``p`` is optimized on, or ``None`` for a Euclidean parameter."""
@@ -90,6 +92,17 @@ class _PSIParamsMixin:
                 )
             if (grouping is not None or self._manifold_of(p, group) is not None) and not p.dtype.is_floating_point:
                 raise TypeError(f"{name}: a scale-invariant weight must be a real floating-point tensor, not {p.dtype}")
+
+    def _row_plan(self, p: Tensor, name: str, manifold: PSIManifold) -> _RowPlan:
+        """``p``'s :class:`_RowPlan`, kept per optimizer (it only depends on ``p``'s local
+        shape, strides and grouping, checked on every use) so that a step does not redo it."""
+        local = _local(p)
+        key = (local.shape, local.stride(), manifold.grouping)
+        kept = self._row_plans.get(p)
+        if kept is None or kept[0] != key:
+            kept = (key, _row_plan(p, manifold.grouping, name))
+            self._row_plans[p] = kept
+        return kept[1]
 
     def _warn_if_no_scale_invariant(self) -> None:
         if not any(self._manifold_of(p, g) is not None for g in self.param_groups for p in g["params"]):
@@ -506,17 +519,6 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 loop.append(entry)
         return loop, one_pass
 
-    def _row_plan(self, p: Tensor, name: str, manifold: PSIManifold) -> _RowPlan:
-        """``p``'s :class:`_RowPlan`, kept per optimizer (it only depends on ``p``'s local
-        shape, strides and grouping, checked on every use) so that a step does not redo it."""
-        local = _local(p)
-        key = (local.shape, local.stride(), manifold.grouping)
-        kept = self._row_plans.get(p)
-        if kept is None or kept[0] != key:
-            kept = (key, _row_plan(p, manifold.grouping, name))
-            self._row_plans[p] = kept
-        return kept[1]
-
     def _kernels(self, group: dict[str, Any], p: Tensor):
         """The compiled row kernels for ``p`` (a module), or ``None`` for torch operations.
 
@@ -608,12 +610,13 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         items = [t for st in steps for t in st.items]
         sums = [x for st in steps for x in st.sums]
         bad = [x for st in steps for x in st.bad]
-        other_flag = _reduce_across_shards(items, sums, bad, other_flag)
+        totals = None if other_flag is None else other_flag.to(torch.float64).reshape(1)
+        totals = _reduce_across_shards(items, sums, bad, totals)
         for st in steps:
             n = len(st.items)
             st.sums[:], st.bad[:] = sums[:n], bad[:n]
             del sums[:n], bad[:n]
-        return other_flag
+        return None if totals is None else totals[0] > 0
 
     @staticmethod
     def _refused_on_device(steps: list[_GroupStep], other_flag: Tensor | None, found_inf: Tensor | None) -> Tensor:
