@@ -358,17 +358,29 @@ def _row_sums_and_flags(
     then completes both for sharded tensors). ``inv_scale`` (a
     GradScaler's inverse scale) only reaches the compiled kernels, the only path a
     scaler hands its scale to."""
-    sums: list[Tensor] = []
-    bad: list[Tensor | bool] = []  # a kernel's flag is a Python bool (it runs on the host)
-    for t in items:
-        if t.kernels is not None:
-            row_sums, flag = t.kernels.row_sums(t.w, t.g, t.m, inv_scale)
-        else:
-            row_sums = step_row_sums(t.w, t.g, t.m)
-            flag = _bad_rows(row_sums).any()
-        sums.append(row_sums)
-        bad.append(flag)
+    sums: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
+    bad: list[Tensor | bool] = [False] * len(items)  # a host kernel's flag is a Python bool
+    for kernels, idx in _by_kernels(items).items():
+        if kernels is None:
+            for i in idx:
+                sums[i] = step_row_sums(items[i].w, items[i].g, items[i].m)
+                bad[i] = _bad_rows(sums[i]).any()
+            continue
+        # One call for all the tensors of these kernels (the compiled CPU kernels batch them).
+        row_sums, flags = kernels.row_sums(
+            [items[i].w for i in idx], [items[i].g for i in idx], [items[i].m for i in idx], inv_scale
+        )
+        for i, s, flag in zip(idx, row_sums, flags):
+            sums[i], bad[i] = s, flag
     return sums, bad
+
+
+def _by_kernels(items: list[_Tensors]) -> dict[object, list[int]]:
+    """The indices of ``items`` by the kernels that step them (``None``: torch operations)."""
+    out: dict[object, list[int]] = {}
+    for i, t in enumerate(items):
+        out.setdefault(t.kernels, []).append(i)
+    return out
 
 
 def _elementwise_pass(

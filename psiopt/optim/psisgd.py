@@ -17,7 +17,9 @@ from torch.optim.sgd import sgd
 from ..grouping import as_grouping
 from ..manifold import PSIManifold, ZeroGroupError, any_zero_groups
 from ._functional import (
+    _by_kernels,
     _elementwise_pass,
+    _PLAIN,
     _local,
     _prepare,
     _reduce_across_shards,
@@ -170,13 +172,19 @@ def _check_finite_gradients(entries: list[tuple[Tensor, str]]) -> None:
             raise FloatingPointError(f"{entries[bad[0]][1]} {_NON_FINITE}")
 
 
-def _non_finite_flag(grads: list[Tensor]) -> Tensor | None:
+def _non_finite_flag(grads: list[Tensor], host_kernels=None) -> Tensor | None:
     """A 0-d bool tensor, without a host synchronization: whether the 2-norm of some gradient
     (of this process's shard) is not finite. A NaN or infinity makes it so; so can an
-    overflow of finite entries, which :func:`_check_finite_gradients` tells apart."""
+    overflow of finite entries, which :func:`_check_finite_gradients` tells apart.
+    ``host_kernels`` (the compiled CPU kernels, once loaded) checks dense CPU gradients
+    entry by entry in one call, a fraction of the time of torch's multi-tensor norm on
+    small tensors."""
     local = [g.coalesce().values() if g.is_sparse else _local(g) for g in grads]
     if not local:
         return None
+    finite = None if host_kernels is None else host_kernels.all_finite(local)
+    if finite is not None:
+        return torch.tensor(not finite)
     device = local[0].device
     return ~torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(local)]).isfinite().all()
 
@@ -457,7 +465,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         # The other gradients (Euclidean, reference loop) get a device-side flag, unless a
         # GradScaler has checked every gradient already.
         others = [e for st in steps for e in (*st.euclid, *((p, name) for p, name, _ in st.loop))]
-        other_flag = None if found_inf is not None else _non_finite_flag([p.grad for p, _ in others])
+        other_flag = None if found_inf is not None else _non_finite_flag([p.grad for p, _ in others], self._cpu_kernels)
         other_flag = self._reduce_across_shards(steps, other_flag)
 
         no_sync = any(g["capturable"] for g in self.param_groups) or found_inf is not None
@@ -476,14 +484,16 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 self._euclidean_step(group, [p for p, _ in st.euclid], refused, grad_scale)
             if st.loop:
                 self._loop_step(group, st.loop)
-            for t, sums in zip(st.items, st.sums):
-                options = {k: group[k] for k in ("momentum", "dampening", "nesterov", "maximize")}
-                if t.kernels is None:
-                    _elementwise_pass([t], [sums], refused, lr=float(group["lr"]), **options)
+            options = {k: group[k] for k in ("momentum", "dampening", "nesterov", "maximize")}
+            for kernels, idx in _by_kernels(st.items).items():
+                items, sums = [st.items[i] for i in idx], [st.sums[i] for i in idx]
+                if kernels is None:
+                    _elementwise_pass(items, sums, refused, lr=float(group["lr"]), **options)
                 else:
-                    t.kernels.update(
-                        t.w, t.g, t.m, sums, refused, inv_scale, lr=float(group["lr"]), first=t.first, **options
-                    )
+                    kernels.update(
+                        [t.w for t in items], [t.g for t in items], [t.m for t in items], sums,
+                        [t.first for t in items], refused, inv_scale, lr=float(group["lr"]), **options,
+                    )  # fmt: skip
             if group["momentum"] != 0:
                 for (p, _, _), buf in zip(st.one_pass, st.buffers):
                     self.state[p]["momentum_buffer"] = buf
@@ -687,7 +697,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             nesterov=group["nesterov"],
             maximize=group["maximize"],
             has_sparse_grad=any(g.is_sparse for g in grads),
-            foreach=None if on_device else group["foreach"],
+            foreach=None if on_device else self._euclidean_foreach(group, grads),
             fused=True if on_device else None,
             grad_scale=grad_scale,
             found_inf=refused.float() if on_device else None,
@@ -695,6 +705,17 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if group["momentum"] != 0:
             for p, buf in zip(params, momentum_buffers):
                 self.state[p]["momentum_buffer"] = buf
+
+    @staticmethod
+    def _euclidean_foreach(group: dict[str, Any], grads: list[Tensor]) -> bool | None:
+        """The group's ``foreach``; where it is ``None`` and every gradient is a dense CPU
+        tensor, ``True``: torch's own choice there is its per-tensor loop, whose Python
+        overhead dominates small steps, and its multi-tensor step computes the same bits
+        (the same CPU kernels, tensor after tensor)."""
+        foreach = group["foreach"]
+        if foreach is None and all(type(g) in _PLAIN and g.device.type == "cpu" and not g.is_sparse for g in grads):
+            return True
+        return foreach
 
     def _loop_step(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
         params = [p for p, _, _ in psi]
