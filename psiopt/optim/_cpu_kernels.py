@@ -48,7 +48,7 @@ _step_scalars = numba.njit(one_pass_step_scalars, fastmath=_FASTMATH)
 
 def supports(t: Tensor) -> bool:
     """Whether these kernels step ``t``: a CPU float32 or float64 tensor."""
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+    return t.is_cpu and t.dtype in (torch.float32, torch.float64)
 
 
 @numba.njit(nogil=True)
@@ -254,11 +254,15 @@ def _table(ws, gs, ms, sums, firsts) -> np.ndarray:
     ).reshape(-1, 7)
 
 
-def _by_dtype(ws: list[Tensor]) -> dict[torch.dtype, list[int]]:
+def _by_dtype(ws: list[Tensor]) -> list[tuple[torch.dtype, list[int]]]:
+    """The indices of ``ws`` by dtype (usually all of one)."""
+    dtype = ws[0].dtype if ws else None
+    if all(w.dtype == dtype for w in ws):
+        return [(dtype, list(range(len(ws))))] if ws else []
     out: dict[torch.dtype, list[int]] = {}
     for i, w in enumerate(ws):
         out.setdefault(w.dtype, []).append(i)
-    return out
+    return list(out.items())
 
 
 def _inv(inv_scale: Tensor | None) -> float:
@@ -274,15 +278,11 @@ def row_sums(
     ``inv_scale`` (a GradScaler's ``1 / scale``), in one pass; and whether a row is bad (a
     sum not finite, or a zero or underflowing squared weight norm). One compiled call
     per dtype for all the tensors."""
-    out = torch.empty(sum(w.shape[0] for w in ws), 6, dtype=torch.float64)
-    sums, start = [], 0
-    for w in ws:
-        sums.append(out[start : start + w.shape[0]])
-        start += w.shape[0]
+    sums = list(torch.empty(sum(w.shape[0] for w in ws), 6, dtype=torch.float64).split([w.shape[0] for w in ws]))
     bad = np.zeros(len(ws), dtype=np.bool_)
     has_m = bool(ms) and ms[0] is not None
     inv = _inv(inv_scale)
-    for dtype, idx in _by_dtype(ws).items():
+    for dtype, idx in _by_dtype(ws):
         grads = [_dense_rows(gs[i]) for i in idx]  # kept alive across the call
         table = _table([ws[i] for i in idx], grads, [ms[i] for i in idx], [sums[i] for i in idx], [0] * len(idx))
         flags = np.zeros(len(idx), dtype=np.bool_)
@@ -314,9 +314,10 @@ def update(
         return
     has_m = ms[0] is not None
     inv = _inv(inv_scale)
-    for dtype, idx in _by_dtype(ws).items():
+    for dtype, idx in _by_dtype(ws):
         grads = [_dense_rows(gs[i]) for i in idx]
-        rows_sums = [sums[i].to(torch.float64).contiguous() for i in idx]  # reduced sums may be new tensors
+        # The sums of split groups come back from the all-reduce as new tensors.
+        rows_sums = [_dense_rows(sums[i].to(torch.float64)) for i in idx]
         table = _table([ws[i] for i in idx], grads, [ms[i] for i in idx], rows_sums, [firsts[i] for i in idx])
         _BATCHED[dtype][1](table, has_m, inv, float(lr), float(momentum), float(dampening), bool(nesterov),
                            -1.0 if maximize else 1.0)  # fmt: skip
@@ -327,7 +328,7 @@ def all_finite(tensors: list[Tensor]) -> bool | None:
     tensor is not a dense CPU float32 or float64 tensor (the caller then checks them)."""
     if not all(t.layout == torch.strided and supports(t) and t.is_contiguous() for t in tensors):
         return None
-    for dtype, idx in _by_dtype(tensors).items():
+    for dtype, idx in _by_dtype(tensors):
         table = np.array([(tensors[i].data_ptr(), tensors[i].numel()) for i in idx], dtype=np.int64).reshape(-1, 2)
         if not _all_finite(table, tensors[idx[0]].element_size()):
             return False

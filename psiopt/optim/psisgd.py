@@ -43,10 +43,11 @@ class _PSIParamsMixin:
         """The PSI manifold ``p`` is optimized on, or ``None`` for a Euclidean parameter."""
         grouping = group.get("grouping")
         if grouping is not None:
-            grouping = as_grouping(grouping)
-            if grouping not in self._psi_manifolds:
-                self._psi_manifolds[grouping] = PSIManifold(grouping)
-            return self._psi_manifolds[grouping]
+            # Kept by the group's value itself (its text), so that a step does not parse it again.
+            manifold = self._psi_manifolds.get(grouping)
+            if manifold is None:
+                manifold = self._psi_manifolds[grouping] = PSIManifold(as_grouping(grouping))
+            return manifold
         if isinstance(p, geoopt.ManifoldParameter) and isinstance(p.manifold, PSIManifold):
             return p.manifold
         return None
@@ -713,7 +714,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         overhead dominates small steps, and its multi-tensor step computes the same bits
         (the same CPU kernels, tensor after tensor)."""
         foreach = group["foreach"]
-        if foreach is None and all(type(g) in _PLAIN and g.device.type == "cpu" and not g.is_sparse for g in grads):
+        if foreach is None and all(type(g) in _PLAIN and g.is_cpu and not g.is_sparse for g in grads):
             return True
         return foreach
 
