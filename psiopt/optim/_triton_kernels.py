@@ -220,8 +220,16 @@ def update(
     firsts: list[bool],
     refused: Tensor | None,
     inv_scale: Tensor | None,
-    **options,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
 ) -> None:
     """The elementwise pass of every tensor (see ``_update``), one kernel launch per tensor."""
     for w, g, m, s, first in zip(ws, gs, ms, sums, firsts):
-        _update(w, g, m, s, refused, inv_scale, first=first, **options)
+        _update(
+            w, g, m, s, refused, inv_scale,
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, first=first, maximize=maximize,
+        )  # fmt: skip
