@@ -373,7 +373,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 "None (or True), or set fused=True"
             )
         self._psi_manifolds = {}
-        self._row_plans: dict[Tensor, tuple[tuple, _RowPlan]] = {}
+        self._row_plans: dict[Tensor, tuple[tuple, _RowPlan, bool]] = {}
+        self._row_views: dict[Tensor, tuple] = {}
         self._cpu_kernels = None
         self._triton_kernels = None
         defaults = {
@@ -402,6 +403,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         self.__dict__.setdefault("_psi_manifolds", {})
         self.__dict__.setdefault("last_step_refused", None)
         self.__dict__.setdefault("_row_plans", {})
+        self.__dict__.setdefault("_row_views", {})
         self.__dict__.setdefault("_cpu_kernels", None)
         self.__dict__.setdefault("_triton_kernels", None)
         for group in self.param_groups:
@@ -451,15 +453,17 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         # a refused step changes nothing.
         steps = []
         for group, psi, euclid in self._collect(check=False):
-            loop, one_pass = self._split_paths(group, psi)
+            loop, one_pass, plans = self._split_paths(group, psi)
             buffers = self._momentum_buffers(group, [p for p, _, _ in one_pass])
             items = _prepare(
                 [p for p, _, _ in one_pass],
                 [p.grad for p, _, _ in one_pass],
                 buffers,
-                [self._row_plan(*entry) for entry in one_pass],
+                plans,
                 group["momentum"],
                 kernels=[self._kernels(group, p) for p, _, _ in one_pass],
+                # dynamo would trace the kept views as inputs of the compiled step: none while compiling.
+                row_views=None if torch.compiler.is_compiling() else self._row_views,
             )
             sums, bad = _row_sums_and_flags(items, inv_scale)
             steps.append(_GroupStep(group, loop, one_pass, euclid, items, buffers, sums, bad))
@@ -503,30 +507,32 @@ class PSISGD(_PSIParamsMixin, Optimizer):
     # -- which step each tensor takes ---------------------------------------------------
     def _split_paths(
         self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]
-    ) -> tuple[list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str, PSIManifold]]]:
-        """The tensors of the reference loop (``foreach=False``) and of the one-pass step
-        (every other case, and always for sharded tensors and weights whose storage has no
-        row view, such as non-dense slices: those go to the loop)."""
-        loop, one_pass = [], []
+    ) -> tuple[list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str, PSIManifold]], list[_RowPlan]]:
+        """The tensors of the reference loop (``foreach=False``, and weights whose storage
+        has no row view, such as non-dense slices) and of the one-pass step (every other
+        case, and always sharded tensors), with the :class:`_RowPlan` of each of the latter."""
+        loop, one_pass, plans = [], [], []
         for entry in psi:
-            p = entry[0]
-            sharded = _local(p) is not p
-            if sharded or (group["foreach"] is not False and self._row_plan(*entry).has_row_view(p)):
+            plan, has_row_view = self._row_plan(*entry)
+            if plan.sharded or (group["foreach"] is not False and has_row_view):
                 one_pass.append(entry)
+                plans.append(plan)
             else:
                 loop.append(entry)
-        return loop, one_pass
+        return loop, one_pass, plans
 
-    def _row_plan(self, p: Tensor, name: str, manifold: PSIManifold) -> _RowPlan:
-        """``p``'s :class:`_RowPlan`, kept per optimizer (it only depends on ``p``'s local
-        shape, strides and grouping, checked on every use) so that a step does not redo it."""
+    def _row_plan(self, p: Tensor, name: str, manifold: PSIManifold) -> tuple[_RowPlan, bool]:
+        """``p``'s :class:`_RowPlan`, and whether ``p`` has a row view under it; kept per
+        optimizer (both only depend on ``p``'s local shape, strides and grouping, checked
+        on every use) so that a step does not redo them."""
         local = _local(p)
         key = (local.shape, local.stride(), manifold.grouping)
         kept = self._row_plans.get(p)
         if kept is None or kept[0] != key:
-            kept = (key, _row_plan(p, manifold.grouping, name))
+            plan = _row_plan(p, manifold.grouping, name)
+            kept = (key, plan, plan.has_row_view(p))
             self._row_plans[p] = kept
-        return kept[1]
+        return kept[1], kept[2]
 
     def _kernels(self, group: dict[str, Any], p: Tensor):
         """The compiled row kernels for ``p`` (a module), or ``None`` for torch operations.
@@ -539,7 +545,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if fused is False or group["foreach"] or torch.compiler.is_compiling():
             return None
         local = _local(p)
-        if local.device.type == "cuda" and (fused or importlib.util.find_spec("triton") is not None):
+        if local.is_cuda and (fused or importlib.util.find_spec("triton") is not None):
             if self._triton_kernels is None:
                 try:
                     from . import _triton_kernels
@@ -550,7 +556,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                     ) from None
                 self._triton_kernels = _triton_kernels
             return self._triton_kernels
-        if local.device.type == "cpu" and local.dtype in (torch.float32, torch.float64):
+        if local.is_cpu and local.dtype in (torch.float32, torch.float64):
             if self._cpu_kernels is None:
                 if fused is None and importlib.util.find_spec("numba") is None:
                     return None  # looked up again next step: numba may be installed meanwhile
