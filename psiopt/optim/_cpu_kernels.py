@@ -46,9 +46,12 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _step_scalars = numba.njit(one_pass_step_scalars, fastmath=_FASTMATH)
 
 
+_DTYPES = (torch.float32, torch.float64)
+
+
 def supports(t: Tensor) -> bool:
     """Whether these kernels step ``t``: a CPU float32 or float64 tensor."""
-    return t.is_cpu and t.dtype in (torch.float32, torch.float64)
+    return t.is_cpu and t.dtype in _DTYPES
 
 
 @numba.njit(nogil=True)
@@ -278,7 +281,8 @@ def row_sums(
     ``inv_scale`` (a GradScaler's ``1 / scale``), in one pass; and whether a row is bad (a
     sum not finite, or a zero or underflowing squared weight norm). One compiled call
     per dtype for all the tensors."""
-    sums = list(torch.empty(sum(w.shape[0] for w in ws), 6, dtype=torch.float64).split([w.shape[0] for w in ws]))
+    counts = [w.shape[0] for w in ws]
+    sums = list(torch.empty(sum(counts), 6, dtype=torch.float64).split_with_sizes(counts))
     bad = np.zeros(len(ws), dtype=np.bool_)
     has_m = bool(ms) and ms[0] is not None
     inv = _inv(inv_scale)
@@ -326,7 +330,7 @@ def update(
 def all_finite(tensors: list[Tensor]) -> bool | None:
     """Whether every entry of ``tensors`` is finite, in one compiled call; ``None`` when a
     tensor is not a dense CPU float32 or float64 tensor (the caller then checks them)."""
-    if not all(t.layout == torch.strided and supports(t) and t.is_contiguous() for t in tensors):
+    if not all(t.is_cpu and t.dtype in _DTYPES and t.layout == torch.strided and t.is_contiguous() for t in tensors):
         return None
     for dtype, idx in _by_dtype(tensors):
         table = np.array([(tensors[i].data_ptr(), tensors[i].numel()) for i in idx], dtype=np.int64).reshape(-1, 2)

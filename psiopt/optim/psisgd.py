@@ -121,7 +121,7 @@ class _PSIParamsMixin:
             for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                name = _param_name(group, gi, j, p)
+                name = _LazyName(group, gi, j, p)
                 manifold = self._manifold_of(p, group)
                 if manifold is None:
                     euclid.append((p, name))
@@ -142,6 +142,20 @@ class _PSIParamsMixin:
             for p, name, m in psi_all:
                 m.check_nonzero_groups(p.detach(), name)
         return plan
+
+
+class _LazyName:
+    """A parameter's name in error messages (:func:`_param_name`), made only when a message
+    is: a step names every parameter it might complain about, and the text costs as much as
+    a small tensor's arithmetic."""
+
+    __slots__ = ("group", "group_index", "index", "p")
+
+    def __init__(self, group: dict[str, Any], group_index: int, index: int, p: Tensor) -> None:
+        self.group, self.group_index, self.index, self.p = group, group_index, index, p
+
+    def __str__(self) -> str:
+        return _param_name(self.group, self.group_index, self.index, self.p)
 
 
 def _param_name(group: dict[str, Any], group_index: int, index: int, p: Tensor) -> str:
