@@ -283,7 +283,7 @@ def row_sums(
     per dtype for all the tensors."""
     counts = [w.shape[0] for w in ws]
     sums = list(torch.empty(sum(counts), 6, dtype=torch.float64).split_with_sizes(counts))
-    bad = np.zeros(len(ws), dtype=np.bool_)
+    bad = [False] * len(ws)
     has_m = bool(ms) and ms[0] is not None
     inv = _inv(inv_scale)
     for dtype, idx in _by_dtype(ws):
@@ -291,8 +291,9 @@ def row_sums(
         table = _table([ws[i] for i in idx], grads, [ms[i] for i in idx], [sums[i] for i in idx], [0] * len(idx))
         flags = np.zeros(len(idx), dtype=np.bool_)
         _BATCHED[dtype][0](table, has_m, inv, flags)
-        bad[idx] = flags
-    return sums, bad.tolist()
+        for i, flag in zip(idx, flags.tolist()):
+            bad[i] = flag
+    return sums, bad
 
 
 def update(
@@ -321,7 +322,7 @@ def update(
     for dtype, idx in _by_dtype(ws):
         grads = [_dense_rows(gs[i]) for i in idx]
         # The sums of split groups come back from the all-reduce as new tensors.
-        rows_sums = [_dense_rows(sums[i].to(torch.float64)) for i in idx]
+        rows_sums = [_dense_rows(sums[i] if sums[i].dtype == torch.float64 else sums[i].double()) for i in idx]
         table = _table([ws[i] for i in idx], grads, [ms[i] for i in idx], rows_sums, [firsts[i] for i in idx])
         _BATCHED[dtype][1](table, has_m, inv, float(lr), float(momentum), float(dampening), bool(nesterov),
                            -1.0 if maximize else 1.0)  # fmt: skip
