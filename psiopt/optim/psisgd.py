@@ -187,19 +187,19 @@ def _check_finite_gradients(entries: list[tuple[Tensor, str]]) -> None:
             raise FloatingPointError(f"{entries[bad[0]][1]} {_NON_FINITE}")
 
 
-def _non_finite_flag(grads: list[Tensor], host_kernels=None) -> Tensor | None:
+def _non_finite_flag(grads: list[Tensor], host_kernels=None) -> Tensor | bool | None:
     """A 0-d bool tensor, without a host synchronization: whether the 2-norm of some gradient
     (of this process's shard) is not finite. A NaN or infinity makes it so; so can an
     overflow of finite entries, which :func:`_check_finite_gradients` tells apart.
     ``host_kernels`` (the compiled CPU kernels, once loaded) checks dense CPU gradients
     entry by entry in one call, a fraction of the time of torch's multi-tensor norm on
-    small tensors."""
+    small tensors; the flag is then a Python bool (it was computed on the host)."""
     local = [g.coalesce().values() if g.is_sparse else _local(g) for g in grads]
     if not local:
         return None
     finite = None if host_kernels is None else host_kernels.all_finite(local)
     if finite is not None:
-        return torch.tensor(not finite)
+        return not finite
     device = local[0].device
     return ~torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(local)]).isfinite().all()
 
@@ -634,11 +634,13 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             st.items.pop(k), st.buffers.pop(k), st.sums.pop(k), st.bad.pop(k)
 
     @staticmethod
-    def _reduce_across_shards(steps: list[_GroupStep], other_flag: Tensor | None) -> Tensor | None:
+    def _reduce_across_shards(steps: list[_GroupStep], other_flag: Tensor | bool | None) -> Tensor | bool | None:
         """:func:`_reduce_across_shards` over every param group at once: one all-reduce per step."""
         items = [t for st in steps for t in st.items]
         sums = [x for st in steps for x in st.sums]
         bad = [x for st in steps for x in st.bad]
+        if isinstance(other_flag, bool) and any(t.plan.process_group is not None for t in items):
+            other_flag = torch.tensor(other_flag)  # reduced across ranks with the other flags
         other_flag = _reduce_across_shards(items, sums, bad, other_flag)
         for st in steps:
             n = len(st.items)
@@ -647,15 +649,20 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         return other_flag
 
     @staticmethod
-    def _refused_on_device(steps: list[_GroupStep], other_flag: Tensor | None, found_inf: Tensor | None) -> Tensor:
+    def _refused_on_device(
+        steps: list[_GroupStep], other_flag: Tensor | bool | None, found_inf: Tensor | None
+    ) -> Tensor:
         """Without a host synchronization: a 0-d bool flag, true when any group cannot be
         stepped or any gradient is not finite (the GradScaler's ``found_inf``, if given)."""
-        flags = [b if isinstance(b, Tensor) else torch.tensor(b) for st in steps for b in st.bad]
-        flags += [f for f in (other_flag, None if found_inf is None else found_inf > 0) if f is not None]
-        if not flags:
+        flags = [*(b for st in steps for b in st.bad), other_flag, None if found_inf is None else found_inf > 0]
+        tensors = [f for f in flags if isinstance(f, Tensor)]
+        on_host = [f for f in flags if isinstance(f, bool)]  # the host kernels' flags: one tensor for all
+        if on_host:
+            tensors.append(torch.tensor(any(on_host)))
+        if not tensors:
             return torch.zeros((), dtype=torch.bool)
-        device = flags[0].device
-        return torch.stack([f.to(device) for f in flags]).any()
+        device = tensors[0].device
+        return torch.stack([f.to(device) for f in tensors]).any()
 
     # -- the updates ----------------------------------------------------------------------
     def _euclidean_step(
@@ -678,8 +685,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 buf = self.state[p]["momentum_buffer"]
                 buf.copy_(torch.where(refused, old, buf))
             return
-        sharded = [_local(p) is not p for p in params]
-        if on_device and any(sharded):
+        sharded = [_local(p) is not p for p in params] if on_device else []
+        if any(sharded):
             # torch's fused SGD has no DTensor rule: it runs on the local shards, and the
             # buffers it creates are wrapped back into DTensors like their parameters.
             from torch.distributed.tensor import DTensor
