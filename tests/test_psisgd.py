@@ -353,7 +353,7 @@ def test_sparse_gradient_on_scale_invariant_weight_raises() -> None:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, None])
 def test_non_finite_gradient_refuses_the_step_untouched(bad, foreach) -> None:
     model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
     x = torch.randn(8, 3, dtype=torch.float64)

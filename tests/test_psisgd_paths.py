@@ -90,6 +90,60 @@ def test_every_path_matches_the_reference_loop(dtype, path, options, channels_la
             close(buf, ref_opt.state[q]["momentum_buffer"])
 
 
+@pytest.mark.parametrize("options", [OPTIONS["dampening-maximize"], OPTIONS["nesterov-maximize"]], ids=["dampening", "nesterov"])
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+def test_many_tensors_of_mixed_dtypes_in_one_group_match_the_reference_loop(path, options) -> None:
+    """One param group per grouping, each holding float64 and float32 tensors, contiguous
+    and channels-last: the compiled CPU kernels step all of them in one call per dtype
+    and pass, so each tensor must still get its own rows, sums and first-step flag."""
+
+    def build():
+        params = [*_params(torch.float64), *_params(torch.float32, channels_last=True, seed=6)]
+        groupings = [g for _, g in SHAPES] * 2
+        by_grouping: dict[str, list] = {}
+        for p, g in zip(params, groupings):
+            by_grouping.setdefault(g, []).append(p)
+        return params, [{"params": ps, "grouping": g} for g, ps in by_grouping.items()]
+
+    (reference, ref_groups), (params, groups) = build(), build()
+    opts = [psiopt.PSISGD(ref_groups, lr=0.1, foreach=False, **options), psiopt.PSISGD(groups, lr=0.1, **path, **options)]
+    for k in range(3):
+        gen = torch.Generator().manual_seed(200 + k)
+        for p, q in zip(params, reference):
+            q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+            p.grad = q.grad.clone()  # contiguous: another layout than the channels-last weights
+        for opt in opts:
+            opt.step()
+    for p, q in zip(params, reference):
+        eps = 1e-12 if p.dtype == torch.float64 else 2e-5
+        for x, y in ((p.detach(), q.detach()), (opts[1].state[p]["momentum_buffer"], opts[0].state[q]["momentum_buffer"])):
+            torch.testing.assert_close(x, y, rtol=eps, atol=eps * float(y.abs().max()))
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+def test_weights_and_buffers_replaced_between_steps_are_the_ones_stepped(path) -> None:
+    """The one-pass step keeps row views from one step to the next: a weight given new
+    storage (``p.data = ...``) or a momentum buffer replaced (a loaded state dict) must
+    be read and written there, not in the memory of the old views."""
+    reference, params = _params(torch.float64), _params(torch.float64, channels_last=True)
+    groups = [[{"params": [p], "grouping": g} for p, (_, g) in zip(ps, SHAPES)] for ps in (reference, params)]
+    opts = [psiopt.PSISGD(groups[0], lr=0.1, momentum=0.9, foreach=False), psiopt.PSISGD(groups[1], lr=0.1, momentum=0.9, **path)]
+    for k in range(4):
+        gen = torch.Generator().manual_seed(300 + k)
+        for p, q in zip(params, reference):
+            q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+            p.grad = q.grad.clone()
+        if k == 2:
+            for p in params:
+                p.data = p.data.clone()  # same layout, new storage
+            opts[1].load_state_dict(opts[1].state_dict())  # new momentum buffers
+        for opt in opts:
+            opt.step()
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(opts[1].state[p]["momentum_buffer"], opts[0].state[q]["momentum_buffer"], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
 def test_bfloat16_and_float16_weights_follow_the_reference_loop(path) -> None:
     """Half types take the one-pass torch step (the fused kernels step float32 and float64),

@@ -15,6 +15,12 @@ gradient or weight is detected.
 
 Both kernels handle one row (one group, or one part of a group) per iteration, in the
 rows' own precision (float32 or float64); only the per-row scalars are float64.
+
+Each pass is **one compiled call per dtype for all the tensors** of a param group: the
+call gets a small int64 table of the tensors' row views (addresses, rows, entries per
+row) and reads and writes them in place. Handing numba one array per tensor costs about
+as much as the arithmetic on a small model (each array is unboxed on every call); the
+table makes the Python cost of a step nearly independent of the number of tensors.
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ import math
 
 import numba
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 import torch
 from torch import Tensor
 
 from ..manifold import one_pass_step_scalars
 
-__all__ = ["row_sums", "update", "supports"]
+__all__ = ["row_sums", "update", "supports", "all_finite"]
 
 # Reassociation and contraction (vectorized sums, fused multiply-adds); not nnan/ninf.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -37,9 +46,12 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _step_scalars = numba.njit(one_pass_step_scalars, fastmath=_FASTMATH)
 
 
+_DTYPES = (torch.float32, torch.float64)
+
+
 def supports(t: Tensor) -> bool:
     """Whether these kernels step ``t``: a CPU float32 or float64 tensor."""
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+    return t.is_cpu and t.dtype in _DTYPES
 
 
 @numba.njit(nogil=True)
@@ -154,37 +166,142 @@ def _make_update(cast):
     return update
 
 
-_ROW_SUMS = {torch.float32: _make_row_sums(np.float32), torch.float64: _make_row_sums(np.float64)}
-_UPDATE = {torch.float32: _make_update(np.float32), torch.float64: _make_update(np.float64)}
+@intrinsic
+def _pointer(typingctx, address):  # pragma: no cover - compiled
+    """An int64 address as a ``void*``, for :func:`numba.carray`."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.int64), codegen
 
 
-def _array(x: Tensor):
-    # Row views made under torch.no_grad() do not require grad; a tensor that does is detached.
-    return x.detach().numpy() if x.requires_grad else x.numpy()
+# Columns of the int64 table that describes the tensors of one batched call, one row per
+# tensor: the addresses of its weight, gradient, momentum (the weight's when there is
+# none) and sums rows, its number of rows and of entries per row, and its first-step flag.
+_W, _G, _M, _S, _ROWS, _COLS, _FIRST = range(7)
+
+
+def _make_batched(cast):
+    """The two passes over every tensor of one dtype, one compiled call each: the rows of
+    tensor ``t`` are read in place from the addresses in row ``t`` of ``table``."""
+    row_sums_kernel, update_kernel = _make_row_sums(cast), _make_update(cast)
+
+    @numba.njit(nogil=True)
+    def row_sums(table, has_m, inv_scale, bad):  # pragma: no cover - compiled
+        for t in range(table.shape[0]):
+            k, d = table[t, _ROWS], table[t, _COLS]
+            if k == 0:
+                continue
+            w = numba.carray(_pointer(table[t, _W]), (k, d), cast)
+            g = numba.carray(_pointer(table[t, _G]), (k, d), cast)
+            m = numba.carray(_pointer(table[t, _M]), (k, d), cast)
+            out = numba.carray(_pointer(table[t, _S]), (k, 6), np.float64)
+            bad[t] = row_sums_kernel(w, g, m, has_m, inv_scale, out)
+
+    @numba.njit(nogil=True)
+    def update(table, has_m, inv_scale, lr, momentum, dampening, nesterov, sign):  # pragma: no cover - compiled
+        for t in range(table.shape[0]):
+            k, d = table[t, _ROWS], table[t, _COLS]
+            if k == 0:
+                continue
+            w = numba.carray(_pointer(table[t, _W]), (k, d), cast)
+            g = numba.carray(_pointer(table[t, _G]), (k, d), cast)
+            m = numba.carray(_pointer(table[t, _M]), (k, d), cast)
+            sums = numba.carray(_pointer(table[t, _S]), (k, 6), np.float64)
+            first = table[t, _FIRST] != 0
+            update_kernel(w, g, m, has_m, sums, inv_scale, lr, momentum, dampening, nesterov, first, sign)
+
+    return row_sums, update
+
+
+_BATCHED = {torch.float32: _make_batched(np.float32), torch.float64: _make_batched(np.float64)}
+
+
+@numba.njit(nogil=True)
+def _all_finite(table, itemsize):  # pragma: no cover - compiled
+    # table: (address, number of entries) of dense float32 (itemsize 4) or float64 tensors.
+    for t in range(table.shape[0]):
+        n = table[t, 1]
+        if n == 0:
+            continue
+        if itemsize == 4:
+            x32 = numba.carray(_pointer(table[t, 0]), (n,), np.float32)
+            for i in range(n):
+                if not math.isfinite(x32[i]):
+                    return False
+        else:
+            x64 = numba.carray(_pointer(table[t, 0]), (n,), np.float64)
+            for i in range(n):
+                if not math.isfinite(x64[i]):
+                    return False
+    return True
+
+
+def _dense_rows(x: Tensor) -> Tensor:
+    # The kernels read a row view from its address, row after row: one that is not
+    # contiguous (a gradient in another layout) is copied, as it is only read.
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _table(ws, gs, ms, sums, firsts) -> np.ndarray:
+    # The addresses of the rows the kernels write through must be those of the tensors.
+    if not all(w.is_contiguous() and (m is None or m.is_contiguous()) for w, m in zip(ws, ms)):
+        raise RuntimeError("PSISGD's fused CPU kernels write weights and momentum in place: their row views must be contiguous")
+    return np.array(
+        [
+            (w.data_ptr(), g.data_ptr(), (w if m is None else m).data_ptr(), s.data_ptr(), w.shape[0], w.shape[1], f)
+            for w, g, m, s, f in zip(ws, gs, ms, sums, firsts)
+        ],
+        dtype=np.int64,
+    ).reshape(-1, 7)
+
+
+def _by_dtype(ws: list[Tensor]) -> list[tuple[torch.dtype, list[int]]]:
+    """The indices of ``ws`` by dtype (usually all of one)."""
+    dtype = ws[0].dtype if ws else None
+    if all(w.dtype == dtype for w in ws):
+        return [(dtype, list(range(len(ws))))] if ws else []
+    out: dict[torch.dtype, list[int]] = {}
+    for i, w in enumerate(ws):
+        out.setdefault(w.dtype, []).append(i)
+    return list(out.items())
 
 
 def _inv(inv_scale: Tensor | None) -> float:
     return 1.0 if inv_scale is None else float(inv_scale)
 
 
-def row_sums(w: Tensor, g: Tensor, m: Tensor | None, inv_scale: Tensor | None) -> tuple[Tensor, bool]:
-    """The ``(rows, 6)`` float64 sums of :func:`psiopt.manifold.step_row_sums`, of the
-    gradient times ``inv_scale`` (a GradScaler's ``1 / scale``), in one pass; and whether a
-    row is bad (a sum not finite, or a zero or underflowing squared weight norm)."""
-    out = torch.empty(w.shape[0], 6, dtype=torch.float64)
-    if not w.shape[0]:
-        return out, False
-    bad = _ROW_SUMS[w.dtype](
-        _array(w), _array(g), _array(w if m is None else m), m is not None, _inv(inv_scale), out.numpy()
-    )
-    return out, bool(bad)
+def row_sums(
+    ws: list[Tensor], gs: list[Tensor], ms: list[Tensor | None], inv_scale: Tensor | None
+) -> tuple[list[Tensor], list[bool]]:
+    """For every tensor ``i`` (row views ``ws[i]``, ``gs[i]``, ``ms[i]``, the weight and
+    momentum views contiguous, every ``ms[i]`` ``None`` or none of them): the ``(rows, 6)``
+    float64 sums of :func:`psiopt.manifold.step_row_sums`, of the gradient times
+    ``inv_scale`` (a GradScaler's ``1 / scale``), in one pass; and whether a row is bad (a
+    sum not finite, or a zero or underflowing squared weight norm). One compiled call
+    per dtype for all the tensors."""
+    counts = [w.shape[0] for w in ws]
+    sums = list(torch.empty(sum(counts), 6, dtype=torch.float64).split_with_sizes(counts))
+    bad = [False] * len(ws)
+    has_m = bool(ms) and ms[0] is not None
+    inv = _inv(inv_scale)
+    for dtype, idx in _by_dtype(ws):
+        grads = [_dense_rows(gs[i]) for i in idx]  # kept alive across the call
+        table = _table([ws[i] for i in idx], grads, [ms[i] for i in idx], [sums[i] for i in idx], [0] * len(idx))
+        flags = np.zeros(len(idx), dtype=np.bool_)
+        _BATCHED[dtype][0](table, has_m, inv, flags)
+        for i, flag in zip(idx, flags.tolist()):
+            bad[i] = flag
+    return sums, bad
 
 
 def update(
-    w: Tensor,
-    g: Tensor,
-    m: Tensor | None,
-    sums: Tensor,
+    ws: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor | None],
+    sums: list[Tensor],
+    firsts: list[bool],
     refused: Tensor | None,
     inv_scale: Tensor | None,
     *,
@@ -192,25 +309,32 @@ def update(
     momentum: float,
     dampening: float,
     nesterov: bool,
-    first: bool,
     maximize: bool,
 ) -> None:
-    """The elementwise pass, in place on the row views ``w`` and ``m``: the operations of
-    :func:`psiopt.optim._functional._elementwise_pass`, one row at a time. A true
-    ``refused`` (a CPU flag: reading it costs no synchronization) changes nothing."""
-    if w.shape[0] == 0 or (refused is not None and bool(refused)):
+    """The elementwise pass, in place on the row views ``ws`` and ``ms``: the operations of
+    :func:`psiopt.optim._functional._elementwise_pass`, one row at a time, one compiled
+    call per dtype. A true ``refused`` (a CPU flag: reading it costs no synchronization)
+    changes nothing."""
+    if not ws or (refused is not None and bool(refused)):
         return
-    _UPDATE[w.dtype](
-        _array(w),
-        _array(g),
-        _array(w if m is None else m),
-        m is not None,
-        _array(sums),
-        _inv(inv_scale),
-        float(lr),
-        float(momentum),
-        float(dampening),
-        bool(nesterov),
-        bool(first),
-        -1.0 if maximize else 1.0,
-    )
+    has_m = ms[0] is not None
+    inv = _inv(inv_scale)
+    for dtype, idx in _by_dtype(ws):
+        grads = [_dense_rows(gs[i]) for i in idx]
+        # The sums of split groups come back from the all-reduce as new tensors.
+        rows_sums = [_dense_rows(sums[i] if sums[i].dtype == torch.float64 else sums[i].double()) for i in idx]
+        table = _table([ws[i] for i in idx], grads, [ms[i] for i in idx], rows_sums, [firsts[i] for i in idx])
+        _BATCHED[dtype][1](table, has_m, inv, float(lr), float(momentum), float(dampening), bool(nesterov),
+                           -1.0 if maximize else 1.0)  # fmt: skip
+
+
+def all_finite(tensors: list[Tensor]) -> bool | None:
+    """Whether every entry of ``tensors`` is finite, in one compiled call; ``None`` when a
+    tensor is not a dense CPU float32 or float64 tensor (the caller then checks them)."""
+    if not all(t.is_cpu and t.dtype in _DTYPES and t.layout == torch.strided and t.is_contiguous() for t in tensors):
+        return None
+    for dtype, idx in _by_dtype(tensors):
+        table = np.array([(tensors[i].data_ptr(), tensors[i].numel()) for i in idx], dtype=np.int64).reshape(-1, 2)
+        if not _all_finite(table, tensors[idx[0]].element_size()):
+            return False
+    return True

@@ -275,13 +275,21 @@ def _prepare(
     plans: list[_RowPlan],
     momentum: float,
     kernels: list,
+    row_views: dict | None,
 ) -> list[_Tensors]:
     """Row views of every tensor; makes the momentum buffers of a first step (zeros, in the
     parameter's layout) and re-lays out a buffer whose layout differs from its parameter's
-    (a loaded checkpoint), once, so that every write lands in place."""
+    (a loaded checkpoint), once, so that every write lands in place.
+
+    ``row_views`` (kept by the optimizer, keyed by parameter; ``None``: no keeping) holds the row views of each
+    plain parameter and of its buffer from one step to the next: making a view costs
+    microseconds, as much as a small tensor's arithmetic. A kept view is used only while
+    its plan and its tensors are the same and start at the same address (so it still
+    points into their memory: the view holds its storage alive, so no other tensor can
+    be at that address)."""
     out = []
     for i, (p, plan) in enumerate(zip(params, plans)):
-        m = None
+        buf = None
         first = False
         if momentum != 0:
             buf = momentum_buffer_list[i]
@@ -292,9 +300,27 @@ def _prepare(
             elif not plan.has_row_view(buf):
                 buf = torch.empty_like(p, memory_format=torch.preserve_format).copy_(buf)
                 momentum_buffer_list[i] = buf
-            m = plan.rows(buf)
-        out.append(_Tensors(plan, plan.rows(p), plan.rows(grads[i]), m, first, kernels[i]))
+        w, m = _kept_row_views(row_views, p, buf, plan)
+        out.append(_Tensors(plan, w, plan.rows(grads[i]), m, first, kernels[i]))
     return out
+
+
+def _kept_row_views(row_views: dict | None, p: Tensor, buf: Tensor | None, plan: _RowPlan) -> tuple[Tensor, Tensor | None]:
+    """The row views of ``p`` and of its momentum buffer ``buf``, from ``row_views`` when
+    still valid (see :func:`_prepare`), else made and kept there."""
+    if row_views is None or plan.sharded:
+        return plan.rows(p), None if buf is None else plan.rows(buf)
+    kept = row_views.get(p)
+    if (
+        kept is None
+        or kept[0] is not plan
+        or kept[1].data_ptr() != p.data_ptr()
+        or kept[2] is not buf
+        or (buf is not None and kept[3].data_ptr() != buf.data_ptr())
+    ):
+        kept = (plan, plan.rows(p), buf, None if buf is None else plan.rows(buf))
+        row_views[p] = kept
+    return kept[1], kept[3]
 
 
 def _reduce_across_shards(
@@ -375,17 +401,29 @@ def _row_sums_and_flags(
     then completes both for sharded tensors). ``inv_scale`` (a
     GradScaler's inverse scale) only reaches the compiled kernels, the only path a
     scaler hands its scale to."""
-    sums: list[Tensor] = []
-    bad: list[Tensor | bool] = []  # a kernel's flag is a Python bool (it runs on the host)
-    for t in items:
-        if t.kernels is not None:
-            row_sums, flag = t.kernels.row_sums(t.w, t.g, t.m, inv_scale)
-        else:
-            row_sums = step_row_sums(t.w, t.g, t.m)
-            flag = _bad_rows(row_sums).any()
-        sums.append(row_sums)
-        bad.append(flag)
+    sums: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
+    bad: list[Tensor | bool] = [False] * len(items)  # a host kernel's flag is a Python bool
+    for kernels, idx in _by_kernels(items).items():
+        if kernels is None:
+            for i in idx:
+                sums[i] = step_row_sums(items[i].w, items[i].g, items[i].m)
+                bad[i] = _bad_rows(sums[i]).any()
+            continue
+        # One call for all the tensors of these kernels (the compiled CPU kernels batch them).
+        row_sums, flags = kernels.row_sums(
+            [items[i].w for i in idx], [items[i].g for i in idx], [items[i].m for i in idx], inv_scale
+        )
+        for i, s, flag in zip(idx, row_sums, flags):
+            sums[i], bad[i] = s, flag
     return sums, bad
+
+
+def _by_kernels(items: list[_Tensors]) -> dict[object, list[int]]:
+    """The indices of ``items`` by the kernels that step them (``None``: torch operations)."""
+    out: dict[object, list[int]] = {}
+    for i, t in enumerate(items):
+        out.setdefault(t.kernels, []).append(i)
+    return out
 
 
 def _elementwise_pass(

@@ -154,7 +154,7 @@ def _row_major(x: Tensor) -> Tensor:
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
 
 
-def row_sums(w: Tensor, g: Tensor, m: Tensor | None, inv_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+def _row_sums(w: Tensor, g: Tensor, m: Tensor | None, inv_scale: Tensor | None) -> tuple[Tensor, Tensor]:
     """The ``(rows, 6)`` sums of :func:`psiopt.manifold.step_row_sums` (float32, float64 for
     float64 rows) of the gradient times ``inv_scale``, and a 0-d bool flag on the device:
     whether a row is bad (a sum not finite, or a zero or underflowing squared weight norm)."""
@@ -172,7 +172,7 @@ def row_sums(w: Tensor, g: Tensor, m: Tensor | None, inv_scale: Tensor | None) -
     return out, bad > 0
 
 
-def update(
+def _update(
     w: Tensor,
     g: Tensor,
     m: Tensor | None,
@@ -202,3 +202,34 @@ def update(
         HAS_M=m is not None, HAS_REFUSED=refused is not None, HAS_INV=inv_scale is not None, ACC=_acc(w),
         BLOCK=_BLOCK,
     )  # fmt: skip
+
+
+def row_sums(
+    ws: list[Tensor], gs: list[Tensor], ms: list[Tensor | None], inv_scale: Tensor | None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Every tensor's sums and flag (see ``_row_sums``), one kernel launch per tensor."""
+    out = [_row_sums(w, g, m, inv_scale) for w, g, m in zip(ws, gs, ms)]
+    return [s for s, _ in out], [b for _, b in out]
+
+
+def update(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor | None],
+    sums: list[Tensor],
+    firsts: list[bool],
+    refused: Tensor | None,
+    inv_scale: Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """The elementwise pass of every tensor (see ``_update``), one kernel launch per tensor."""
+    for w, g, m, s, first in zip(ws, gs, ms, sums, firsts):
+        _update(
+            w, g, m, s, refused, inv_scale,
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, first=first, maximize=maximize,
+        )  # fmt: skip

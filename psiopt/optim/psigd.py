@@ -272,8 +272,8 @@ class PSIGD(_PSIParamsMixin, Optimizer):
         for group, psi, eu in plan:
             lr = float(group["lr"])
             for p, name, manifold in psi:
-                row_plan = self._row_plan(p, name, manifold)
-                if not row_plan.has_row_view(p):
+                row_plan, has_row_view = self._row_plan(p, name, manifold)
+                if not has_row_view:
                     raise NotImplementedError(
                         f"{name}: its local shard is not dense, so PSIGD cannot step it in place; shard it with "
                         "fully_shard, which keeps local shards dense"

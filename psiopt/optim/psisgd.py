@@ -17,7 +17,9 @@ from torch.optim.sgd import sgd
 from ..grouping import as_grouping
 from ..manifold import PSIManifold, ZeroGroupError, any_zero_groups
 from ._functional import (
+    _by_kernels,
     _elementwise_pass,
+    _PLAIN,
     _local,
     _prepare,
     _reduce_across_shards,
@@ -43,10 +45,11 @@ class _PSIParamsMixin:
         """The PSI manifold ``p`` is optimized on, or ``None`` for a Euclidean parameter."""
         grouping = group.get("grouping")
         if grouping is not None:
-            grouping = as_grouping(grouping)
-            if grouping not in self._psi_manifolds:
-                self._psi_manifolds[grouping] = PSIManifold(grouping)
-            return self._psi_manifolds[grouping]
+            # Kept by the group's value itself (its text), so that a step does not parse it again.
+            manifold = self._psi_manifolds.get(grouping)
+            if manifold is None:
+                manifold = self._psi_manifolds[grouping] = PSIManifold(as_grouping(grouping))
+            return manifold
         if isinstance(p, geoopt.ManifoldParameter) and isinstance(p.manifold, PSIManifold):
             return p.manifold
         return None
@@ -93,16 +96,18 @@ class _PSIParamsMixin:
             if (grouping is not None or self._manifold_of(p, group) is not None) and not p.dtype.is_floating_point:
                 raise TypeError(f"{name}: a scale-invariant weight must be a real floating-point tensor, not {p.dtype}")
 
-    def _row_plan(self, p: Tensor, name: str, manifold: PSIManifold) -> _RowPlan:
-        """``p``'s :class:`_RowPlan`, kept per optimizer (it only depends on ``p``'s local
-        shape, strides and grouping, checked on every use) so that a step does not redo it."""
+    def _row_plan(self, p: Tensor, name: str, manifold: PSIManifold) -> tuple[_RowPlan, bool]:
+        """``p``'s :class:`_RowPlan`, and whether ``p`` has a row view under it; kept per
+        optimizer (both only depend on ``p``'s local shape, strides and grouping, checked
+        on every use) so that a step does not redo them."""
         local = _local(p)
         key = (local.shape, local.stride(), manifold.grouping)
         kept = self._row_plans.get(p)
         if kept is None or kept[0] != key:
-            kept = (key, _row_plan(p, manifold.grouping, name))
+            plan = _row_plan(p, manifold.grouping, name)
+            kept = (key, plan, plan.has_row_view(p))
             self._row_plans[p] = kept
-        return kept[1]
+        return kept[1], kept[2]
 
     def _warn_if_no_scale_invariant(self) -> None:
         if not any(self._manifold_of(p, g) is not None for g in self.param_groups for p in g["params"]):
@@ -131,7 +136,7 @@ class _PSIParamsMixin:
             for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                name = _param_name(group, gi, j, p)
+                name = _LazyName(group, gi, j, p)
                 manifold = self._manifold_of(p, group)
                 if manifold is None:
                     euclid.append((p, name))
@@ -152,6 +157,20 @@ class _PSIParamsMixin:
             for p, name, m in psi_all:
                 m.check_nonzero_groups(p.detach(), name)
         return plan
+
+
+class _LazyName:
+    """A parameter's name in error messages (:func:`_param_name`), made only when a message
+    is: a step names every parameter it might complain about, and the text costs as much as
+    a small tensor's arithmetic."""
+
+    __slots__ = ("group", "group_index", "index", "p")
+
+    def __init__(self, group: dict[str, Any], group_index: int, index: int, p: Tensor) -> None:
+        self.group, self.group_index, self.index, self.p = group, group_index, index, p
+
+    def __str__(self) -> str:
+        return _param_name(self.group, self.group_index, self.index, self.p)
 
 
 def _param_name(group: dict[str, Any], group_index: int, index: int, p: Tensor) -> str:
@@ -183,13 +202,19 @@ def _check_finite_gradients(entries: list[tuple[Tensor, str]]) -> None:
             raise FloatingPointError(f"{entries[bad[0]][1]} {_NON_FINITE}")
 
 
-def _non_finite_flag(grads: list[Tensor]) -> Tensor | None:
+def _non_finite_flag(grads: list[Tensor], host_kernels=None) -> Tensor | bool | None:
     """A 0-d bool tensor, without a host synchronization: whether the 2-norm of some gradient
     (of this process's shard) is not finite. A NaN or infinity makes it so; so can an
-    overflow of finite entries, which :func:`_check_finite_gradients` tells apart."""
+    overflow of finite entries, which :func:`_check_finite_gradients` tells apart.
+    ``host_kernels`` (the compiled CPU kernels, once loaded) checks dense CPU gradients
+    entry by entry in one call, a fraction of the time of torch's multi-tensor norm on
+    small tensors; the flag is then a Python bool (it was computed on the host)."""
     local = [g.coalesce().values() if g.is_sparse else _local(g) for g in grads]
     if not local:
         return None
+    finite = None if host_kernels is None else host_kernels.all_finite(local)
+    if finite is not None:
+        return not finite
     device = local[0].device
     return ~torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(local)]).isfinite().all()
 
@@ -377,7 +402,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 "None (or True), or set fused=True"
             )
         self._psi_manifolds = {}
-        self._row_plans: dict[Tensor, tuple[tuple, _RowPlan]] = {}
+        self._row_plans: dict[Tensor, tuple[tuple, _RowPlan, bool]] = {}
+        self._row_views: dict[Tensor, tuple] = {}
         self._cpu_kernels = None
         self._triton_kernels = None
         defaults = {
@@ -406,6 +432,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         self.__dict__.setdefault("_psi_manifolds", {})
         self.__dict__.setdefault("last_step_refused", None)
         self.__dict__.setdefault("_row_plans", {})
+        self.__dict__.setdefault("_row_views", {})
         self.__dict__.setdefault("_cpu_kernels", None)
         self.__dict__.setdefault("_triton_kernels", None)
         for group in self.param_groups:
@@ -455,22 +482,24 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         # a refused step changes nothing.
         steps = []
         for group, psi, euclid in self._collect(check=False):
-            loop, one_pass = self._split_paths(group, psi)
+            loop, one_pass, plans = self._split_paths(group, psi)
             buffers = self._momentum_buffers(group, [p for p, _, _ in one_pass])
             items = _prepare(
                 [p for p, _, _ in one_pass],
                 [p.grad for p, _, _ in one_pass],
                 buffers,
-                [self._row_plan(*entry) for entry in one_pass],
+                plans,
                 group["momentum"],
                 kernels=[self._kernels(group, p) for p, _, _ in one_pass],
+                # dynamo would trace the kept views as inputs of the compiled step: none while compiling.
+                row_views=None if torch.compiler.is_compiling() else self._row_views,
             )
             sums, bad = _row_sums_and_flags(items, inv_scale)
             steps.append(_GroupStep(group, loop, one_pass, euclid, items, buffers, sums, bad))
         # The other gradients (Euclidean, reference loop) get a device-side flag, unless a
         # GradScaler has checked every gradient already.
         others = [e for st in steps for e in (*st.euclid, *((p, name) for p, name, _ in st.loop))]
-        other_flag = None if found_inf is not None else _non_finite_flag([p.grad for p, _ in others])
+        other_flag = None if found_inf is not None else _non_finite_flag([p.grad for p, _ in others], self._cpu_kernels)
         other_flag = self._reduce_across_shards(steps, other_flag)
 
         no_sync = any(g["capturable"] for g in self.param_groups) or found_inf is not None
@@ -489,14 +518,16 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 self._euclidean_step(group, [p for p, _ in st.euclid], refused, grad_scale)
             if st.loop:
                 self._loop_step(group, st.loop)
-            for t, sums in zip(st.items, st.sums):
-                options = {k: group[k] for k in ("momentum", "dampening", "nesterov", "maximize")}
-                if t.kernels is None:
-                    _elementwise_pass([t], [sums], refused, lr=float(group["lr"]), **options)
+            options = {k: group[k] for k in ("momentum", "dampening", "nesterov", "maximize")}
+            for kernels, idx in _by_kernels(st.items).items():
+                items, sums = [st.items[i] for i in idx], [st.sums[i] for i in idx]
+                if kernels is None:
+                    _elementwise_pass(items, sums, refused, lr=float(group["lr"]), **options)
                 else:
-                    t.kernels.update(
-                        t.w, t.g, t.m, sums, refused, inv_scale, lr=float(group["lr"]), first=t.first, **options
-                    )
+                    kernels.update(
+                        [t.w for t in items], [t.g for t in items], [t.m for t in items], sums,
+                        [t.first for t in items], refused, inv_scale, lr=float(group["lr"]), **options,
+                    )  # fmt: skip
             if group["momentum"] != 0:
                 for (p, _, _), buf in zip(st.one_pass, st.buffers):
                     self.state[p]["momentum_buffer"] = buf
@@ -505,19 +536,19 @@ class PSISGD(_PSIParamsMixin, Optimizer):
     # -- which step each tensor takes ---------------------------------------------------
     def _split_paths(
         self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]
-    ) -> tuple[list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str, PSIManifold]]]:
-        """The tensors of the reference loop (``foreach=False``) and of the one-pass step
-        (every other case, and always for sharded tensors and weights whose storage has no
-        row view, such as non-dense slices: those go to the loop)."""
-        loop, one_pass = [], []
+    ) -> tuple[list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str, PSIManifold]], list[_RowPlan]]:
+        """The tensors of the reference loop (``foreach=False``, and weights whose storage
+        has no row view, such as non-dense slices) and of the one-pass step (every other
+        case, and always sharded tensors), with the :class:`_RowPlan` of each of the latter."""
+        loop, one_pass, plans = [], [], []
         for entry in psi:
-            p = entry[0]
-            sharded = _local(p) is not p
-            if sharded or (group["foreach"] is not False and self._row_plan(*entry).has_row_view(p)):
+            plan, has_row_view = self._row_plan(*entry)
+            if plan.sharded or (group["foreach"] is not False and has_row_view):
                 one_pass.append(entry)
+                plans.append(plan)
             else:
                 loop.append(entry)
-        return loop, one_pass
+        return loop, one_pass, plans
 
     def _kernels(self, group: dict[str, Any], p: Tensor):
         """The compiled row kernels for ``p`` (a module), or ``None`` for torch operations.
@@ -530,7 +561,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if fused is False or group["foreach"] or torch.compiler.is_compiling():
             return None
         local = _local(p)
-        if local.device.type == "cuda" and (fused or importlib.util.find_spec("triton") is not None):
+        if local.is_cuda and (fused or importlib.util.find_spec("triton") is not None):
             if self._triton_kernels is None:
                 try:
                     from . import _triton_kernels
@@ -541,7 +572,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                     ) from None
                 self._triton_kernels = _triton_kernels
             return self._triton_kernels
-        if local.device.type == "cpu" and local.dtype in (torch.float32, torch.float64):
+        if local.is_cpu and local.dtype in (torch.float32, torch.float64):
             if self._cpu_kernels is None:
                 if fused is None and importlib.util.find_spec("numba") is None:
                     return None  # looked up again next step: numba may be installed meanwhile
@@ -605,12 +636,14 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             st.items.pop(k), st.buffers.pop(k), st.sums.pop(k), st.bad.pop(k)
 
     @staticmethod
-    def _reduce_across_shards(steps: list[_GroupStep], other_flag: Tensor | None) -> Tensor | None:
+    def _reduce_across_shards(steps: list[_GroupStep], other_flag: Tensor | bool | None) -> Tensor | bool | None:
         """:func:`_reduce_across_shards` over every param group at once: one all-reduce per step."""
         items = [t for st in steps for t in st.items]
+        if all(t.plan.process_group is None for t in items):
+            return other_flag  # nothing sharded: nothing to reduce, host flags stay on the host
         sums = [x for st in steps for x in st.sums]
         bad = [x for st in steps for x in st.bad]
-        totals = None if other_flag is None else other_flag.to(torch.float64).reshape(1)
+        totals = None if other_flag is None else torch.as_tensor(other_flag, dtype=torch.float64).reshape(1)
         totals = _reduce_across_shards(items, sums, bad, totals)
         for st in steps:
             n = len(st.items)
@@ -619,15 +652,20 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         return None if totals is None else totals[0] > 0
 
     @staticmethod
-    def _refused_on_device(steps: list[_GroupStep], other_flag: Tensor | None, found_inf: Tensor | None) -> Tensor:
+    def _refused_on_device(
+        steps: list[_GroupStep], other_flag: Tensor | bool | None, found_inf: Tensor | None
+    ) -> Tensor:
         """Without a host synchronization: a 0-d bool flag, true when any group cannot be
         stepped or any gradient is not finite (the GradScaler's ``found_inf``, if given)."""
-        flags = [b if isinstance(b, Tensor) else torch.tensor(b) for st in steps for b in st.bad]
-        flags += [f for f in (other_flag, None if found_inf is None else found_inf > 0) if f is not None]
-        if not flags:
+        flags = [*(b for st in steps for b in st.bad), other_flag, None if found_inf is None else found_inf > 0]
+        tensors = [f for f in flags if isinstance(f, Tensor)]
+        on_host = [f for f in flags if isinstance(f, bool)]  # the host kernels' flags: one tensor for all
+        if on_host:
+            tensors.append(torch.tensor(any(on_host)))
+        if not tensors:
             return torch.zeros((), dtype=torch.bool)
-        device = flags[0].device
-        return torch.stack([f.to(device) for f in flags]).any()
+        device = tensors[0].device
+        return torch.stack([f.to(device) for f in tensors]).any()
 
     # -- the updates ----------------------------------------------------------------------
     def _euclidean_step(
@@ -650,8 +688,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 buf = self.state[p]["momentum_buffer"]
                 buf.copy_(torch.where(refused, old, buf))
             return
-        sharded = [_local(p) is not p for p in params]
-        if on_device and any(sharded):
+        sharded = [_local(p) is not p for p in params] if on_device else []
+        if any(sharded):
             # torch's fused SGD has no DTensor rule: it runs on the local shards, and the
             # buffers it creates are wrapped back into DTensors like their parameters.
             from torch.distributed.tensor import DTensor
@@ -690,7 +728,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             nesterov=group["nesterov"],
             maximize=group["maximize"],
             has_sparse_grad=any(g.is_sparse for g in grads),
-            foreach=None if on_device else group["foreach"],
+            foreach=None if on_device else self._euclidean_foreach(group, grads),
             fused=True if on_device else None,
             grad_scale=grad_scale,
             found_inf=refused.float() if on_device else None,
@@ -698,6 +736,17 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if group["momentum"] != 0:
             for p, buf in zip(params, momentum_buffers):
                 self.state[p]["momentum_buffer"] = buf
+
+    @staticmethod
+    def _euclidean_foreach(group: dict[str, Any], grads: list[Tensor]) -> bool | None:
+        """The group's ``foreach``; where it is ``None`` and every gradient is a dense CPU
+        tensor, ``True``: torch's own choice there is its per-tensor loop, whose Python
+        overhead dominates small steps, and its multi-tensor step computes the same bits
+        (the same CPU kernels, tensor after tensor)."""
+        foreach = group["foreach"]
+        if foreach is None and all(type(g) in _PLAIN and g.is_cpu and not g.is_sparse for g in grads):
+            return True
+        return foreach
 
     def _loop_step(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
         params = [p for p, _, _ in psi]
