@@ -24,6 +24,10 @@ CONFIGS = [
     dict(momentum=0.9, nesterov=True, foreach=True),
     dict(momentum=0.9, dampening=0.1, capturable=True),
 ]
+# Each config as is, then the default and the no-sync paths once more with every row of a
+# split group that sits on rank 1 zeroed (conv2's channel 3, fc's rows 4-6): those groups
+# are whole-nonzero, so the step must go on, not be refused for a zero part.
+RUNS = [(config, False) for config in CONFIGS] + [(CONFIGS[0], True), (CONFIGS[2], True)]
 
 
 class Net(nn.Module):
@@ -96,9 +100,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         results = []
-        for config in CONFIGS:
+        for config, zero_split_rows in RUNS:
             torch.manual_seed(0)
             reference = Net().double()
+            if zero_split_rows:
+                with torch.no_grad():
+                    reference.conv2.weight[3].zero_()
+                    reference.fc.weight[4:].zero_()
             sharded = Net().double()
             sharded.load_state_dict(reference.state_dict())
             for layer in (sharded.conv1, sharded.bn, sharded.conv2, sharded.gn, sharded.fc, sharded.ln, sharded.head):
@@ -131,7 +139,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_fsdp2_sharded_weights_step_like_a_single_process(tmp_path) -> None:
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
     for rank in range(WORLD):
-        for config, result in zip(CONFIGS, torch.load(tmp_path / f"rank{rank}.pt")):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(results) == len(RUNS)
+        for (config, _), result in zip(RUNS, results):
             assert result["err"] < 1e-9, (config, result["err"])
             # One all-reduce per step, of 6 sums per split group (conv2's 3 blocks, fc's
             # whole tensor) plus one flag per sharded weight and one for the other

@@ -338,7 +338,9 @@ def _reduce_across_shards(
 
     ``sums[i]`` (``(rows, k)``: :func:`~psiopt.manifold.step_row_sums` or its first
     columns) becomes, for each row, the sums of its whole group; ``bad[i]`` becomes true
-    when any rank flagged tensor ``i``. ``totals`` (a 1-d float64 tensor: flags as 0/1,
+    when any rank flagged tensor ``i``. For a tensor with split groups only non-finite
+    sums count as a flag before the reduction (a zero part of a group is no error) and a
+    zero whole group after it, the same on every rank. ``totals`` (a 1-d float64 tensor: flags as 0/1,
     partial sums) is summed over the ranks and returned (unchanged when nothing is
     reduced); with several process groups it is summed within each, which suits flags
     only. ``totals_group`` makes it reduced over that process group even when no tensor
@@ -363,7 +365,8 @@ def _reduce_across_shards(
                 acc = torch.zeros(plan.num_groups, sums[i].shape[1], dtype=torch.float64, device=device)
                 acc.index_add_(0, plan.group_of_row, sums[i].double())
                 partial.append(acc.flatten())
-        flags = [torch.as_tensor(bad[i], dtype=torch.float64, device=device).reshape(1) for i in idx]
+        local_bad = [bad[i] if items[i].plan.group_of_row is None else ~torch.isfinite(sums[i]).all() for i in idx]
+        flags = [torch.as_tensor(b, dtype=torch.float64, device=device).reshape(1) for b in local_bad]
         if totals is not None:
             flags.append(totals.to(device, torch.float64).reshape(-1))
         buffer = torch.cat([*partial, *flags])
@@ -380,6 +383,8 @@ def _reduce_across_shards(
                 offset += width * plan.num_groups
         for i in idx:
             bad[i] = buffer[offset] > 0
+            if items[i].plan.group_of_row is not None:
+                bad[i] = bad[i] | ~(sums[i][:, 0] > torch.finfo(sums[i].dtype).tiny).all()
             offset += 1
         if totals is not None:
             totals = buffer[offset:]
