@@ -23,7 +23,7 @@ from .discovery import (
 from . import baselines, nn
 from .enorm import ENorm
 from .sbwn import SBWN
-from .optim import PSIGD, PSISGD
+from .optim import PSIGD, PSIAdam, PSIAdamW, PSIAdaSGD, PSISGD
 
 __all__ = [
     "__version__",
@@ -43,5 +43,8 @@ __all__ = [
     "ENorm",
     "SBWN",
     "PSISGD",
+    "PSIAdaSGD",
+    "PSIAdam",
+    "PSIAdamW",
     "PSIGD",
 ]

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ..manifold import PSIManifold, group_sq_norms, horizontal_lift_rows, metric_inner_rows, normalize_rows
-from .psisgd import _PSIParamsMixin
+from .psisgd import _check_finite, _PSIParamsMixin
 
 __all__ = ["PSIGD"]
 
@@ -111,6 +111,7 @@ class PSIGD(_PSIParamsMixin, Optimizer):
             raise ValueError(f"unknown line_search {line_search!r}; use None (fixed step) or 'armijo'")
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        _check_finite("learning rate", lr)
         if not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr} (PSIGD needs a positive step size)")
         if not 0.0 < c < 1.0:
@@ -136,6 +137,7 @@ class PSIGD(_PSIParamsMixin, Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            _check_finite("learning rate", group["lr"])
             if not group["lr"] > 0.0:
                 raise ValueError(f"Invalid learning rate: {group['lr']} (PSIGD needs a positive step size)")
             self._validate_group(group, len(self.param_groups) - 1)
