@@ -594,10 +594,13 @@ def _run_task(
             "summary": None,
         }
         record["methods"].append(entry)
-        base_lr = chosen.get("sgd", {}).get("lr") if method.own_si_lr else None
+        base_lr = chosen.get(method.base_method, {}).get("lr") if method.own_si_lr else None
         if method.own_si_lr and base_lr is None:
             entry["status"] = "skipped"
-            entry["reason"] = "needs the tuned SGD lr of this task (sgd did not run or diverged everywhere)"
+            entry["reason"] = (
+                f"needs the tuned {method.base_method} lr of this task ({method.base_method} did not run or "
+                "diverged everywhere)"
+            )
             continue
         entry["base_lr"] = base_lr
         first, *others = config.suite.seeds

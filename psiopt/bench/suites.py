@@ -34,8 +34,16 @@ __all__ = [
     "STOCHASTIC_METHODS",
 ]
 
-STOCHASTIC_METHODS = ("sgd", "psisgd", "psisgd-1lr", "rsgd-sphere", "sgdp", "sgdg", "wn", "enorm", "sbwn")
-"""Every stochastic method, in run order (``sgd`` first: the ``own_si_lr`` methods use its tuned lr)."""
+STOCHASTIC_METHODS = (
+    "sgd", "psisgd", "psiadasgd", "psisgd-1lr", "rsgd-sphere", "sgdp", "sgdg",
+    "adam", "adamw", "adamp", "radam-sphere", "psiadam", "psiadamw",
+    "wn", "enorm", "sbwn",
+)
+"""Every stochastic method, in run order (``sgd``, ``adam`` and ``adamw`` before the
+``own_si_lr`` methods that use their tuned lr)."""
+
+LAYERNORM_METHODS = tuple(m for m in STOCHASTIC_METHODS if m not in ("psisgd-1lr", "wn", "enorm", "sbwn"))
+"""The methods that apply to a LayerNorm network (WN, ENorm and SBWN replace or need BatchNorm)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,11 @@ def _cpu_tasks(quick: bool) -> tuple[TrainTask, ...]:
             "mnist5k-resnet", "mnist5k", {"size": 14}, "small_resnet", {"in_channels": 1, "width": 8},
             128, 80, (0.1, 0.3, 1.0), 0.3, 40,
             methods=tuple(m for m in STOCHASTIC_METHODS if m not in ("psisgd-1lr", "enorm")),
+        ),
+        TrainTask(
+            "digits-vit", "digits", {"image": True}, "vit_ln", {"image_size": 8, "patch_size": 2, "dim": 32},
+            128, 300, (0.1, 0.3, 1.0), 0.3, 50,
+            methods=LAYERNORM_METHODS,
         ),
     )
 
