@@ -40,7 +40,7 @@ def test_zoo_rule_matches_discovery(name, build, shape):
 @pytest.mark.parametrize("name,build,shape", ZOO, ids=[z[0] for z in ZOO])
 @pytest.mark.parametrize(
     "method",
-    ["sgd", "psisgd", "psiadasgd", "rsgd-sphere", "sgdp", "sgdg", "sbwn", "adam", "adamw", "adamp", "radam-sphere", "psiadam", "psiadamw"],
+    ["sgd", "psisgd", "psiadasgd", "rsgd-sphere", "sgdp", "sgdg", "sbwn", "adam", "adamw", "adamp", "radam-sphere", "psiadam", "psiadam-1lr", "psiadamw"],
 )
 def test_building_keeps_the_function(name, build, shape, method):
     """Methods that keep the architecture must not change what the model computes

@@ -20,8 +20,9 @@ PSIAdamW) works on a scale ten times smaller than SGD's: their ``lr_unit`` is
 :data:`ADAM_LR_UNIT`, and the optimizer gets ``lr_unit`` times the grid value. Every
 method thus runs the same grid of multiples of its own unit, and the recorded
 ``best_lr`` is the grid value. Adam, AdamW, AdamP and RiemannianAdam take one learning
-rate for every parameter, as Adam is used; PSIAdam and PSIAdamW tune their angular step
-the way PSI-SGD does, with Adam's (AdamW's) tuned learning rate on the other parameters.
+rate for every parameter, as Adam is used; so does ``psiadam-1lr``. ``psiadam`` and
+``psiadamw`` tune their angular step the way PSI-SGD does, with Adam's (AdamW's) tuned
+learning rate on the other parameters.
 """
 
 from __future__ import annotations
@@ -375,6 +376,13 @@ def _build_psiadam(model: nn.Module, ctx: BuildContext) -> Setup:
     return Setup(model, psiopt.PSIAdam(_lr_groups(model, si, ctx), lr=ctx.lr))
 
 
+def _build_psiadam_1lr(model: nn.Module, ctx: BuildContext) -> Setup:
+    import psiopt
+
+    _mark(model, ctx)
+    return Setup(model, psiopt.PSIAdam(model.parameters(), lr=ctx.lr))
+
+
 def _build_psiadamw(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
@@ -564,6 +572,16 @@ register(
         own_si_lr=True,
         lr_unit=ADAM_LR_UNIT,
         base_method="adam",
+    )
+)
+register(
+    Method(
+        "psiadam-1lr",
+        "PSI-Adam (1 lr)",
+        "psiopt.PSIAdam, default betas, one lr for every parameter (the drop-in set-up); lr = grid value x 0.1",
+        _build_psiadam_1lr,
+        requires=("psiopt:PSIAdam", "psiopt:mark_scale_invariant"),
+        lr_unit=ADAM_LR_UNIT,
     )
 )
 register(
