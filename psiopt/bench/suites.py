@@ -166,7 +166,7 @@ def _cpu_tasks(quick: bool) -> tuple[TrainTask, ...]:
         ),
         TrainTask(
             "digits-vit", "digits", {"image": True}, "vit_ln", {"image_size": 8, "patch_size": 2, "dim": 32},
-            128, 300, (0.003, 0.01, 0.03, 0.1, 0.3, 1.0), 0.3, 50,
+            128, 300, (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0), 0.3, 50,
             methods=LAYERNORM_METHODS,
         ),
     )
