@@ -43,8 +43,8 @@ RowStep = Callable[..., tuple[Tensor | None, ...]]
 
 
 def _riemannian_gradient(w: Tensor, grad: Tensor, maximize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(w_sq, r, s)``: squared group norms, the Riemannian gradient's horizontal lift
-    :math:`r`, and :math:`s_j = \\|\\nabla f(u_j)\\|^2`, the invariant squared gradient norm."""
+    r"""``(w_sq, r, s)``: squared group norms, the Riemannian gradient's horizontal lift
+    :math:`r`, and :math:`s_j = \|\nabla f(u_j)\|^2`, the invariant squared gradient norm."""
     if maximize:
         grad = -grad
     w_sq = group_sq_norms(w)
@@ -53,7 +53,7 @@ def _riemannian_gradient(w: Tensor, grad: Tensor, maximize: bool) -> tuple[Tenso
 
 
 def _retract_keeping_norms(w: Tensor, direction: Tensor, step_size: float, w_sq: Tensor) -> Tensor:
-    """The retraction :math:`w - \\eta d`, rescaled group by group to the norms it started from."""
+    r"""The retraction :math:`w - \eta d`, rescaled group by group to the norms it started from."""
     return normalize_rows(torch.add(w.to(direction.dtype), direction, alpha=-step_size), w_sq)
 
 
@@ -155,18 +155,19 @@ def _single_tensor_rows(
     grads: list[Tensor],
     row_fns: list[Callable[[Tensor], Tensor]],
     row_states: Sequence[list[Tensor | None]],
-    group_states: Sequence[list[Tensor | None]],
+    group_states: Sequence[list[Tensor]],
     per_tensor: list[dict[str, Any]],
     **options: Any,
 ) -> None:
     """The reference loop: ``row_step`` on each tensor's ``(k, d)`` group matrix.
 
     ``row_states`` are lists (one per kind of state) of tensors shaped like the
-    parameters (``None``: not yet created); ``group_states`` lists of ``(k,)`` tensors
-    (one entry per group, always created: the optimizer initializes them). ``row_step(w, g, *row_states, *group_states, **per_tensor[i],
-    **options)`` returns the new rows, then the new states in the same order; entries
-    are updated in place (``None`` entries replaced by new tensors, a ``None`` result
-    leaves the entry as it was).
+    parameters (``None``: not yet created); ``group_states`` lists of ``(k,)`` tensors,
+    one entry per group (always created: the optimizer initializes them).
+    ``row_step(w, g, *row_states, *group_states, **per_tensor[i], **options)`` returns
+    the new rows, then the new states in the same order; entries are updated in place
+    (``None`` entries replaced by new tensors; a ``None`` result leaves the entry as it
+    was).
     """
     for i, param in enumerate(params):
         rows = row_fns[i]
@@ -188,7 +189,7 @@ def _multi_tensor_rows(
     grads: list[Tensor],
     row_fns: list[Callable[[Tensor], Tensor]],
     row_states: Sequence[list[Tensor | None]],
-    group_states: Sequence[list[Tensor | None]],
+    group_states: Sequence[list[Tensor]],
     per_tensor: list[dict[str, Any]],
     **options: Any,
 ) -> None:

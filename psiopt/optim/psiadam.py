@@ -17,9 +17,7 @@ from .psisgd import _check_finite, _PSIParamsMixin
 __all__ = ["PSIAdam", "PSIAdamW"]
 
 
-def _validate_adam_hyperparameters(
-    lr: Any, betas: Any, eps: Any, weight_decay: Any, foreach: bool | None, name: str
-) -> None:
+def _validate_adam_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, foreach: bool | None) -> None:
     # The same checks and messages as torch.optim.Adam (capturable is never on here),
     # and a finite lr and eps.
     if isinstance(lr, Tensor):
@@ -158,7 +156,7 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
                 f"{name} does not support fused=True: there is no fused kernel for the PSI step; use "
                 "foreach=True (or None) for the batched implementation"
             )
-        _validate_adam_hyperparameters(lr, betas, eps, weight_decay, foreach, name)
+        _validate_adam_hyperparameters(lr, betas, eps, weight_decay, foreach)
         self._psi_manifolds = {}
         defaults = {
             "lr": lr,
@@ -196,9 +194,7 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _validate_adam_hyperparameters(
-                group["lr"], group["betas"], group["eps"], group["weight_decay"], group["foreach"], type(self).__name__
-            )
+            _validate_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["foreach"])
             self._validate_group(group, len(self.param_groups) - 1)
         except (ValueError, TypeError):
             self.param_groups.pop()
