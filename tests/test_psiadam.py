@@ -482,3 +482,44 @@ def test_negative_control_euclidean_adam_drifts() -> None:
     images, labels, models, _, batches = _setup(seed=0)
     deviations, _ = _train(list(models[:2]), lambda m: torch.optim.Adam(m.parameters(), lr=0.01), images, labels, batches)
     assert deviations[:, 0].max() > 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("name", list(ADAPTIVE))
+def test_cuda_matches_cpu(name: str, foreach) -> None:
+    a = _sym(5, 0)
+    cpu = [_psi((4, 5)), nn.Parameter(torch.randn(3, dtype=torch.float64))]
+    gpu = [geoopt.ManifoldParameter(cpu[0].detach().cuda(), manifold=psiopt.PSIManifold()), nn.Parameter(cpu[1].detach().cuda())]
+    opts = [ADAPTIVE[name](ps, foreach=foreach) for ps in (cpu, gpu)]
+    for _ in range(5):
+        for ps, opt in zip((cpu, gpu), opts):
+            opt.zero_grad()
+            (_rayleigh_loss([ps[0]], [a.to(ps[0].device)]) + (ps[1] ** 2).sum()).backward()
+            opt.step()
+    for p, q in zip(cpu, gpu):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pair", [(psiopt.PSIAdam, torch.optim.Adam), (psiopt.PSIAdamW, torch.optim.AdamW)], ids=["adam", "adamw"])
+def test_cuda_euclidean_parameters_follow_torch_bit_for_bit(pair) -> None:
+    # On CUDA both pick torch's multi-tensor Adam by default.
+    ours_cls, torch_cls = pair
+    gen = torch.Generator().manual_seed(3)
+    euclid = [nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in [(5, 3), (7,)]]
+    reference = [nn.Parameter(p.detach().clone()) for p in euclid]
+    si = geoopt.ManifoldParameter(torch.randn(3, 4, generator=gen).cuda(), manifold=psiopt.PSIManifold())
+    ours = ours_cls([si, *euclid], lr=0.01)
+    theirs = torch_cls(reference, lr=0.01)
+    for _ in range(4):
+        for p, q in zip(euclid, reference):
+            g = torch.randn(p.shape, generator=gen).cuda()
+            p.grad, q.grad = g.clone(), g.clone()
+        si.grad = torch.randn(si.shape, generator=gen).cuda()
+        ours.step()
+        theirs.step()
+    for p, q in zip(euclid, reference):
+        assert torch.equal(p, q)
