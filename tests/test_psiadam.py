@@ -445,6 +445,15 @@ def test_warns_without_scale_invariant_parameters(name: str) -> None:
         ADAPTIVE[name](nn.Linear(3, 2).parameters())
 
 
+@pytest.mark.parametrize("module", ["psiopt.optim.psiadam", "psiopt.optim.psiadasgd"])
+def test_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
 # -- the defining property, on a real BN network in float64 ------------------------------------
 
 

@@ -81,7 +81,9 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
 
     State, under torch's keys: ``"step"`` (a float32 CPU tensor, as torch keeps it),
     ``"exp_avg"`` (horizontal at the stored weights, the parameter's shape) and
-    ``"exp_avg_sq"`` / ``"max_exp_avg_sq"`` (one entry per group, shape ``(k,)``).
+    ``"exp_avg_sq"`` / ``"max_exp_avg_sq"`` (one entry per group, shape ``(k,)``), in the
+    parameter's dtype as torch stores Adam's state (the step itself computes in float32
+    for half-precision parameters).
 
     Parameters
     ----------
