@@ -23,7 +23,7 @@ from .discovery import (
 from .groups import param_groups
 from . import baselines, layers, nn
 from .baselines import ENorm, SBWN
-from .optim import PSIGD, PSISGD
+from .optim import PSIGD, PSIAdam, PSIAdamW, PSIAdaSGD, PSISGD
 
 __all__ = [
     "__version__",
@@ -45,5 +45,8 @@ __all__ = [
     "ENorm",
     "SBWN",
     "PSISGD",
+    "PSIAdaSGD",
+    "PSIAdam",
+    "PSIAdamW",
     "PSIGD",
 ]

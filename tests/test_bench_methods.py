@@ -9,13 +9,21 @@ import torch
 
 import psiopt
 from psiopt.bench import models
-from psiopt.bench.methods import METHODS, BuildContext, MethodNotApplicable, zoo_scale_invariant_layers
+from psiopt.bench.methods import (
+    ADAM_LR_UNIT,
+    METHODS,
+    BuildContext,
+    MethodNotApplicable,
+    zoo_scale_invariant_groupings,
+    zoo_scale_invariant_layers,
+)
 from psiopt.bench.rayleigh import FULL_BATCH_METHODS, make_rayleigh, run_full_batch
 
 ZOO = [
     ("mlp", lambda: models.mlp_bn(12, (16, 16)), (32, 12)),
     ("cnn", lambda: models.cnn_bn(1, 10, 4), (16, 1, 8, 8)),
     ("resnet", lambda: models.small_resnet(10, 1, 4), (16, 1, 8, 8)),
+    ("vit", lambda: models.vit_ln(8, 2, 1, dim=8, depth=1), (16, 1, 8, 8)),
 ]
 
 
@@ -30,7 +38,10 @@ def test_zoo_rule_matches_discovery(name, build, shape):
 
 
 @pytest.mark.parametrize("name,build,shape", ZOO, ids=[z[0] for z in ZOO])
-@pytest.mark.parametrize("method", ["sgd", "psisgd", "rsgd-sphere", "sgdp", "sgdg", "sbwn"])
+@pytest.mark.parametrize(
+    "method",
+    ["sgd", "psisgd", "psiadasgd", "rsgd-sphere", "sgdp", "sgdg", "sbwn", "adam", "adamw", "adamp", "radam-sphere", "psiadam", "psiadam-1lr", "psiadamw"],
+)
 def test_building_keeps_the_function(name, build, shape, method):
     """Methods that keep the architecture must not change what the model computes
     (train mode; up to BN's eps), e.g. the sphere's row normalization of conv weights."""
@@ -64,6 +75,36 @@ def test_sphere_rows_are_output_channels():
     assert conv.weight.shape == (8, 4, 3, 3)
     norms = conv.weight.detach().reshape(8, -1).norm(dim=1)
     torch.testing.assert_close(norms, torch.ones(8))
+
+
+def test_zoo_groupings_match_discovery():
+    torch.manual_seed(0)
+    for _, build, shape in ZOO:
+        model = build()
+        found = {rec.name: rec.grouping for rec in psiopt.find_scale_invariant(model, torch.randn(shape))}
+        names = {id(p): n for n, p in model.named_parameters()}
+        declared = {names[id(layer.weight)]: psiopt.as_grouping(g) for layer, g in zoo_scale_invariant_groupings(model)}
+        assert declared == found
+
+
+def test_sphere_methods_normalize_whole_tensors_under_layernorm():
+    torch.manual_seed(0)
+    model = models.vit_ln(8, 2, 1, dim=8, depth=1)
+    METHODS["radam-sphere"].build(model, BuildContext(lr=0.1, base_lr=None, example=torch.randn(8, 1, 8, 8)))
+    for layer, _ in zoo_scale_invariant_groupings(model):
+        torch.testing.assert_close(layer.weight.detach().norm(), torch.tensor(1.0))
+
+
+def test_lr_units_scale_what_the_optimizer_gets():
+    torch.manual_seed(0)
+    ctx = BuildContext(lr=0.3, base_lr=2.0, example=torch.randn(8, 12))
+    adam = METHODS["adam"].build(models.mlp_bn(12, (16, 16)), ctx).optimizer
+    assert adam.param_groups[0]["lr"] == pytest.approx(0.3 * ADAM_LR_UNIT)
+    psiadam = METHODS["psiadam"].build(models.mlp_bn(12, (16, 16)), ctx).optimizer
+    # the angular lr in the method's unit, the rest at Adam's tuned lr in Adam's unit
+    assert sorted(g["lr"] for g in psiadam.param_groups) == pytest.approx(sorted([0.3 * ADAM_LR_UNIT, 2.0 * ADAM_LR_UNIT]))
+    psisgd = METHODS["psisgd"].build(models.mlp_bn(12, (16, 16)), ctx).optimizer
+    assert sorted(g["lr"] for g in psisgd.param_groups) == [0.3, 2.0]
 
 
 def test_own_lr_methods_split_the_groups():

@@ -15,6 +15,7 @@ from psiopt.bench import models
         (lambda: models.resnet18(num_classes=10, width=4), torch.randn(2, 3, 16, 16), 10),
         (lambda: models.small_resnet(num_classes=3, in_channels=1, width=4), torch.randn(2, 1, 12, 12), 3),
         (lambda: models.vgg16_bn(num_classes=4, width_multiplier=1 / 16), torch.randn(2, 3, 32, 32), 4),
+        (lambda: models.vit_ln(image_size=8, patch_size=4, in_channels=3, dim=8, num_classes=6), torch.randn(2, 3, 8, 8), 6),
     ],
 )
 def test_model_builds_and_gives_logits(build, x, n_out):
@@ -74,3 +75,12 @@ def test_build_by_name():
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 4)
     with pytest.raises(ValueError, match="unknown model 'ResNet'; the zoo's builders are mlp_bn, cnn_bn"):
         models.build("ResNet", {})
+
+
+def test_vit_ln_refuses_shapes_that_do_not_divide():
+    with pytest.raises(ValueError, match="patch_size 3 must divide image_size 8"):
+        models.vit_ln(image_size=8, patch_size=3)
+    with pytest.raises(ValueError, match="dim 10 must be a multiple of heads 4"):
+        models.vit_ln(dim=10, heads=4)
+    with pytest.raises(ValueError):
+        models.vit_ln(depth=0)

@@ -14,13 +14,22 @@ scale-invariant groups only, and give every other parameter (classifier head, BN
 affine parameters) the learning rate that tuning found best for ``sgd`` on the same task,
 so that only the angular step is tuned. ``psisgd-1lr`` is the naive set-up, one learning
 rate for all parameters, kept to show the difference.
+
+The Adam family (Adam, AdamW, AdamP, geoopt's RiemannianAdam on the sphere, PSIAdam,
+PSIAdamW) works on a scale ten times smaller than SGD's: their ``lr_unit`` is
+:data:`ADAM_LR_UNIT`, and the optimizer gets ``lr_unit`` times the grid value. Every
+method thus runs the same grid of multiples of its own unit, and the recorded
+``best_lr`` is the grid value. Adam, AdamW, AdamP and RiemannianAdam take one learning
+rate for every parameter, as Adam is used; so does ``psiadam-1lr``. ``psiadam`` and
+``psiadamw`` tune their angular step the way PSI-SGD does, with Adam's (AdamW's) tuned
+learning rate on the other parameters.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import geoopt
@@ -40,11 +49,16 @@ __all__ = [
     "get_method",
     "missing_requirement",
     "zoo_scale_invariant_layers",
+    "zoo_scale_invariant_groupings",
     "MOMENTUM",
+    "ADAM_LR_UNIT",
 ]
 
 MOMENTUM = 0.9
 """Momentum of every stochastic method (the prototype's setting)."""
+
+ADAM_LR_UNIT = 0.1
+"""The Adam family's learning rate per unit of the grid (grid 0.01 is Adam's default 1e-3)."""
 
 
 class MethodNotApplicable(TypeError):
@@ -60,8 +74,9 @@ class BuildContext:
     lr : float
         The grid value being run (the angular step for ``own_si_lr`` methods).
     base_lr : float or None
-        The task's tuned SGD learning rate, for the non-scale-invariant parameters of
-        ``own_si_lr`` methods; ``None`` where the method does not need it.
+        The task's tuned learning rate of the method's ``base_method`` (SGD, or Adam for
+        PSIAdam), for the non-scale-invariant parameters of ``own_si_lr`` methods;
+        ``None`` where the method does not need it.
     example : torch.Tensor
         One training batch (scale-invariance discovery, data-dependent init).
     """
@@ -98,9 +113,17 @@ class Method:
         Dotted names (``"module:attr"``) that must import; otherwise the method is
         reported as unavailable, with the reason.
     own_si_lr : bool
-        Scale-invariant groups take ``ctx.lr``, other parameters ``ctx.base_lr``.
+        Scale-invariant groups take ``ctx.lr``, other parameters ``ctx.base_lr``: the
+        learning rate tuning found best for ``base_method`` on the same task.
+    base_method : str
+        Whose tuned learning rate the other parameters of an ``own_si_lr`` method take
+        (``"sgd"``; ``"adam"`` for the Adam family); it must run earlier in the task.
     kind : {"stochastic"}
         Minibatch training method (the full-batch ones live in :mod:`psiopt.bench.rayleigh`).
+    lr_unit : float
+        The learning rate per unit of the grid: ``build`` receives ``ctx.lr`` already
+        multiplied by it, and ``ctx.base_lr`` multiplied by the unit of ``base_method``
+        (the grid values themselves are what results record).
     """
 
     name: str
@@ -111,6 +134,18 @@ class Method:
     own_si_lr: bool = False
     kind: Literal["stochastic"] = "stochastic"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    lr_unit: float = 1.0
+    base_method: str = "sgd"
+
+    def __post_init__(self) -> None:
+        build, unit, base_method = self.build, self.lr_unit, self.base_method
+
+        def build_in_units(model: nn.Module, ctx: BuildContext) -> Setup:
+            base_lr = None if ctx.base_lr is None else METHODS[base_method].lr_unit * ctx.base_lr
+            return build(model, replace(ctx, lr=unit * ctx.lr, base_lr=base_lr))
+
+        if unit != 1.0 or METHODS.get(base_method, self).lr_unit != 1.0:
+            object.__setattr__(self, "build", build_in_units)
 
     def unavailable_reason(self) -> str | None:
         """``None`` if every requirement imports, else why not."""
@@ -165,6 +200,14 @@ def zoo_scale_invariant_layers(model: nn.Module) -> list[nn.Module]:
     return layers[:-1]
 
 
+def zoo_scale_invariant_groupings(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Each of :func:`zoo_scale_invariant_layers` with its grouping: ``"channel"`` for
+    the BatchNorm models, the model's ``norm_grouping`` where it declares one (``"tensor"``
+    for :class:`psiopt.bench.models.PostNormViT`, whose weights feed LayerNorms)."""
+    grouping = getattr(model, "norm_grouping", "channel")
+    return [(layer, grouping) for layer in zoo_scale_invariant_layers(model)]
+
+
 def _split_params(model: nn.Module, si: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     ids = {id(p) for p in si}
     return [p for p in model.parameters() if id(p) in ids], [p for p in model.parameters() if id(p) not in ids]
@@ -172,7 +215,7 @@ def _split_params(model: nn.Module, si: list[torch.Tensor]) -> tuple[list[torch.
 
 def _lr_groups(model: nn.Module, si: list[torch.Tensor], ctx: BuildContext, **si_options) -> list[dict]:
     if ctx.base_lr is None:
-        raise ValueError("this method tunes its scale-invariant lr only: it needs the task's tuned SGD lr")
+        raise ValueError("this method tunes its scale-invariant lr only: it needs its base method's tuned lr")
     si_params, rest = _split_params(model, si)
     groups = [{"params": si_params, "lr": ctx.lr, **si_options}]
     if rest:
@@ -211,13 +254,18 @@ def _psi_groups(model: nn.Module, ctx: BuildContext, **options) -> list[dict]:
     return psiopt.param_groups(model, report=_REPORTS[key], **options)
 
 
+def _own_lr_psi_groups(model: nn.Module, ctx: BuildContext) -> list[dict]:
+    """:func:`_psi_groups` with the tuned lr on the scale-invariant groups and the base
+    method's tuned lr on every other parameter."""
+    if ctx.base_lr is None:
+        raise ValueError("this method tunes its scale-invariant lr only: it needs its base method's tuned lr")
+    return _psi_groups(model, ctx, scale_invariant={"lr": ctx.lr}, others={"lr": ctx.base_lr})
+
+
 def _build_psisgd(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
-    if ctx.base_lr is None:
-        raise ValueError("this method tunes its scale-invariant lr only: it needs the task's tuned SGD lr")
-    groups = _psi_groups(model, ctx, scale_invariant={"lr": ctx.lr}, others={"lr": ctx.base_lr})
-    return Setup(model, psiopt.PSISGD(groups, lr=ctx.lr, momentum=MOMENTUM))
+    return Setup(model, psiopt.PSISGD(_own_lr_psi_groups(model, ctx), lr=ctx.lr, momentum=MOMENTUM))
 
 
 def _build_psisgd_1lr(model: nn.Module, ctx: BuildContext) -> Setup:
@@ -227,27 +275,30 @@ def _build_psisgd_1lr(model: nn.Module, ctx: BuildContext) -> Setup:
 
 
 class _RowsAsWeight(nn.Module):
-    """Parametrization: a ``(C, d)`` matrix of rows stored, the layer's weight shape used."""
+    """Parametrization: a ``(rows, d)`` matrix stored, the layer's weight shape used."""
 
-    def __init__(self, shape: torch.Size):
+    def __init__(self, shape: torch.Size, rows: int):
         super().__init__()
         self.shape = tuple(shape)
+        self.rows = rows
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.reshape(self.shape)
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.reshape(weight.shape[0], -1)
+        return weight.reshape(self.rows, -1)
 
 
-def _to_sphere_rows(layer: nn.Module) -> torch.Tensor:
-    """Store ``layer.weight`` as a ``(C, d)`` geoopt sphere parameter (unit rows).
+def _to_sphere_rows(layer: nn.Module, grouping: str) -> torch.Tensor:
+    """Store ``layer.weight`` as a geoopt sphere parameter, one unit row per group.
 
     ``geoopt.Sphere`` normalizes the last dimension, so a conv weight ``(C, Cin, k, k)``
-    is stored as its ``(C, Cin*k*k)`` matrix of output-filter rows and reshaped back in
-    the forward pass. Normalizing each row keeps the function of a BN network.
+    with ``"channel"`` grouping is stored as its ``(C, Cin*k*k)`` matrix of output-filter
+    rows, with ``"tensor"`` grouping as one ``(1, C*Cin*k*k)`` row, and reshaped back in
+    the forward pass. Normalizing each group keeps the function of the network.
     """
-    parametrize.register_parametrization(layer, "weight", _RowsAsWeight(layer.weight.shape), unsafe=True)
+    rows = layer.weight.shape[0] if grouping == "channel" else 1
+    parametrize.register_parametrization(layer, "weight", _RowsAsWeight(layer.weight.shape, rows), unsafe=True)
     rows = layer.parametrizations.weight.original.detach()
     unit = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
     param = geoopt.ManifoldParameter(unit, manifold=geoopt.Sphere())
@@ -256,7 +307,7 @@ def _to_sphere_rows(layer: nn.Module) -> torch.Tensor:
 
 
 def _build_rsgd_sphere(model: nn.Module, ctx: BuildContext) -> Setup:
-    si = [_to_sphere_rows(layer) for layer in zoo_scale_invariant_layers(model)]
+    si = [_to_sphere_rows(layer, grouping) for layer, grouping in zoo_scale_invariant_groupings(model)]
     opt = geoopt.optim.RiemannianSGD(_lr_groups(model, si, ctx), lr=ctx.lr, momentum=MOMENTUM)
     return Setup(model, opt)
 
@@ -267,14 +318,69 @@ def _build_sgdp(model: nn.Module, ctx: BuildContext) -> Setup:
     return Setup(model, SGDP(model.parameters(), lr=ctx.lr, momentum=MOMENTUM))
 
 
+def _mark_zoo(model: nn.Module) -> list[torch.Tensor]:
+    """Mark the zoo's scale-invariant weights with their grouping (no discovery needed)."""
+    import psiopt
+
+    marked = []
+    for layer, grouping in zoo_scale_invariant_groupings(model):
+        layer.weight = geoopt.ManifoldParameter(layer.weight.data, manifold=psiopt.PSIManifold(grouping))
+        marked.append(layer.weight)
+    return marked
+
+
 def _build_sgdg(model: nn.Module, ctx: BuildContext) -> Setup:
     from psiopt.baselines import SGDG
 
-    si = [layer.weight for layer in zoo_scale_invariant_layers(model)]
-    groups = _lr_groups(model, si, ctx, sphere=True)
+    # sphere=None: the marked weights go on the sphere group by group, with their grouping
+    groups = _lr_groups(model, _mark_zoo(model), ctx, sphere=None)
     for group in groups[1:]:
         group["sphere"] = False
     return Setup(model, SGDG(groups, lr=ctx.lr, momentum=MOMENTUM))
+
+
+def _build_psiadasgd(model: nn.Module, ctx: BuildContext) -> Setup:
+    import psiopt
+
+    return Setup(model, psiopt.PSIAdaSGD(_own_lr_psi_groups(model, ctx), lr=ctx.lr, momentum=MOMENTUM))
+
+
+def _build_adam(model: nn.Module, ctx: BuildContext) -> Setup:
+    return Setup(model, torch.optim.Adam(model.parameters(), lr=ctx.lr))
+
+
+def _build_adamw(model: nn.Module, ctx: BuildContext) -> Setup:
+    return Setup(model, torch.optim.AdamW(model.parameters(), lr=ctx.lr))
+
+
+def _build_adamp(model: nn.Module, ctx: BuildContext) -> Setup:
+    from adamp import AdamP
+
+    return Setup(model, AdamP(model.parameters(), lr=ctx.lr))
+
+
+def _build_radam_sphere(model: nn.Module, ctx: BuildContext) -> Setup:
+    for layer, grouping in zoo_scale_invariant_groupings(model):
+        _to_sphere_rows(layer, grouping)
+    return Setup(model, geoopt.optim.RiemannianAdam(model.parameters(), lr=ctx.lr))
+
+
+def _build_psiadam(model: nn.Module, ctx: BuildContext) -> Setup:
+    import psiopt
+
+    return Setup(model, psiopt.PSIAdam(_own_lr_psi_groups(model, ctx), lr=ctx.lr))
+
+
+def _build_psiadam_1lr(model: nn.Module, ctx: BuildContext) -> Setup:
+    import psiopt
+
+    return Setup(model, psiopt.PSIAdam(_psi_groups(model, ctx), lr=ctx.lr))
+
+
+def _build_psiadamw(model: nn.Module, ctx: BuildContext) -> Setup:
+    import psiopt
+
+    return Setup(model, psiopt.PSIAdamW(_own_lr_psi_groups(model, ctx), lr=ctx.lr))
 
 
 def _replace_batch_norms(model: nn.Module) -> None:
@@ -400,5 +506,87 @@ register(
         "SGD + SBWN rescaling (unit-norm incoming weights, BN absorbs the scale) after every step",
         _build_sbwn,
         requires=("psiopt:SBWN",),
+    )
+)
+register(
+    Method(
+        "psiadasgd",
+        "PSI-AdaSGD",
+        "psiopt.PSIAdaSGD (AdaGrad-norm angular steps), momentum 0.9; own (angular) lr as PSI-SGD",
+        _build_psiadasgd,
+        requires=("psiopt:PSIAdaSGD", "psiopt:param_groups"),
+        own_si_lr=True,
+    )
+)
+register(
+    Method(
+        "adam",
+        "Adam",
+        "torch.optim.Adam, default betas; lr = grid value x 0.1",
+        _build_adam,
+        lr_unit=ADAM_LR_UNIT,
+    )
+)
+register(
+    Method(
+        "adamw",
+        "AdamW",
+        "torch.optim.AdamW, weight decay 1e-2 (its default); lr = grid value x 0.1",
+        _build_adamw,
+        lr_unit=ADAM_LR_UNIT,
+    )
+)
+register(
+    Method(
+        "adamp",
+        "AdamP",
+        "adamp.AdamP (projects out the radial part of scale-invariant updates); lr = grid value x 0.1",
+        _build_adamp,
+        requires=("adamp:AdamP",),
+        lr_unit=ADAM_LR_UNIT,
+    )
+)
+register(
+    Method(
+        "radam-sphere",
+        "RAdam sphere",
+        "geoopt.optim.RiemannianAdam, each scale-invariant group on geoopt.Sphere; lr = grid value x 0.1",
+        _build_radam_sphere,
+        lr_unit=ADAM_LR_UNIT,
+    )
+)
+register(
+    Method(
+        "psiadam",
+        "PSI-Adam",
+        "psiopt.PSIAdam, default betas; own (angular) lr = grid value x 0.1, Adam's tuned lr elsewhere",
+        _build_psiadam,
+        requires=("psiopt:PSIAdam", "psiopt:param_groups"),
+        own_si_lr=True,
+        lr_unit=ADAM_LR_UNIT,
+        base_method="adam",
+    )
+)
+register(
+    Method(
+        "psiadam-1lr",
+        "PSI-Adam (1 lr)",
+        "psiopt.PSIAdam, default betas, one lr for every parameter (the drop-in set-up); lr = grid value x 0.1",
+        _build_psiadam_1lr,
+        requires=("psiopt:PSIAdam", "psiopt:param_groups"),
+        lr_unit=ADAM_LR_UNIT,
+    )
+)
+register(
+    Method(
+        "psiadamw",
+        "PSI-AdamW",
+        "psiopt.PSIAdamW, weight decay 1e-2 on the other parameters; own (angular) lr = grid value x 0.1, "
+        "AdamW's tuned lr elsewhere",
+        _build_psiadamw,
+        requires=("psiopt:PSIAdamW", "psiopt:param_groups"),
+        own_si_lr=True,
+        lr_unit=ADAM_LR_UNIT,
+        base_method="adamw",
     )
 )

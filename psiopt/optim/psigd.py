@@ -21,7 +21,7 @@ from ..manifold import (
     step_row_sums,
 )
 from ._functional import _bad_rows, _dim0_shard, _elementwise_pass, _local, _reduce_across_shards, _Tensors
-from .psisgd import _any_flag, _check_finite_gradients, _non_finite_flag, _PSIParamsMixin
+from .psisgd import _any_flag, _check_finite, _check_finite_gradients, _non_finite_flag, _PSIParamsMixin
 
 __all__ = ["PSIGD"]
 
@@ -163,6 +163,7 @@ class PSIGD(_PSIParamsMixin, Optimizer):
             raise ValueError(f"unknown line_search {line_search!r}; use None (fixed step) or 'armijo'")
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        _check_finite("learning rate", lr)
         if not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr} (PSIGD needs a positive step size)")
         if not 0.0 < c < 1.0:
@@ -190,6 +191,7 @@ class PSIGD(_PSIParamsMixin, Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            _check_finite("learning rate", group["lr"])
             if not group["lr"] > 0.0:
                 raise ValueError(f"Invalid learning rate: {group['lr']} (PSIGD needs a positive step size)")
             self._validate_group(group, len(self.param_groups) - 1)

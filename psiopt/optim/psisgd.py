@@ -3,6 +3,7 @@ r"""PSISGD: stochastic gradient descent with momentum on the PSI manifold."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -219,10 +220,23 @@ def _non_finite_flag(grads: list[Tensor], host_kernels=None) -> Tensor | bool | 
     return ~torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(local)]).isfinite().all()
 
 
+def _check_finite(name: str, value: Any) -> None:
+    """Refuse a NaN or infinite step-size hyperparameter (``lr``, ``eps``) at construction.
+
+    torch's own checks (``lr < 0``) let a NaN or an infinity through, and the first step
+    then turns every weight into NaN: nothing the user had would survive it.
+    """
+    if isinstance(value, Tensor) and value.numel() != 1:
+        return  # torch's own "must be 1-element" check names this one
+    if not math.isfinite(float(value)):
+        raise ValueError(f"Invalid {name}: {float(value)} (it must be a finite number)")
+
+
 def _validate_sgd_hyperparameters(lr: Any, momentum: float, dampening: float, weight_decay: Any, nesterov: bool) -> None:
-    # The same checks and messages as torch.optim.SGD.
+    # The same checks and messages as torch.optim.SGD, and a finite lr.
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
+    _check_finite("learning rate", lr)
     if lr < 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
     if momentum < 0.0:

@@ -1,0 +1,250 @@
+r"""Functional core of the adaptive PSI steps: :class:`psiopt.PSIAdam` and :class:`psiopt.PSIAdaSGD`.
+
+Both adapt the *angular* step of every group to the size of the gradient at the unit
+row :math:`u_j = w_j/\|w_j\|`. That gradient is :math:`\|w_j\|\,P_w(\nabla_j f)`, and its
+squared norm is the metric norm of the Riemannian gradient :math:`r_j = \|w_j\|^2 P_w(\nabla_j f)`:
+
+.. math::
+
+    \|\nabla f(u_j)\|^2 = \frac{\|r_j\|^2}{\|w_j\|^2}
+        = \|w_j\|^2\, \|P_w(\nabla_j f)\|^2 ,
+
+the same for every representative :math:`a_j w_j` of the class (``metric_inner_rows``).
+Both steps keep a first moment in the units of :math:`r` (a horizontal vector that scales
+with the weights) and a second moment per group in those invariant units, so the step
+:math:`\eta\, m_j / (\sqrt{v_j} + \epsilon)` turns :math:`u_j` by an angle that does not
+depend on the scale of :math:`w_j`.
+
+As in :mod:`psiopt.optim._functional`, each update exists as a plain loop over tensors
+(:func:`_single_tensor_rows`, the reference and the ground truth of the tests) and as a
+stacked version (:func:`_multi_tensor_rows`) that concatenates the ``(k, d)`` group
+matrices of tensors sharing a device, dtype, group size and state status, and runs each
+formula once per stack. Row reductions do not mix rows, so both do the same arithmetic
+on every group. Every formula is one of :mod:`psiopt.manifold`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..manifold import group_sq_norms, horizontal_lift_rows, metric_inner_rows, normalize_rows, transport_rows
+
+__all__: list[str] = []
+
+# Most elements stacked into one matrix by the multi-tensor step (4 MiB of float32).
+_STACK_NUMEL = 1 << 20
+
+RowStep = Callable[..., tuple[Tensor | None, ...]]
+
+
+def _riemannian_gradient(w: Tensor, grad: Tensor, maximize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(w_sq, r, s)``: squared group norms, the Riemannian gradient's horizontal lift
+    :math:`r`, and :math:`s_j = \|\nabla f(u_j)\|^2`, the invariant squared gradient norm."""
+    if maximize:
+        grad = -grad
+    w_sq = group_sq_norms(w)
+    riem_grad = horizontal_lift_rows(w, grad, w_sq)
+    return w_sq, riem_grad, metric_inner_rows(w_sq, riem_grad)
+
+
+def _retract_keeping_norms(w: Tensor, direction: Tensor, step_size: float, w_sq: Tensor) -> Tensor:
+    r"""The retraction :math:`w - \eta d`, rescaled group by group to the norms it started from."""
+    return normalize_rows(torch.add(w.to(direction.dtype), direction, alpha=-step_size), w_sq)
+
+
+def _psiadam_rows(
+    w: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None = None,
+    *,
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    r"""One PSIAdam step on a ``(k, d)`` matrix of groups (``step`` counts this one).
+
+    ``exp_avg`` is ``(k, d)`` and horizontal at ``w``; ``exp_avg_sq`` and
+    ``max_exp_avg_sq`` (given for AMSGrad only) are ``(k, 1)``. Returns the new rows,
+    the first moment transported to them, and the new second moments, all in accumulation dtype; nothing is written.
+    The bias corrections and the placement of ``eps`` are torch's
+    (:func:`torch.optim.adam._single_tensor_adam`), with :math:`g^2` replaced by the
+    invariant :math:`\|\nabla f(u_j)\|^2`.
+    """
+    w_sq, riem_grad, sq_norm = _riemannian_gradient(w, grad, maximize)
+    acc = riem_grad.dtype
+    new_avg = exp_avg.to(acc, copy=True).lerp_(riem_grad, 1 - beta1)
+    new_sq = exp_avg_sq.to(acc, copy=True).mul_(beta2).add_(sq_norm, alpha=1 - beta2)
+    new_max = None
+    second = new_sq
+    if max_exp_avg_sq is not None:
+        new_max = torch.maximum(max_exp_avg_sq.to(acc), new_sq)
+        second = new_max
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
+    w_new = _retract_keeping_norms(w, new_avg / denom, lr / bias_correction1, w_sq)
+    # w_new has the norms w_sq by construction: the transport's norm ratio is 1.
+    return w_new, transport_rows(w_new, new_avg, w_sq, w_sq), new_sq, new_max
+
+
+def _psiadasgd_rows(
+    w: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    sum_sq: Tensor,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    eps: float,
+    maximize: bool,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    r"""One PSIAdaSGD step on a ``(k, d)`` matrix of groups.
+
+    ``sum_sq`` (``(k, 1)``) accumulates :math:`\|\nabla f(u_j)\|^2`; the Riemannian
+    gradient divided by :math:`\sqrt{\text{sum}} + \epsilon` is the adaptive angular
+    step, on which momentum runs as in :func:`psiopt.optim._functional._psisgd_rows`
+    (``momentum_buffer=None``: first step, the buffer starts at that step). Returns the
+    new rows, the transported buffer (``None`` without momentum) and the new sums.
+    """
+    w_sq, riem_grad, sq_norm = _riemannian_gradient(w, grad, maximize)
+    new_sum = sum_sq.to(riem_grad.dtype, copy=True).add_(sq_norm)
+    scaled = riem_grad.div_(new_sum.sqrt().add_(eps))
+    new_buf: Tensor | None = None
+    direction = scaled
+    if momentum != 0:
+        if momentum_buffer is None:
+            new_buf = scaled
+        else:
+            new_buf = momentum_buffer.to(scaled.dtype, copy=True).mul_(momentum).add_(scaled, alpha=1 - dampening)
+        direction = scaled.add(new_buf, alpha=momentum) if nesterov else new_buf
+    w_new = _retract_keeping_norms(w, direction, lr, w_sq)
+    if new_buf is not None:
+        new_buf = transport_rows(w_new, new_buf, w_sq, w_sq)
+    return w_new, new_buf, new_sum
+
+
+# -- drivers: one row step applied to lists of tensors ------------------------------------
+
+
+def _write(target: Tensor | None, value: Tensor, like: Tensor) -> Tensor:
+    """Store ``value`` (rows, accumulation dtype) in ``target``, or as a new tensor shaped
+    and typed like the parameter ``like`` when there is none yet; returns the stored tensor."""
+    value = value.to(like.dtype).reshape(like.shape)
+    if target is None:
+        # A copy, not a view of a stack, so each state tensor owns its storage.
+        return value.clone(memory_format=torch.contiguous_format)
+    target.copy_(value)
+    return target
+
+
+def _single_tensor_rows(
+    row_step: RowStep,
+    params: list[Tensor],
+    grads: list[Tensor],
+    row_fns: list[Callable[[Tensor], Tensor]],
+    row_states: Sequence[list[Tensor | None]],
+    group_states: Sequence[list[Tensor]],
+    per_tensor: list[dict[str, Any]],
+    **options: Any,
+) -> None:
+    """The reference loop: ``row_step`` on each tensor's ``(k, d)`` group matrix.
+
+    ``row_states`` are lists (one per kind of state) of tensors shaped like the
+    parameters (``None``: not yet created); ``group_states`` lists of ``(k,)`` tensors,
+    one entry per group (always created: the optimizer initializes them).
+    ``row_step(w, g, *row_states, *group_states, **per_tensor[i], **options)`` returns
+    the new rows, then the new states in the same order; entries are updated in place
+    (``None`` entries replaced by new tensors; a ``None`` result leaves the entry as it
+    was).
+    """
+    for i, param in enumerate(params):
+        rows = row_fns[i]
+        states = [None if s[i] is None else rows(s[i]) for s in row_states]
+        states += [s[i].unsqueeze(1) for s in group_states]
+        w_new, *new_states = row_step(rows(param), rows(grads[i]), *states, **per_tensor[i], **options)
+        param.copy_(w_new.reshape(param.shape))
+        for kind, new in zip(row_states, new_states):
+            if new is not None:
+                kind[i] = _write(kind[i], new, param)
+        for kind, new in zip(group_states, new_states[len(row_states) :]):
+            if new is not None:
+                kind[i].copy_(new.squeeze(1))
+
+
+def _multi_tensor_rows(
+    row_step: RowStep,
+    params: list[Tensor],
+    grads: list[Tensor],
+    row_fns: list[Callable[[Tensor], Tensor]],
+    row_states: Sequence[list[Tensor | None]],
+    group_states: Sequence[list[Tensor]],
+    per_tensor: list[dict[str, Any]],
+    **options: Any,
+) -> None:
+    """Batched version of :func:`_single_tensor_rows`, same arguments and effects.
+
+    Tensors with the same device, dtype, group size ``d``, per-tensor arguments and
+    state status (created or not) are stacked, up to ``_STACK_NUMEL`` elements per
+    stack; the row step runs once per stack and the results are split back and written
+    with :func:`torch._foreach_copy_`.
+    """
+    if not params:
+        return
+    same_kind: dict[Hashable, list[int]] = defaultdict(list)
+    for i, param in enumerate(params):
+        status = tuple(s[i] is None for s in row_states)
+        key = (param.device, param.dtype, row_fns[i](param).shape[1], status, tuple(sorted(per_tensor[i].items())))
+        same_kind[key].append(i)
+    # Stacking saves kernel launches on many small tensors; copying large ones into a
+    # stack only costs memory traffic, hence the cap.
+    stacks: list[list[int]] = []
+    for members in same_kind.values():
+        chunk: list[int] = []
+        chunk_numel = 0
+        for i in members:
+            if chunk and chunk_numel + params[i].numel() > _STACK_NUMEL:
+                stacks.append(chunk)
+                chunk, chunk_numel = [], 0
+            chunk.append(i)
+            chunk_numel += params[i].numel()
+        stacks.append(chunk)
+
+    def cat(tensors: list[Tensor]) -> Tensor:
+        return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+    for idx in stacks:
+        w_rows = [row_fns[i](params[i]) for i in idx]
+        sizes = [r.shape[0] for r in w_rows]
+        states = [None if s[idx[0]] is None else cat([row_fns[i](s[i]) for i in idx]) for s in row_states]
+        states += [cat([s[i] for i in idx]).unsqueeze(1) for s in group_states]
+        w_new, *new_states = row_step(
+            cat(w_rows), cat([row_fns[i](grads[i]) for i in idx]), *states, **per_tensor[idx[0]], **options
+        )
+        dtype = params[idx[0]].dtype
+        torch._foreach_copy_(
+            [params[i] for i in idx], [x.reshape(params[i].shape) for i, x in zip(idx, w_new.to(dtype).split(sizes))]
+        )
+        kinds = [(kind, True) for kind in row_states] + [(kind, False) for kind in group_states]
+        for (kind, row_shaped), new in zip(kinds, new_states):
+            if new is None:
+                continue
+            pieces = new.to(dtype).split(sizes)
+            pieces = [x.reshape(params[i].shape) if row_shaped else x.reshape(-1) for i, x in zip(idx, pieces)]
+            if kind[idx[0]] is not None:
+                # Written into the existing tensors: no allocation, and state keeps its tensors.
+                torch._foreach_copy_([kind[i] for i in idx], pieces)
+            else:
+                for i, x in zip(idx, pieces):
+                    kind[i] = x.clone(memory_format=torch.contiguous_format)

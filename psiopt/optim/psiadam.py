@@ -1,0 +1,378 @@
+r"""PSIAdam and PSIAdamW: Adam with per-group adaptive angular steps on the PSI manifold."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam
+from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _to_scalar
+
+from ..manifold import PSIManifold
+from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows
+from .psisgd import _check_finite, _PSIParamsMixin
+
+__all__ = ["PSIAdam", "PSIAdamW"]
+
+
+def _validate_adam_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, foreach: bool | None) -> None:
+    # The same checks and messages as torch.optim.Adam (capturable is never on here),
+    # and a finite lr and eps.
+    if isinstance(lr, Tensor):
+        if foreach:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    _check_finite("learning rate", lr)
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    _check_finite("epsilon value", eps)
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (
+        (isinstance(betas[0], float) and isinstance(betas[1], float))
+        or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+    ):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            if foreach:
+                raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
+
+
+class PSIAdam(_PSIParamsMixin, Optimizer):
+    r"""Adam on the PSI manifold: a drop-in replacement for :class:`torch.optim.Adam`.
+
+    Parameters are split as by :class:`psiopt.PSISGD`: scale-invariant ones (marked by
+    :func:`psiopt.mark_scale_invariant`, or in a param group naming a ``"grouping"``)
+    and **every other** parameter, which gets :class:`torch.optim.Adam`'s update bit
+    for bit (the same function, :func:`torch.optim.adam.adam`, is called on them).
+
+    On a scale-invariant tensor with groups :math:`w_j` and gradient :math:`g`, step
+    :math:`t` with learning rate :math:`\eta` is Riemannian Adam on the quotient, with
+    one second moment per group, of the gradient at the unit row
+    :math:`u_j = w_j/\|w_j\|`:
+
+    .. math::
+
+        r_j &= \|w_j\|^2 P_w(g)_j, \qquad s_j = \|\nabla f(u_j)\|^2 = \|r_j\|^2/\|w_j\|^2\\
+        m &\leftarrow \beta_1 m + (1 - \beta_1)\, r, \qquad
+        v_j \leftarrow \beta_2 v_j + (1 - \beta_2)\, s_j\\
+        d_j &= \frac{m_j / (1 - \beta_1^t)}{\sqrt{v_j / (1 - \beta_2^t)} + \epsilon}, \qquad
+        w'_j = \|w_j\|\, \frac{w_j - \eta\, d_j}{\|w_j - \eta\, d_j\|}\\
+        m_j &\leftarrow P_{w'}(m)_j \qquad\text{(vector transport to } w'\text{)}
+
+    (with ``amsgrad``, :math:`v_j` in :math:`d_j` is replaced by its running maximum).
+    :math:`s_j`, :math:`v_j` and :math:`m_j/\|w_j\|` are the same for every
+    representative :math:`a_j w_j` of the class, so the step turns :math:`u_j` by the
+    same angle, about :math:`\eta` radians while the gradients agree from step to
+    step, whatever the scale of :math:`w_j`: runs started from :math:`w` and from
+    :math:`a\cdot w` stay equivalent. ``eps`` is in the same invariant units.
+
+    State, under torch's keys: ``"step"`` (a float32 CPU tensor, as torch keeps it),
+    ``"exp_avg"`` (horizontal at the stored weights, the parameter's shape) and
+    ``"exp_avg_sq"`` / ``"max_exp_avg_sq"`` (one entry per group, shape ``(k,)``), in the
+    parameter's dtype as torch stores Adam's state (the step itself computes in float32
+    for half-precision parameters).
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or param groups, as for :class:`torch.optim.Adam`; param groups may
+        carry ``"grouping"`` and ``"param_names"`` as for :class:`psiopt.PSISGD`.
+    lr : float or Tensor, default 1e-3
+        Learning rate; on scale-invariant groups an angle (radians per step, roughly).
+    betas, eps, amsgrad, maximize, foreach
+        As in :class:`torch.optim.Adam`, for both kinds of parameters.
+    weight_decay : float, default 0
+        L2 penalty (decoupled with ``decoupled_weight_decay=True``, as
+        :class:`PSIAdamW`), applied to the Euclidean parameters only (see Notes).
+    capturable, differentiable, fused
+        Only their defaults are supported; other values raise ``ValueError``.
+    decoupled_weight_decay : bool, default False
+        Use AdamW's decoupled weight decay on the Euclidean parameters.
+
+    Notes
+    -----
+    * **No weight decay on scale-invariant groups** (L2 or decoupled): both only move a
+      group along its class (the L2 term :math:`\lambda w_j` is radial, so the
+      horizontal projection removes it; :math:`w_j \mapsto (1-\eta\lambda) w_j` is a
+      rescaling). Neither changes the network's function or the point of the manifold.
+      Under Euclidean Adam their effect on such a group is to keep its norm small and
+      so its angular step :math:`\approx \eta\sqrt{d}/\|w_j\|` large; here the angular
+      step is set by :math:`\eta` itself: schedule the learning rate instead.
+    * **Per-group second moments.** A per-coordinate :math:`v` would make the step
+      depend on the basis of each group and not be a step on the sphere; one scalar per
+      group keeps the direction of :math:`m_j` (as geoopt's ``RiemannianAdam`` does on
+      a sphere, whose ``inner`` sums over a row).
+    * The checks before a step (non-finite gradients, zero groups, sparse gradients)
+      are :class:`psiopt.PSISGD`'s: a refused step changes nothing.
+
+    Examples
+    --------
+    >>> import torch, psiopt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8),
+    ...                             torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    >>> opt = psiopt.PSIAdam([{"params": [model[0].weight], "grouping": "tensor", "lr": 0.01},
+    ...                       {"params": [model[0].bias, *model[1:].parameters()]}], lr=1e-3)
+    >>> torch.nn.functional.cross_entropy(model(x), y).backward()
+    >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        for option, value, default in (("capturable", capturable, False), ("differentiable", differentiable, False)):
+            if value != default:
+                raise ValueError(
+                    f"{name} does not support {option}={value!r}: the PSI step synchronizes with the host "
+                    f"(its checks) and is not differentiable; use {option}={default!r}, or torch.optim.Adam"
+                )
+        if fused:
+            raise ValueError(
+                f"{name} does not support fused=True: there is no fused kernel for the PSI step; use "
+                "foreach=True (or None) for the batched implementation"
+            )
+        _validate_adam_hyperparameters(lr, betas, eps, weight_decay, foreach)
+        self._psi_manifolds = {}
+        defaults = {
+            "lr": lr,
+            "betas": tuple(map(_to_scalar, betas)),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "grouping": None,
+        }
+        super().__init__(params, defaults)
+        self._warn_if_no_scale_invariant()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_psi_manifolds", {})
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("grouping", None)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as :meth:`torch.optim.Optimizer.add_param_group`; a
+        ``"grouping"`` key makes all its tensors scale invariant with that grouping."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["foreach"])
+            self._validate_group(group, len(self.param_groups) - 1)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss (called with gradients enabled).
+
+        Returns
+        -------
+        The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        plan = self._collect()
+        for _, _, euclid in plan:
+            for p, name in euclid:
+                if p.grad.is_sparse:
+                    # torch's message, raised before any parameter is modified
+                    raise RuntimeError(
+                        f"{name}: Adam does not support sparse gradients, please consider SparseAdam instead"
+                    )
+        for group, psi, euclid in plan:
+            if euclid:
+                self._euclidean_step(group, [p for p, _ in euclid])
+            if psi:
+                self._psi_step(group, psi)
+        return loss
+
+    def _euclidean_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        # torch.optim.Adam's own state initialization and step on these tensors.
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            state_steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adam(
+            params,
+            [p.grad for p in params],
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            state_steps,
+            amsgrad=group["amsgrad"],
+            has_complex=any(torch.is_complex(p) for p in params),
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            grad_scale=None,
+            found_inf=None,
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
+
+    def _psi_step(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
+        params = [p for p, _, _ in psi]
+        amsgrad = group["amsgrad"]
+        for p, _, manifold in psi:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # one second moment per group, in the invariant units of ||grad f(u_j)||^2
+                state["exp_avg_sq"] = p.new_zeros(manifold.num_groups(p))
+                if amsgrad:
+                    state["max_exp_avg_sq"] = p.new_zeros(manifold.num_groups(p))
+        states = [self.state[p] for p in params]
+        group_states = [[s["exp_avg_sq"] for s in states]]
+        if amsgrad:
+            group_states.append([s["max_exp_avg_sq"] for s in states])
+        foreach = group["foreach"]
+        if foreach is None:
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+        beta1, beta2 = (float(b) for b in group["betas"])
+        update = _multi_tensor_rows if foreach else _single_tensor_rows
+        update(
+            _psiadam_rows,
+            params,
+            [p.grad for p in params],
+            [m.rows for _, _, m in psi],
+            [[s["exp_avg"] for s in states]],
+            group_states,
+            [{"step": float(s["step"]) + 1.0} for s in states],
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+        for s in states:
+            s["step"] += 1
+
+
+class PSIAdamW(PSIAdam):
+    r"""AdamW on the PSI manifold: a drop-in replacement for :class:`torch.optim.AdamW`.
+
+    :class:`PSIAdam` with ``decoupled_weight_decay=True`` and AdamW's default
+    ``weight_decay=1e-2``: every parameter that is not scale invariant gets
+    :class:`torch.optim.AdamW`'s update bit for bit; scale-invariant groups take
+    :class:`PSIAdam`'s adaptive angular step and **no weight decay**. Decoupled decay
+    :math:`w_j \mapsto (1 - \eta\lambda) w_j` is a rescaling, a move along the class that
+    leaves the network's function and the point of the PSI manifold unchanged; what it
+    does under Euclidean AdamW (shrink the norm, and so enlarge the angular step) is
+    done here by the learning rate, which already is the angular step.
+
+    Parameters are those of :class:`PSIAdam` (without ``decoupled_weight_decay``).
+
+    Examples
+    --------
+    >>> import torch, psiopt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8),
+    ...                             torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    >>> _ = psiopt.mark_scale_invariant(model, x)
+    >>> opt = psiopt.PSIAdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    >>> torch.nn.functional.cross_entropy(model(x), y).backward()
+    >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # as torch.optim.AdamW: a loaded state keeps the decoupled weight decay
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
