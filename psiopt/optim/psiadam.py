@@ -190,17 +190,8 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("grouping", None)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group, as :meth:`torch.optim.Optimizer.add_param_group`; a
-        ``"grouping"`` key makes all its tensors scale invariant with that grouping."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _validate_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["foreach"])
-            self._validate_group(group, len(self.param_groups) - 1)
-        except (ValueError, TypeError):
-            self.param_groups.pop()
-            raise
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        _validate_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["foreach"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -118,8 +118,9 @@ class PSIAdaSGD(PSISGD):
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group, as :meth:`psiopt.PSISGD.add_param_group`, with the adaptive
-        options ``eps`` and ``initial_accumulator_value``."""
+        """Add a param group, as :meth:`torch.optim.Optimizer.add_param_group` (a
+        ``"grouping"`` key makes its tensors scale invariant), with the adaptive options
+        ``eps`` and ``initial_accumulator_value``."""
         for key, value in self._adaptive_defaults.items():
             param_group.setdefault(key, value)
         _validate_adaptive_options(param_group["eps"], param_group["initial_accumulator_value"])

@@ -186,18 +186,10 @@ class PSIGD(_PSIParamsMixin, Optimizer):
         self.__dict__.setdefault("_psi_manifolds", {})
         self.__dict__.setdefault("_row_plans", {})
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group; a ``"grouping"`` key makes all its tensors scale invariant."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _check_finite("learning rate", group["lr"])
-            if not group["lr"] > 0.0:
-                raise ValueError(f"Invalid learning rate: {group['lr']} (PSIGD needs a positive step size)")
-            self._validate_group(group, len(self.param_groups) - 1)
-        except (ValueError, TypeError):
-            self.param_groups.pop()
-            raise
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        _check_finite("learning rate", group["lr"])
+        if not group["lr"] > 0.0:
+            raise ValueError(f"Invalid learning rate: {group['lr']} (PSIGD needs a positive step size)")
 
     @torch.no_grad()
     def step(self, closure: Callable[..., Any] | None = None) -> Any:

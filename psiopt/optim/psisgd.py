@@ -56,6 +56,9 @@ class _PSIParamsMixin:
         return None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as :meth:`torch.optim.Optimizer.add_param_group`; a
+        ``"grouping"`` key makes all its tensors scale invariant with that grouping. A
+        group whose hyperparameters, grouping or parameters are refused is not added."""
         # torch refuses a parameter already in another group without saying which: say it here.
         params = param_group["params"]
         if not isinstance(params, (Tensor, set)):  # torch's own error for a set stays
@@ -74,6 +77,19 @@ class _PSIParamsMixin:
                         "(psiopt.param_groups(model, ...) puts each parameter in exactly one)"
                     )
         super().add_param_group(param_group)  # type: ignore[misc]
+        # The optimizer's own hyperparameter checks and the grouping checks, on the group as
+        # torch completed it with the defaults; a refused group is not kept.
+        group = self.param_groups[-1]
+        try:
+            self._validate_hyperparameters(group)
+            self._validate_group(group, len(self.param_groups) - 1)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Each optimizer's checks of a param group's hyperparameters (torch's messages)."""
+        raise NotImplementedError
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         grouping = group.get("grouping")
@@ -457,19 +473,10 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("grouping", None)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group, as :meth:`torch.optim.Optimizer.add_param_group`; a
-        ``"grouping"`` key makes all its tensors scale invariant with that grouping."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _validate_sgd_hyperparameters(
-                group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
-            )
-            self._validate_group(group, len(self.param_groups) - 1)
-        except (ValueError, TypeError):
-            self.param_groups.pop()
-            raise
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        _validate_sgd_hyperparameters(
+            group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
