@@ -27,9 +27,9 @@ from torch import nn
 
 __all__ = ["Grouping", "GroupingLike", "as_grouping", "CHANNEL_FIRST_LAYERS"]
 
-#: Layers whose ``weight`` holds output channels along dim 0, the layout every grouping
-#: assumes (transposed convolutions keep them in dim 1 and are not among them).
 CHANNEL_FIRST_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Layers whose ``weight`` holds output channels along dim 0, the layout every grouping
+assumes (transposed convolutions keep them in dim 1 and are not among them)."""
 
 GroupKind = Literal["channel", "tensor", "block"]
 _KINDS = ("channel", "tensor", "block")

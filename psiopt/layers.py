@@ -64,18 +64,17 @@ __all__ = [
 TRANSPOSED_CONVS: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 _RMSNorm = getattr(nn, "RMSNorm", None)
-#: Normalization modules (and their subclasses): the scale of their input is removed.
 NORM_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
     nn.GroupNorm,
     nn.LayerNorm,
 ) + ((_RMSNorm,) if _RMSNorm is not None else ())
-#: The batch norms over dim 1 (with SyncBatchNorm), for the rescaling systems.
-BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+"""Normalization modules (and their subclasses): the scale of their input is removed."""
 
-#: Modules affine per channel: :math:`f(c z + b) = c f(z) + b` for :math:`c > 0` and a
-#: per-channel :math:`b`.
+BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+"""The batch norms over dim 1 (with SyncBatchNorm), for the rescaling systems."""
+
 AFFINE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity,
     nn.MaxPool1d,
@@ -88,9 +87,9 @@ AFFINE_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,
 )
-#: Modules positively homogeneous per channel but not affine (a bias before them does not
-#: come out unchanged: ReLU clips it, average pooling's zero padding dilutes it, dropout
-#: masks it).
+"""Modules affine per channel: :math:`f(c z + b) = c f(z) + b` for :math:`c > 0` and a
+per-channel :math:`b`."""
+
 HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.LeakyReLU,
@@ -103,32 +102,39 @@ HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
     nn.AvgPool2d,
     nn.AvgPool3d,
 )
-#: Every module a positive per-channel scale passes through, :math:`f(c z) = c f(z)`.
-POSITIVELY_HOMOGENEOUS_MODULES = AFFINE_MODULES + HOMOGENEOUS_MODULES
+"""Modules positively homogeneous per channel but not affine (a bias before them does not
+come out unchanged: ReLU clips it, average pooling's zero padding dilutes it, dropout
+masks it)."""
 
-#: Operation names (see :func:`op_name`) of the affine modules' computations.
+POSITIVELY_HOMOGENEOUS_MODULES = AFFINE_MODULES + HOMOGENEOUS_MODULES
+"""Every module a positive per-channel scale passes through, :math:`f(c z) = c f(z)`."""
+
 AFFINE_OPS = frozenset(
     {"identity", "contiguous", "clone"}
     | {f"{kind}{d}d" for kind in ("max_pool", "adaptive_max_pool", "adaptive_avg_pool") for d in (1, 2, 3)}
 )
-#: Operation names of the positively homogeneous (not affine) computations.
+"""Operation names (see :func:`op_name`) of the affine modules' computations."""
+
 HOMOGENEOUS_OPS = frozenset(
     {"relu", "relu_", "leaky_relu", "leaky_relu_", "prelu", "dropout", "dropout_", "feature_dropout"}
     | {f"dropout{d}d" for d in (1, 2, 3)}
     | {f"avg_pool{d}d" for d in (1, 2, 3)}
 )
-#: Operations that only move or merge dims.
+"""Operation names of the positively homogeneous (not affine) computations."""
+
 LAYOUT_OPS = frozenset({"permute", "transpose", "swapaxes", "flatten", "unsqueeze", "squeeze"})
-#: The computations of :data:`CHANNEL_FIRST_LAYERS`.
+"""Operations that only move or merge dims."""
+
 LAYER_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
-#: Reads of a tensor's metadata: not a use of its values.
+"""The computations of :data:`CHANNEL_FIRST_LAYERS`."""
+
 QUERY_OPS = frozenset(
     {"size", "dim", "ndimension", "numel", "ndim", "shape", "dtype", "device", "is_floating_point",
      "is_contiguous", "stride", "get_device"}
 )
+"""Reads of a tensor's metadata: not a use of its values."""
 
 _RMS_NORM_FN = getattr(F, "rms_norm", None)
-#: The functional normalizations, by the name of what they compute.
 NORM_FUNCTIONS: dict[Callable[..., Any], str] = {
     F.batch_norm: "batch_norm",
     F.instance_norm: "instance_norm",
@@ -136,6 +142,8 @@ NORM_FUNCTIONS: dict[Callable[..., Any], str] = {
     F.layer_norm: "layer_norm",
     **({_RMS_NORM_FN: "rms_norm"} if _RMS_NORM_FN is not None else {}),
 }
+"""The functional normalizations, by the name of what they compute."""
+
 _NORM_SIGNATURES = {fn: inspect.signature(fn) for fn in NORM_FUNCTIONS}
 
 

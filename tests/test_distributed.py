@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _nets import three_groupings_net
 from torch import nn
 
 import psiopt
@@ -22,25 +23,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.dis
 DT = torch.float64
 WORLD = 2
 STEPS = 3
-
-
-def _net(seed=0):
-    """Conv -> BatchNorm (channel), Conv -> GroupNorm(3, 6) (block(2)), Linear -> LayerNorm (tensor)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 5, 3, bias=False),
-        nn.BatchNorm2d(5),
-        nn.ReLU(),
-        nn.Conv2d(5, 6, 3, bias=False),
-        nn.GroupNorm(3, 6),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(24, 7, bias=False),
-        nn.LayerNorm(7),
-        nn.ReLU(),
-        nn.Linear(7, 3),
-    ).to(DT)
 
 
 def _channel_net(seed=0):
@@ -128,10 +110,10 @@ def _entry(rank, worker, init_method):
 def _ddp_worker():
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    reference, expected = _reference(_net)
+    reference, expected = _reference(three_groupings_net)
     assert [g for g, _ in expected] == ["channel", "block(2)", "tensor", None]
 
-    after = DDP(_net())  # discovery after wrapping, collectively, on ddp.module
+    after = DDP(three_groupings_net())  # discovery after wrapping, collectively, on ddp.module
     groups = psiopt.param_groups(after, _batch(0)[0])
     assert _summary(groups) == expected
     assert {p for g in groups for p in g["params"]} == set(after.parameters())
@@ -145,7 +127,7 @@ def _ddp_worker():
     with pytest.raises(TypeError, match="DistributedDataParallel.*psiopt.param_groups"):
         psiopt.mark_scale_invariant(after, _batch(0)[0])
 
-    plain = _net()
+    plain = three_groupings_net()
     report = psiopt.find_scale_invariant(plain, _batch(0)[0])  # before wrapping
     before = DDP(plain)
     groups = psiopt.param_groups(before, report=report)
@@ -172,11 +154,11 @@ def _shard(model, layers):
 
 def _fsdp_worker():
     # Groups on every grouping kind, with and without a report.
-    plain = _net()
+    plain = three_groupings_net()
     x = _batch(0)[0]
     expected = _summary(psiopt.param_groups(plain, x))
     report = psiopt.find_scale_invariant(plain, x)
-    sharded = _shard(_net(), (0, 3, 8))
+    sharded = _shard(three_groupings_net(), (0, 3, 8))
     before = {n: _full(p.detach()).clone() for n, p in sharded.named_parameters()}
     for groups in (psiopt.param_groups(sharded, report=report), psiopt.param_groups(sharded, x)):
         assert _summary(groups) == expected

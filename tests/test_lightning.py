@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _nets import three_groupings_net
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -14,25 +15,10 @@ L = pytest.importorskip("lightning")
 DT = torch.float64
 
 
-def _net(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 5, 3, bias=False),
-        nn.BatchNorm2d(5),
-        nn.ReLU(),
-        nn.Conv2d(5, 6, 3, bias=False),
-        nn.GroupNorm(3, 6),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(24, 3),
-    ).to(DT)
-
-
 class Classifier(L.LightningModule):
     def __init__(self, seed: int) -> None:
         super().__init__()
-        self.net = _net(seed)
+        self.net = three_groupings_net(seed)
         gen = torch.Generator().manual_seed(7)
         self.example = torch.randn(6, 3, 8, 8, generator=gen, dtype=DT)
 
@@ -78,11 +64,12 @@ def test_fit_then_resume_from_checkpoint_is_bit_exact(tmp_path):
     ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=True)["optimizer_states"][0]["param_groups"]
-    assert [g.get("grouping") for g in saved] == ["channel", "block(2)", None]
+    assert [g.get("grouping") for g in saved] == ["channel", "block(2)", "tensor", None]
 
     resumed = Classifier(seed=1)  # other weights: all of them must come from the checkpoint
     _trainer(tmp_path, epochs=2).fit(resumed, _data(), ckpt_path=ckpt)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    moved = [n for n, p in _net(0).state_dict().items() if not torch.equal(p, straight.net.state_dict()[n])]
+    initial = three_groupings_net(0).state_dict()
+    moved = [n for n, p in initial.items() if not torch.equal(p, straight.net.state_dict()[n])]
     assert "0.weight" in moved and "3.weight" in moved  # training did move the weights

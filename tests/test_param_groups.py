@@ -8,6 +8,7 @@ import io
 import geoopt
 import pytest
 import torch
+from _nets import three_groupings_net
 from torch import nn
 from torch.optim import optimizer as torch_optimizer
 
@@ -15,25 +16,6 @@ import psiopt
 
 DT = torch.float64
 EXPECTED = [("channel", ["0.weight"]), ("block(2)", ["3.weight"]), ("tensor", ["8.weight"])]
-
-
-def _net(seed=0):
-    """Conv -> BatchNorm (channel), Conv -> GroupNorm(3, 6) (block(2)), Linear -> LayerNorm (tensor)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 5, 3, bias=False),
-        nn.BatchNorm2d(5),
-        nn.ReLU(),
-        nn.Conv2d(5, 6, 3, bias=False),
-        nn.GroupNorm(3, 6),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(24, 7, bias=False),
-        nn.LayerNorm(7),
-        nn.ReLU(),
-        nn.Linear(7, 3),
-    ).to(DT)
 
 
 def _batch(t=0, n=6):
@@ -57,7 +39,7 @@ def _train(model, opt, steps, start=0):
 
 
 def test_one_group_per_grouping_then_the_rest_each_parameter_once():
-    model = _net()
+    model = three_groupings_net()
     groups = psiopt.param_groups(model, _batch()[0])
     assert _summary(groups)[:3] == EXPECTED
     rest = groups[3]
@@ -80,7 +62,9 @@ def test_tied_parameter_appears_once():
 
 
 def test_options_are_merged_per_kind():
-    groups = psiopt.param_groups(_net(), _batch()[0], scale_invariant={"lr": 0.05}, others={"weight_decay": 5e-4})
+    groups = psiopt.param_groups(
+        three_groupings_net(), _batch()[0], scale_invariant={"lr": 0.05}, others={"weight_decay": 5e-4}
+    )
     assert [g.get("lr") for g in groups] == [0.05, 0.05, 0.05, None]
     assert [g.get("weight_decay") for g in groups] == [None, None, None, 5e-4]
     opt = psiopt.PSISGD(groups, lr=0.1, momentum=0.9)
@@ -88,16 +72,17 @@ def test_options_are_merged_per_kind():
 
 
 def test_report_runs_no_forward_pass():
-    model = _net()
+    model = three_groupings_net()
     report = psiopt.find_scale_invariant(model, _batch()[0])
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    assert _summary(psiopt.param_groups(model, report=report)) == _summary(psiopt.param_groups(_net(), _batch()[0]))
+    discovered = psiopt.param_groups(three_groupings_net(), _batch()[0])
+    assert _summary(psiopt.param_groups(model, report=report)) == _summary(discovered)
     assert calls == []
 
 
 def test_compiled_model_after_a_forward_gives_the_eager_groups():
-    model = _net()
+    model = three_groupings_net()
     eager = psiopt.param_groups(model, _batch()[0])
     compiled = torch.compile(model, backend="eager")
     compiled(_batch()[0])
@@ -108,9 +93,9 @@ def test_compiled_model_after_a_forward_gives_the_eager_groups():
 
 
 def test_names_match_across_a_compiled_submodule():
-    model = _net()
+    model = three_groupings_net()
     model[3] = torch.compile(model[3], backend="eager")  # names become 3._orig_mod.weight
-    report = psiopt.find_scale_invariant(_net(), _batch()[0])  # names of the plain model
+    report = psiopt.find_scale_invariant(three_groupings_net(), _batch()[0])  # names of the plain model
     groups = psiopt.param_groups(model, report=report)
     assert _summary(groups)[:3] == EXPECTED
     assert groups[1]["params"][0] is model[3]._orig_mod.weight
@@ -120,15 +105,15 @@ def test_names_match_across_a_compiled_submodule():
 
 
 def test_report_naming_a_missing_parameter_is_refused():
-    report = psiopt.find_scale_invariant(_net(), _batch()[0])
-    smaller = nn.Sequential(*list(_net())[:6])
+    report = psiopt.find_scale_invariant(three_groupings_net(), _batch()[0])
+    smaller = nn.Sequential(*list(three_groupings_net())[:6])
     with pytest.raises(ValueError, match=r"report names parameter '8\.weight', which the model does not have"):
         psiopt.param_groups(smaller, report=report)
 
 
 def test_grouping_that_does_not_fit_the_shape_is_refused():
-    report = psiopt.find_scale_invariant(_net(), _batch()[0])
-    other = _net()
+    report = psiopt.find_scale_invariant(three_groupings_net(), _batch()[0])
+    other = three_groupings_net()
     other[3] = nn.Conv2d(5, 7, 3, bias=False).to(DT)  # 7 channels: not blocks of 2
     with pytest.raises(ValueError, match=r"parameter '3\.weight'.*'block\(2\)' does not fit.*7 output channels"):
         psiopt.param_groups(other, report=report)
@@ -147,7 +132,7 @@ def test_one_parameter_with_two_groupings_is_refused():
 
 
 def test_parameter_in_two_param_groups_is_named():
-    model = _net()
+    model = three_groupings_net()
     groups = psiopt.param_groups(model, _batch()[0])
     groups[3]["params"].append(model[0].weight)
     groups[3]["param_names"].append("0.weight")
@@ -157,9 +142,9 @@ def test_parameter_in_two_param_groups_is_named():
 
 def test_options_may_not_set_what_param_groups_sets():
     with pytest.raises(ValueError, match=r"scale_invariant= may not set \['grouping'\]"):
-        psiopt.param_groups(_net(), _batch()[0], scale_invariant={"grouping": "tensor"})
+        psiopt.param_groups(three_groupings_net(), _batch()[0], scale_invariant={"grouping": "tensor"})
     with pytest.raises(ValueError, match="example inputs"):
-        psiopt.param_groups(_net())
+        psiopt.param_groups(three_groupings_net())
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -167,17 +152,17 @@ def test_options_may_not_set_what_param_groups_sets():
 
 @pytest.mark.parametrize("assign", [False, True])
 def test_resume_from_weights_only_state_dicts_is_bit_exact(assign):
-    report = psiopt.find_scale_invariant(_net(), _batch()[0])
+    report = psiopt.find_scale_invariant(three_groupings_net(), _batch()[0])
 
     def make(model):
         groups = psiopt.param_groups(model, report=report, scale_invariant={"lr": 0.05}, others={"weight_decay": 1e-3})
         return psiopt.PSISGD(groups, lr=0.1, momentum=0.9, nesterov=True)
 
-    straight = _net()
+    straight = three_groupings_net()
     straight_opt = make(straight)
     _train(straight, straight_opt, 6)
 
-    first = _net()
+    first = three_groupings_net()
     first_opt = make(first)
     _train(first, first_opt, 3)
     buf = io.BytesIO()
@@ -186,7 +171,7 @@ def test_resume_from_weights_only_state_dicts_is_bit_exact(assign):
     saved = torch.load(buf, weights_only=True)
     assert [g.get("grouping") for g in saved["optimizer"]["param_groups"]] == ["channel", "block(2)", "tensor", None]
 
-    resumed = _net(seed=1)
+    resumed = three_groupings_net(seed=1)
     resumed.load_state_dict(saved["model"], assign=assign)
     resumed_opt = make(resumed)  # built after loading: it holds the loaded objects
     resumed_opt.load_state_dict(saved["optimizer"])
@@ -196,7 +181,7 @@ def test_resume_from_weights_only_state_dicts_is_bit_exact(assign):
 
 
 def test_grouping_object_is_kept_as_text():
-    model = _net()
+    model = three_groupings_net()
     opt = psiopt.PSISGD([{"params": [model[0].weight], "grouping": psiopt.Grouping.per_channel()}], lr=0.1)
     assert opt.param_groups[0]["grouping"] == "channel"
     gd = psiopt.PSIGD([{"params": [model[3].weight], "grouping": psiopt.Grouping.blocks(2)}], lr=0.1)
@@ -216,14 +201,14 @@ def _global_optimizer_hooks():
 
 def test_no_global_optimizer_hook():
     before = _global_optimizer_hooks()
-    model = _net()
+    model = three_groupings_net()
     psiopt.mark_scale_invariant(model, _batch()[0])
     assert _global_optimizer_hooks() == before
     assert not any(str(getattr(h, "__module__", "")).startswith("psiopt") for h in before)
 
 
 def test_marking_keeps_every_parameter_object_tied_modules_included():
-    model = _net()
+    model = three_groupings_net()
     other = nn.Sequential(model[0], nn.BatchNorm2d(5).to(DT))  # the conv tied into a second model
     ids = [id(p) for p in model.parameters()]
     report = psiopt.mark_scale_invariant(model, _batch()[0])
@@ -237,27 +222,27 @@ def test_marking_keeps_every_parameter_object_tied_modules_included():
 
 
 def test_mark_again_after_load_state_dict_assign():
-    model = _net()
+    model = three_groupings_net()
     psiopt.mark_scale_invariant(model, _batch()[0])
-    state = _net(seed=1).state_dict()
+    state = three_groupings_net(seed=1).state_dict()
     model.load_state_dict(state, assign=True)  # torch puts new objects in the modules
     assert model[0].weight.data_ptr() == state["0.weight"].data_ptr()
     marked = {n: str(p.manifold.grouping) for n, p in psiopt.scale_invariant_parameters(model)}
     assert marked == {n: g for g, names in EXPECTED for n in names}
     copied = copy.deepcopy(model)
-    copied.load_state_dict(_net(seed=2).state_dict(), assign=True)  # the copy's hook marks the copy
+    copied.load_state_dict(three_groupings_net(seed=2).state_dict(), assign=True)  # the copy's hook marks the copy
     assert psiopt.is_scale_invariant(copied[3].weight) and not psiopt.is_scale_invariant(copied[11].weight)
     assert model[3].weight.data_ptr() == state["3.weight"].data_ptr()
 
 
 def test_marking_a_compiled_model_points_to_param_groups():
-    compiled = torch.compile(_net(), backend="eager")
+    compiled = torch.compile(three_groupings_net(), backend="eager")
     with pytest.raises(TypeError, match=r"torch.compile'd module.*psiopt.param_groups"):
         psiopt.mark_scale_invariant(compiled, _batch()[0])
     assert not any(isinstance(p, geoopt.ManifoldParameter) for p in compiled.parameters())
 
 
 def test_param_groups_of_a_marked_model_are_the_same():
-    model = _net()
+    model = three_groupings_net()
     psiopt.mark_scale_invariant(model, _batch()[0])
     assert _summary(psiopt.param_groups(model, _batch()[0]))[:3] == EXPECTED

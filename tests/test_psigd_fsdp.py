@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_psisgd_fsdp import Net, _groups
+from _nets import ThreeGroupingsNet, hand_param_groups
 from torch import nn
 
 import psiopt
@@ -122,18 +122,18 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         results = []
         for options, takes_flag in CONFIGS:
             torch.manual_seed(0)
-            reference = Net().double()
-            sharded = Net().double()
+            reference = ThreeGroupingsNet().double()
+            sharded = ThreeGroupingsNet().double()
             sharded.load_state_dict(reference.state_dict())
             for layer in (sharded.conv1, sharded.bn, sharded.conv2, sharded.gn, sharded.fc, sharded.ln, sharded.head):
                 fully_shard(layer, mesh=mesh)
             fully_shard(sharded, mesh=mesh)
 
-            ref_opt = psiopt.PSIGD(_groups(reference), **options)
+            ref_opt = psiopt.PSIGD(hand_param_groups(reference), **options)
             ref_closure = _closure(reference, ref_opt, takes_flag, [], distributed=False, running=[])
             ref_losses = [float(ref_opt.step(ref_closure).detach()) for _ in range(STEPS)]
 
-            opt = psiopt.PSIGD(_groups(sharded), **options)
+            opt = psiopt.PSIGD(hand_param_groups(sharded), **options)
             calls: list[bool] = []
             running: list[bool] = []
             closure = _closure(sharded, opt, takes_flag, calls, distributed=True, running=running)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _nets import ThreeGroupingsNet, hand_param_groups
 from torch import nn
 
 import psiopt
@@ -28,36 +29,6 @@ CONFIGS = [
 # split group that sits on rank 1 zeroed (conv2's channel 3, fc's rows 4-6): those groups
 # are whole-nonzero, so the step must go on, not be refused for a zero part.
 RUNS = [(config, False) for config in CONFIGS] + [(CONFIGS[0], True), (CONFIGS[2], True)]
-
-
-class Net(nn.Module):
-    """A channel grouping (Conv -> BN, 5 channels: shards of 3 and 2), a block grouping
-    whose middle block straddles the shards (Conv -> GroupNorm(3, 6): 3 channels per
-    rank, 2 per group) and a tensor grouping (Linear -> LayerNorm, 7 rows: 4 and 3)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 5, 3, bias=False)
-        self.bn = nn.BatchNorm2d(5)
-        self.conv2 = nn.Conv2d(5, 6, 3, bias=False)
-        self.gn = nn.GroupNorm(3, 6)
-        self.fc = nn.Linear(6 * 4 * 4, 7, bias=False)
-        self.ln = nn.LayerNorm(7)
-        self.head = nn.Linear(7, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn(self.conv1(x)))
-        x = torch.relu(self.gn(self.conv2(x)))
-        x = torch.relu(self.ln(self.fc(x.flatten(1))))
-        return self.head(x)
-
-
-def _groups(model: Net) -> list[dict]:
-    si = {"conv1.weight": "channel", "conv2.weight": "block(2)", "fc.weight": "tensor"}
-    named = dict(model.named_parameters())
-    groups = [{"params": [named[name]], "grouping": g, "param_names": [name]} for name, g in si.items()]
-    rest = [name for name in named if name not in si]
-    return [*groups, {"params": [named[n] for n in rest], "param_names": rest}]
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -102,19 +73,19 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         results = []
         for config, zero_split_rows in RUNS:
             torch.manual_seed(0)
-            reference = Net().double()
+            reference = ThreeGroupingsNet().double()
             if zero_split_rows:
                 with torch.no_grad():
                     reference.conv2.weight[3].zero_()
                     reference.fc.weight[4:].zero_()
-            sharded = Net().double()
+            sharded = ThreeGroupingsNet().double()
             sharded.load_state_dict(reference.state_dict())
             for layer in (sharded.conv1, sharded.bn, sharded.conv2, sharded.gn, sharded.fc, sharded.ln, sharded.head):
                 fully_shard(layer, mesh=mesh)
             fully_shard(sharded, mesh=mesh)
-            _train(reference, psiopt.PSISGD(_groups(reference), lr=0.1, **config))
+            _train(reference, psiopt.PSISGD(hand_param_groups(reference), lr=0.1, **config))
 
-            opt = psiopt.PSISGD(_groups(sharded), lr=0.1, **config)
+            opt = psiopt.PSISGD(hand_param_groups(sharded), lr=0.1, **config)
             sizes: list[int] = []
             counts: list[dict] = []
 
@@ -149,4 +120,4 @@ def test_fsdp2_sharded_weights_step_like_a_single_process(tmp_path) -> None:
             assert result["sizes"] == [8 * (6 * 3 + 6 * 1 + 3 + 1)] * STEPS, (config, result["sizes"])
             for counts in result["counts"]:
                 assert sum(counts.values()) == 1, (config, counts)  # no other collective: no all-gather
-            assert result["model_bytes"] == 8 * sum(p.numel() for p in Net().parameters())
+            assert result["model_bytes"] == 8 * sum(p.numel() for p in ThreeGroupingsNet().parameters())

@@ -3,9 +3,9 @@ r"""Find and mark the scale-invariant weights of a model.
 A weight is *scale invariant* when each of its groups (see :class:`psiopt.Grouping`)
 can be multiplied by its own positive factor without changing the network's output
 in training mode. :func:`find_scale_invariant` finds those weights in four stages, one
-module each, and :func:`mark_scale_invariant` turns each into a
-:class:`geoopt.ManifoldParameter` on a :class:`psiopt.PSIManifold`, which is what
-psiopt's and geoopt's optimizers read.
+module each. :func:`psiopt.param_groups` hands them to psiopt's optimizers as param
+groups; :func:`mark_scale_invariant` turns each into a :class:`geoopt.ManifoldParameter`
+on a :class:`psiopt.PSIManifold`, which is what geoopt's optimizers (and SGD-G) read.
 
 See (:mod:`psiopt.discovery.graph`)
 -----------------------------------

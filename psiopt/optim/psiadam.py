@@ -53,9 +53,9 @@ def _validate_adam_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: 
 class PSIAdam(_PSIParamsMixin, Optimizer):
     r"""Adam on the PSI manifold: a drop-in replacement for :class:`torch.optim.Adam`.
 
-    Parameters are split as by :class:`psiopt.PSISGD`: scale-invariant ones (marked by
-    :func:`psiopt.mark_scale_invariant`, or in a param group naming a ``"grouping"``)
-    and **every other** parameter, which gets :class:`torch.optim.Adam`'s update bit
+    Parameters are split as by :class:`psiopt.PSISGD`: scale-invariant ones (in a param
+    group naming a ``"grouping"``, as :func:`psiopt.param_groups` makes them, or marked by
+    :func:`psiopt.mark_scale_invariant`) and **every other** parameter, which gets :class:`torch.optim.Adam`'s update bit
     for bit (the same function, :func:`torch.optim.adam.adam`, is called on them).
 
     On a scale-invariant tensor with groups :math:`w_j` and gradient :math:`g`, step
@@ -326,8 +326,8 @@ class PSIAdamW(PSIAdam):
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8),
     ...                             torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-    >>> _ = psiopt.mark_scale_invariant(model, x)
-    >>> opt = psiopt.PSIAdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    >>> groups = psiopt.param_groups(model, x, scale_invariant={"lr": 0.01})
+    >>> opt = psiopt.PSIAdamW(groups, lr=1e-3, weight_decay=1e-2)
     >>> torch.nn.functional.cross_entropy(model(x), y).backward()
     >>> opt.step()
     """

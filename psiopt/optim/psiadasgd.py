@@ -82,8 +82,8 @@ class PSIAdaSGD(PSISGD):
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8),
     ...                             torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-    >>> _ = psiopt.mark_scale_invariant(model, x)
-    >>> opt = psiopt.PSIAdaSGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> groups = psiopt.param_groups(model, x, scale_invariant={"lr": 0.05})
+    >>> opt = psiopt.PSIAdaSGD(groups, lr=0.1, momentum=0.9)
     >>> torch.nn.functional.cross_entropy(model(x), y).backward()
     >>> opt.step()
     """
