@@ -19,29 +19,7 @@ import psiopt
 from psiopt.optim._adaptive import _multi_tensor_rows, _psiadam_rows, _psiadasgd_rows, _single_tensor_rows
 
 
-def _psi(shape, grouping="channel", dtype=torch.float64, seed=0) -> geoopt.ManifoldParameter:
-    gen = torch.Generator().manual_seed(seed)
-    return geoopt.ManifoldParameter(torch.randn(shape, generator=gen, dtype=dtype), manifold=psiopt.PSIManifold(grouping))
-
-
-def _rayleigh_loss(params, mats) -> torch.Tensor:
-    """Sum of Rayleigh quotients of the groups: scale invariant group by group."""
-    total = 0.0
-    for p, a in zip(params, mats):
-        w = p.manifold.rows(p).to(a.dtype)
-        total = total + ((w @ a) * w).sum(1).div((w * w).sum(1)).sum()
-    return total
-
-
-def _sym(d, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.randn(d, d, generator=g, dtype=dtype)
-    return m + m.T
-
-
-def _unit_rows(p: torch.Tensor) -> torch.Tensor:
-    w = p.manifold.rows(p.detach())
-    return w / torch.linalg.vector_norm(w, dim=1, keepdim=True)
+from _rayleigh import psi_param as _psi, rayleigh_loss as _rayleigh_loss, sym as _sym, unit_rows as _unit_rows
 
 
 def _rayleigh_steps(opt, params, mats, steps):
