@@ -164,3 +164,18 @@ def test_full_batch_counts_forward_and_backward_passes(name):
         assert record["forward_passes"] > steps
     else:
         assert record["forward_passes"] == steps
+
+
+def test_discovery_reports_are_shared_through_the_build_context_only(monkeypatch):
+    calls = []
+    find = psiopt.find_scale_invariant
+    monkeypatch.setattr(psiopt, "find_scale_invariant", lambda *a, **k: calls.append(1) or find(*a, **k))
+    x = torch.randn(8, 12)
+    shared = BuildContext(lr=0.1, base_lr=0.1, example=x)
+    for _ in range(2):  # the runs of one task: one discovery for the architecture
+        METHODS["psisgd"].build(models.mlp_bn(12, hidden=(6,), num_classes=3), shared)
+    assert len(calls) == 1 and len(shared.reports) == 1
+    METHODS["psiadam"].build(models.mlp_bn(12, hidden=(6,), num_classes=3), shared)
+    assert len(calls) == 1  # another method, same architecture: the same report
+    METHODS["psisgd"].build(models.mlp_bn(12, hidden=(6,), num_classes=3), BuildContext(lr=0.1, base_lr=0.1, example=x))
+    assert len(calls) == 2  # a fresh context knows no report: nothing is kept between runs of the bench

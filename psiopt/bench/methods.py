@@ -79,11 +79,15 @@ class BuildContext:
         ``None`` where the method does not need it.
     example : torch.Tensor
         One training batch (scale-invariance discovery, data-dependent init).
+    reports : dict
+        Discovery reports by architecture, shared by the builds given the same dict (the
+        runs of one task), so that discovery's proof runs once per architecture there.
     """
 
     lr: float
     base_lr: float | None
     example: torch.Tensor
+    reports: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -230,10 +234,6 @@ def _build_sgd(model: nn.Module, ctx: BuildContext) -> Setup:
     return Setup(model, torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=MOMENTUM))
 
 
-_REPORTS: dict[tuple, object] = {}
-"""Architecture signature -> the report of its first discovery."""
-
-
 def _signature(model: nn.Module) -> tuple:
     return tuple((n, type(m).__name__) for n, m in model.named_modules()) + tuple(
         (n, tuple(p.shape)) for n, p in model.named_parameters()
@@ -244,14 +244,15 @@ def _psi_groups(model: nn.Module, ctx: BuildContext, **options) -> list[dict]:
     """:func:`psiopt.param_groups` of ``model``.
 
     Discovery's numerical proof costs dozens of forward passes, so it runs once per
-    architecture; later models of the same architecture reuse its report (``report=``).
+    architecture of ``ctx.reports``; later models of the same architecture reuse its
+    report (``report=``).
     """
     import psiopt
 
     key = _signature(model)
-    if key not in _REPORTS:
-        _REPORTS[key] = psiopt.find_scale_invariant(model, ctx.example)
-    return psiopt.param_groups(model, report=_REPORTS[key], **options)
+    if key not in ctx.reports:
+        ctx.reports[key] = psiopt.find_scale_invariant(model, ctx.example)
+    return psiopt.param_groups(model, report=ctx.reports[key], **options)
 
 
 def _own_lr_psi_groups(model: nn.Module, ctx: BuildContext) -> list[dict]:

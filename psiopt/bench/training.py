@@ -163,11 +163,13 @@ def train_run(
     device: torch.device,
     init_scale: float = 1.0,
     bn_eps: float | None = None,
+    reports: dict | None = None,
 ) -> TrainRun:
     """Train one model with one method, lr and seed; return the run record.
 
     ``init_scale`` multiplies the scale-invariant weights before the method builds its
-    optimizer; ``bn_eps`` (if given) replaces every BatchNorm's eps.
+    optimizer; ``bn_eps`` (if given) replaces every BatchNorm's eps; ``reports`` (see
+    :class:`~psiopt.bench.methods.BuildContext`) shares discovery reports between runs.
     """
     torch.manual_seed(seed)
     model = zoo.build(task.model, task.model_kwargs, dataset.num_classes)
@@ -179,7 +181,7 @@ def train_run(
     model.to(device).train()
     order = _batch_order(dataset.x_train.shape[0], task.batch_size, task.steps, seed)
     example = dataset.x_train[order[0]]
-    setup = method.build(model, BuildContext(lr=lr, base_lr=base_lr, example=example))
+    setup = method.build(model, BuildContext(lr=lr, base_lr=base_lr, example=example, reports={} if reports is None else reports))
     model, opt = setup.model, setup.optimizer
     steps = task.steps
     if task.schedule == "cosine":
@@ -279,6 +281,7 @@ def run_task(
     ``record`` is filled as runs finish (the results file shows partial progress).
     """
     tuned: dict[str, MethodTraining] = {}
+    reports: dict = {}  # one discovery per architecture for all of this task's runs
     for method in available_methods(task.methods, unavailable):
         entry = MethodTraining(method=method.name, label=method.label)
         record.methods.append(entry)
@@ -296,7 +299,7 @@ def run_task(
         by_lr: dict[float, TrainRun] = {}
         try:
             for lr in task.lr_grid:
-                run = train_run(task, method, dataset, lr, base_lr, first, device)
+                run = train_run(task, method, dataset, lr, base_lr, first, device, reports=reports)
                 by_lr[lr] = run
                 entry.tuning.append(TuningPoint(lr=lr, final_loss=run.final_loss, diverged=run.diverged))
                 done(run, f"{task.name} {method.name} lr={lr:g}")
@@ -315,7 +318,7 @@ def run_task(
         entry.summary = summarize(entry.runs)
         tuned[method.name] = entry
         for seed in others:
-            run = train_run(task, method, dataset, best, base_lr, seed, device)
+            run = train_run(task, method, dataset, best, base_lr, seed, device, reports=reports)
             entry.runs.append(run)
             entry.summary = summarize(entry.runs)
             done(run, f"{task.name} {method.name} seed={seed}")
@@ -352,6 +355,7 @@ def run_sweep(
     done: Done,
 ) -> None:
     """Train each tuned method of ``sweep`` from every initial scale into ``record``."""
+    reports: dict = {}  # one discovery per architecture for all of the sweep's runs
     for name in sweep.methods:
         if name not in tuned:
             continue
@@ -359,7 +363,9 @@ def run_sweep(
         entry = SweepMethod(method=name, label=method.label, lr=tuned[name].best_lr, base_lr=tuned[name].base_lr)
         record.methods.append(entry)
         for scale in sweep.scales:
-            run = train_run(task, method, dataset, entry.lr, entry.base_lr, seed, device, scale, sweep.bn_eps)
+            run = train_run(
+                task, method, dataset, entry.lr, entry.base_lr, seed, device, scale, sweep.bn_eps, reports=reports
+            )
             entry.runs.append(run)
             entry.final_loss_spread = _spread([r.final_loss for r in entry.runs])
             diverged = any(r.diverged or not r.curve.loss for r in entry.runs)
