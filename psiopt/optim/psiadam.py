@@ -12,7 +12,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_forea
 
 from ..manifold import PSIManifold
 from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows
-from .psisgd import _check_finite, _PSIParamsMixin
+from ._params import _check_finite, _PSIParamsMixin
 
 __all__ = ["PSIAdam", "PSIAdamW"]
 

@@ -11,7 +11,8 @@ from torch.optim.optimizer import ParamsT, _default_to_fused_or_foreach
 
 from ..manifold import PSIManifold
 from ._adaptive import _multi_tensor_rows, _psiadasgd_rows, _single_tensor_rows
-from .psisgd import PSISGD, _check_finite
+from ._params import _check_finite
+from .psisgd import PSISGD
 
 __all__ = ["PSIAdaSGD"]
 

@@ -21,7 +21,7 @@ from ..manifold import (
     step_row_sums,
 )
 from ._functional import _bad_rows, _dim0_shard, _elementwise_pass, _local, _reduce_across_shards, _Tensors
-from .psisgd import _any_flag, _check_finite, _check_finite_gradients, _non_finite_flag, _PSIParamsMixin
+from ._params import _any_flag, _check_finite, _check_finite_gradients, _non_finite_flag, _PSIParamsMixin
 
 __all__ = ["PSIGD"]
 
