@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["three_groupings_net", "ThreeGroupingsNet", "hand_param_groups"]
+__all__ = ["three_groupings_net", "ThreeGroupingsNet", "hand_param_groups", "fully_sharded_copy"]
 
 
 def three_groupings_net(seed: int = 0) -> nn.Sequential:
@@ -71,3 +71,16 @@ def hand_param_groups(model: ThreeGroupingsNet) -> list[dict]:
     groups = [{"params": [named[name]], "grouping": g, "param_names": [name]} for name, g in si.items()]
     rest = [name for name in named if name not in si]
     return [*groups, {"params": [named[n] for n in rest], "param_names": rest}]
+
+
+def fully_sharded_copy(reference: ThreeGroupingsNet, mesh) -> ThreeGroupingsNet:
+    """A :class:`ThreeGroupingsNet` with ``reference``'s weights, every layer and then the
+    root sharded with FSDP2's ``fully_shard`` on ``mesh`` (the layout the FSDP2 tests use)."""
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = ThreeGroupingsNet().to(next(reference.parameters()).dtype)
+    sharded.load_state_dict(reference.state_dict())
+    for layer in (sharded.conv1, sharded.bn, sharded.conv2, sharded.gn, sharded.fc, sharded.ln, sharded.head):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    return sharded

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _nets import ThreeGroupingsNet, hand_param_groups
+from _nets import ThreeGroupingsNet, fully_sharded_copy, hand_param_groups
 from torch import nn
 
 import psiopt
@@ -113,7 +113,6 @@ def _all_reduces_outside(running: list[bool], record: list[int]):
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -123,11 +122,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for options, takes_flag in CONFIGS:
             torch.manual_seed(0)
             reference = ThreeGroupingsNet().double()
-            sharded = ThreeGroupingsNet().double()
-            sharded.load_state_dict(reference.state_dict())
-            for layer in (sharded.conv1, sharded.bn, sharded.conv2, sharded.gn, sharded.fc, sharded.ln, sharded.head):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(sharded, mesh=mesh)
+            sharded = fully_sharded_copy(reference, mesh)
 
             ref_opt = psiopt.PSIGD(hand_param_groups(reference), **options)
             ref_closure = _closure(reference, ref_opt, takes_flag, [], distributed=False, running=[])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _nets import ThreeGroupingsNet, hand_param_groups
+from _nets import ThreeGroupingsNet, fully_sharded_copy, hand_param_groups
 from torch import nn
 
 import psiopt
@@ -63,7 +63,6 @@ def _counting_all_reduce(record: list[int]):
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.debug import CommDebugMode
 
     torch.set_num_threads(1)
@@ -78,11 +77,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 with torch.no_grad():
                     reference.conv2.weight[3].zero_()
                     reference.fc.weight[4:].zero_()
-            sharded = ThreeGroupingsNet().double()
-            sharded.load_state_dict(reference.state_dict())
-            for layer in (sharded.conv1, sharded.bn, sharded.conv2, sharded.gn, sharded.fc, sharded.ln, sharded.head):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(sharded, mesh=mesh)
+            sharded = fully_sharded_copy(reference, mesh)
             _train(reference, psiopt.PSISGD(hand_param_groups(reference), lr=0.1, **config))
 
             opt = psiopt.PSISGD(hand_param_groups(sharded), lr=0.1, **config)
