@@ -10,7 +10,6 @@ import math
 import re
 
 import geoopt
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -446,20 +445,9 @@ def test_docstring_examples_run(module: str) -> None:
     ids=["adam", "adamw-amsgrad", "adasgd"],
 )
 def test_equivalent_weights_follow_equivalent_trajectories(make) -> None:
-    from test_invariance_property import TOL, _setup, _train
+    from test_invariance_property import assert_equivalent_trajectories
 
-    images, labels, models, factors, batches = _setup(seed=0)
-    model, scaled, perturbed = models
-    deviations, losses = _train([model, scaled, perturbed], make, images, labels, batches)
-    scale_dev, chaos_floor = deviations[:, 0], deviations[:, 1]
-    assert chaos_floor.max() < TOL * 1e-2, f"chaos floor {chaos_floor.max():.2e} too close to the tolerance"
-    assert scale_dev.max() < TOL, f"normalized groups differ by {scale_dev.max():.2e} (step {scale_dev.argmax()})"
-    np.testing.assert_allclose(losses[:, 1], losses[:, 0], rtol=TOL, atol=0)
-    assert losses[-20:, 0].mean() < 0.5 * losses[:20, 0].mean()
-    with torch.no_grad():
-        pairs = zip(psiopt.scale_invariant_parameters(model), psiopt.scale_invariant_parameters(scaled), factors)
-        for (_, pa), (_, pb), a in pairs:
-            torch.testing.assert_close(pb.manifold.rows(pb), a * pa.manifold.rows(pa), rtol=TOL, atol=0)
+    assert_equivalent_trajectories(make)
 
 
 @pytest.mark.slow
