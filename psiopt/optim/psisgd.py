@@ -497,6 +497,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 buf = self.state[p]["momentum_buffer"]
                 buf.copy_(torch.where(refused, old, buf))
             return
+        hyperparameters = {k: group[k] for k in ("weight_decay", "momentum", "lr", "dampening", "nesterov", "maximize")}
         sharded = [_local(p) is not p for p in params] if on_device else []
         if any(sharded):
             # torch's fused SGD has no DTensor rule: it runs on the local shards, and the
@@ -508,12 +509,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 [_local(p) for p in params],
                 [_local(g) for g in grads],
                 local_buffers,
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                lr=group["lr"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
+                **hyperparameters,
                 fused=True,
                 grad_scale=grad_scale,
                 found_inf=refused.float(),
@@ -530,12 +526,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             params,
             grads,
             momentum_buffers,
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            lr=group["lr"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
+            **hyperparameters,
             has_sparse_grad=any(g.is_sparse for g in grads),
             foreach=None if on_device else self._euclidean_foreach(group, grads),
             fused=True if on_device else None,
