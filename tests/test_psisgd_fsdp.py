@@ -4,6 +4,7 @@ the same iterates as single-process PSISGD, with one all-reduce of a few numbers
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -98,7 +99,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             model_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
             results.append(dict(err=err, sizes=sizes, counts=counts, model_bytes=model_bytes))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank leaves while another still talks to it
     finally:
+        # Models in reference cycles still hold the process group; freed at interpreter exit,
+        # after gloo's threads, they abort the process (seen 1 run in 10 without this).
+        gc.collect()
         dist.destroy_process_group()
 
 
