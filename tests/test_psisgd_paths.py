@@ -17,7 +17,7 @@ from torch import nn
 import psiopt
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
-needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="the fused CPU kernels need numba (psiopt[fast])")
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="the fused CPU kernels need numba (a psiopt dependency; missing here)")
 
 SHAPES = [
     ((4, 3, 3, 3), "channel"),
@@ -142,6 +142,56 @@ def test_weights_and_buffers_replaced_between_steps_are_the_ones_stepped(path) -
     for p, q in zip(params, reference):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(opts[1].state[p]["momentum_buffer"], opts[0].state[q]["momentum_buffer"], rtol=1e-12, atol=1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize("change", ["zero-group", "nan-euclidean-gradient", "gradient-layout", "momentum-off"])
+def test_kept_row_batches_hand_any_other_step_to_the_general_one(change) -> None:
+    """From its second step on, the fused CPU step runs on row batches kept from one step
+    to the next (PSISGD._kept_batches_step). A step they cannot take as kept must reach
+    the general step with nothing written: it raises, naming the parameter, or steps as
+    the reference loop does."""
+    reference, params = _params(torch.float64), _params(torch.float64)
+    extra = [nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(2)]
+    opts = [
+        psiopt.PSISGD([*({"params": [p], "grouping": g} for p, (_, g) in zip(ps, SHAPES)), {"params": [e]}], lr=0.1, momentum=0.9, **path)
+        for ps, e, path in ((reference, extra[0], dict(foreach=False)), (params, extra[1], dict(fused=True)))
+    ]  # fmt: skip
+    for k in range(4):
+        gen = torch.Generator().manual_seed(400 + k)
+        for p, q in zip(params, reference):
+            q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+            p.grad = q.grad.clone()
+        extra[0].grad, extra[1].grad = torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        if k == 2:
+            if change == "zero-group":
+                with torch.no_grad():
+                    params[1][2].zero_()
+            before = [p.detach().clone() for p in (*params, extra[1])]
+            buffers = [opts[1].state[p]["momentum_buffer"].clone() for p in (*params, extra[1])]
+            if change == "zero-group":
+                with pytest.raises(psiopt.ZeroGroupError, match=r"param_groups\[1\]\['params'\]\[0\]"):
+                    opts[1].step()
+            elif change == "nan-euclidean-gradient":
+                extra[1].grad[1] = float("nan")
+                with pytest.raises(FloatingPointError, match=r"param_groups\[7\]\['params'\]\[0\].*NaN or infinite"):
+                    opts[1].step()
+            if change in ("zero-group", "nan-euclidean-gradient"):
+                for p, w, m in zip((*params, extra[1]), before, buffers):
+                    assert torch.equal(p, w) and torch.equal(opts[1].state[p]["momentum_buffer"], m)
+                return
+            if change == "gradient-layout":
+                for p in params:
+                    if p.dim() == 4:
+                        p.grad = p.grad.contiguous(memory_format=torch.channels_last)
+            else:
+                for opt in opts:
+                    for group in opt.param_groups:
+                        group["momentum"] = 0.0
+        for opt in opts:
+            opt.step()
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..manifold import one_pass_step_scalars
 
-__all__ = ["row_sums", "update", "supports", "all_finite"]
+__all__ = ["row_sums", "update", "supports", "all_finite", "RowBatch"]
 
 # Reassociation and contraction (vectorized sums, fused multiply-adds); not nnan/ninf.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -47,6 +47,7 @@ _step_scalars = numba.njit(one_pass_step_scalars, fastmath=_FASTMATH)
 
 
 _DTYPES = (torch.float32, torch.float64)
+_ITEMSIZES = {torch.float32: 4, torch.float64: 8}
 
 
 def supports(t: Tensor) -> bool:
@@ -331,10 +332,68 @@ def update(
 def all_finite(tensors: list[Tensor]) -> bool | None:
     """Whether every entry of ``tensors`` is finite, in one compiled call; ``None`` when a
     tensor is not a dense CPU float32 or float64 tensor (the caller then checks them)."""
-    if not all(t.is_cpu and t.dtype in _DTYPES and t.layout == torch.strided and t.is_contiguous() for t in tensors):
-        return None
-    for dtype, idx in _by_dtype(tensors):
-        table = np.array([(tensors[i].data_ptr(), tensors[i].numel()) for i in idx], dtype=np.int64).reshape(-1, 2)
-        if not _all_finite(table, tensors[idx[0]].element_size()):
+    by_itemsize: dict[int, list[int]] = {4: [], 8: []}  # flat (address, number of entries) pairs
+    for t in tensors:
+        itemsize = _ITEMSIZES.get(t.dtype)
+        if itemsize is None or t.layout != torch.strided or not t.is_cpu or not t.is_contiguous():
+            return None
+        by_itemsize[itemsize] += (t.data_ptr(), t.numel())
+    return all(
+        _all_finite(np.array(flat, dtype=np.int64).reshape(-1, 2), itemsize)
+        for itemsize, flat in by_itemsize.items()
+        if flat
+    )
+
+
+class RowBatch:
+    """One param group's scale-invariant tensors as the compiled calls read them, kept by
+    the optimizer from one step to the next (see :meth:`psiopt.PSISGD.step`).
+
+    The table of the rows' addresses (weights, momentum buffers, sums) is made once; a
+    step writes in the gradients' addresses and makes the two compiled calls. It holds
+    while every weight and buffer stays where it was and every gradient is laid out as
+    its weight: :meth:`matches` and :meth:`row_sums` check that on every step, and say
+    when the caller must take its general step instead.
+    """
+
+    def __init__(
+        self, params: list[Tensor], buffers: list[Tensor | None], ws: list[Tensor], ms: list[Tensor | None], has_m: bool
+    ) -> None:
+        self.params, self.buffers, self.has_m = params, buffers, has_m
+        self.dtype = ws[0].dtype if ws else torch.float32
+        if any(w.dtype != self.dtype for w in ws) or any((m is not None) != has_m for m in ms):
+            raise ValueError("a RowBatch holds tensors of one dtype, all with momentum buffers (has_m) or none")
+        self.layouts = [(p.data_ptr(), p.shape, p.stride()) for p in params]
+        self.strides = [p.stride() for p in params]
+        counts = [w.shape[0] for w in ws]
+        self.sums = list(torch.empty(sum(counts), 6, dtype=torch.float64).split_with_sizes(counts))
+        self.table = _table(ws, ws, ms, self.sums, [0] * len(ws)) if ws else np.zeros((0, 7), dtype=np.int64)
+        self.flags = np.zeros(len(ws), dtype=np.bool_)
+        self._views = (ws, ms)  # the table points into them
+
+    def matches(self, momentum_buffers: list[Tensor | None]) -> bool:
+        """Whether every weight is where it was, with the same shape and strides, and
+        ``momentum_buffers`` (the optimizer's current ones) are the kept ones."""
+        return all(b is kept for b, kept in zip(momentum_buffers, self.buffers)) and all(
+            (p.data_ptr(), p.shape, p.stride()) == layout for p, layout in zip(self.params, self.layouts)
+        )
+
+    def row_sums(self, grads: list[Tensor]) -> bool | None:
+        """The reduction pass with these gradients: whether a row is bad (:func:`row_sums`),
+        or ``None`` (nothing computed) when a gradient is not laid out as its weight."""
+        addresses = []
+        for g, stride in zip(grads, self.strides):
+            if g.layout != torch.strided or g.dtype != self.dtype or g.stride() != stride:
+                return None
+            addresses.append(g.data_ptr())
+        if not addresses:
             return False
-    return True
+        self.table[:, _G] = addresses
+        _BATCHED[self.dtype][0](self.table, self.has_m, 1.0, self.flags)
+        return bool(self.flags.any())
+
+    def update(self, *, lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool) -> None:
+        """The elementwise pass (:func:`update`) after :meth:`row_sums`, in place."""
+        if self.params:
+            _BATCHED[self.dtype][1](self.table, self.has_m, 1.0, float(lr), float(momentum), float(dampening),
+                                    bool(nesterov), -1.0 if maximize else 1.0)  # fmt: skip

@@ -104,9 +104,10 @@ class _PSIParamsMixin:
     def _row_plan(self, p: Tensor, name: str, manifold: PSIManifold) -> tuple[_RowPlan, bool]:
         """``p``'s :class:`_RowPlan`, and whether ``p`` has a row view under it; kept per
         optimizer (both only depend on ``p``'s local shape, strides and grouping, checked
-        on every use) so that a step does not redo them."""
+        on every use with its dtype and device, which choose its kernels) so that a step
+        does not redo them."""
         local = _local(p)
-        key = (local.shape, local.stride(), manifold.grouping)
+        key = (local.shape, local.stride(), local.dtype, local.device, manifold.grouping)
         kept = self._row_plans.get(p)
         if kept is None or kept[0] != key:
             plan = _row_plan(p, manifold.grouping, name)
@@ -125,17 +126,18 @@ class _PSIParamsMixin:
             )
 
     def _collect(
-        self, check: bool = True
+        self, check: bool = True, groups: list[tuple[int, dict[str, Any]]] | None = None
     ) -> list[tuple[dict[str, Any], list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str]]]]:
         """Per param group: its scale-invariant and Euclidean parameters that have a gradient.
 
         With ``check`` (the default), checks every gradient and every scale-invariant
         weight before anything is modified, so a refused step leaves weights and state
         untouched. ``check=False`` leaves the checks to the caller (PSISGD's one-pass step
-        reads them from its reduction pass, without a host synchronization).
+        reads them from its reduction pass, without a host synchronization). ``groups``:
+        only these ``(index, group)`` pairs (default: every param group).
         """
         plan = []
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(self.param_groups) if groups is None else groups:
             psi: list[tuple[Tensor, str, PSIManifold]] = []
             euclid: list[tuple[Tensor, str]] = []
             for j, p in enumerate(group["params"]):

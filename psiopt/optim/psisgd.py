@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import geoopt
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
@@ -109,7 +110,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         one-pass torch step. The Euclidean parameters use torch's own choice.
     fused : bool, optional
         ``True``: the one-pass step as compiled row kernels, Triton on CUDA, numba on the
-        CPU (float32 and float64; ``pip install 'psiopt[fast]'``); an error where there is
+        CPU (float32 and float64); an error where there is
         none. ``None`` (default): used where available. A :class:`torch.amp.GradScaler`
         then hands the step its scale and ``found_inf`` flag, as to torch's fused
         optimizers: gradients are unscaled inside the kernels and nothing is checked twice.
@@ -222,6 +223,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         self._psi_manifolds = {}
         self._row_plans: dict[Tensor, tuple[tuple, _RowPlan, bool]] = {}
         self._row_views: dict[Tensor, tuple] = {}
+        self._group_plans: dict[int, _GroupPlan] = {}
         self._cpu_kernels = None
         self._triton_kernels = None
         defaults = {
@@ -251,6 +253,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         self.__dict__.setdefault("last_step_refused", None)
         self.__dict__.setdefault("_row_plans", {})
         self.__dict__.setdefault("_row_views", {})
+        self.__dict__.setdefault("_group_plans", {})
         self.__dict__.setdefault("_cpu_kernels", None)
         self.__dict__.setdefault("_triton_kernels", None)
         for group in self.param_groups:
@@ -287,24 +290,32 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         inv_scale = None if grad_scale is None else grad_scale.reciprocal()
 
+        compiling = torch.compiler.is_compiling()
+        if grad_scale is None and found_inf is None and not compiling:
+            plans = [self._group_plan(index, group, False, check_layouts=False) for index, group in enumerate(self.param_groups)]
+            if self._kept_batches_step(plans):
+                return loss
+        plans = [self._group_plan(index, group, compiling) for index, group in enumerate(self.param_groups)]
+
         # The reduction pass of every one-pass tensor, then every check, then every write:
         # a refused step changes nothing.
         steps = []
-        for group, psi, euclid in self._collect(check=False):
-            loop, one_pass, plans = self._split_paths(group, psi)
-            buffers = self._momentum_buffers(group, [p for p, _, _ in one_pass])
+        for group, plan in zip(self.param_groups, plans):
+            one_pass = list(plan.one_pass)
+            params = [p for p, _, _ in one_pass]
+            buffers = self._momentum_buffers(group, params)
             items = _prepare(
-                [p for p, _, _ in one_pass],
-                [p.grad for p, _, _ in one_pass],
+                params,
+                [p.grad for p in params],
                 buffers,
-                plans,
+                plan.one_pass_row_plans,
                 group["momentum"],
-                kernels=[self._kernels(group, p) for p, _, _ in one_pass],
+                kernels=plan.kernels,
                 # dynamo would trace the kept views as inputs of the compiled step: none while compiling.
-                row_views=None if torch.compiler.is_compiling() else self._row_views,
+                row_views=None if compiling else self._row_views,
             )
             sums, bad = _row_sums_and_flags(items, inv_scale)
-            steps.append(_GroupStep(group, loop, one_pass, euclid, items, buffers, sums, bad))
+            steps.append(_GroupStep(group, list(plan.loop), one_pass, plan.euclid, items, buffers, sums, bad))
         # The other gradients (Euclidean, reference loop) get a device-side flag, unless a
         # GradScaler has checked every gradient already.
         others = [e for st in steps for e in (*st.euclid, *((p, name) for p, name, _ in st.loop))]
@@ -340,24 +351,99 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             if group["momentum"] != 0:
                 for (p, _, _), buf in zip(st.one_pass, st.buffers):
                     self.state[p]["momentum_buffer"] = buf
+        if refused is None and not compiling:
+            for st, plan in zip(steps, plans):
+                plan.batch = self._row_batch(st)
         return loss
 
+    # -- the step of kept row batches -----------------------------------------------------
+    def _row_batch(self, st: _GroupStep) -> Any:
+        """The :class:`~psiopt.optim._cpu_kernels.RowBatch` that the next steps of this
+        group take, or ``None`` where they need the general step: tensors on other kernels
+        (or none), in the reference loop, sharded, of several dtypes, or with momentum
+        buffers still to make."""
+        kernels = self._cpu_kernels
+        if kernels is None or st.loop or st.group["capturable"]:
+            return None
+        if any(t.kernels is not kernels or t.plan.sharded or t.w.dtype != st.items[0].w.dtype for t in st.items):
+            return None
+        return kernels.RowBatch(
+            [p for p, _, _ in st.one_pass], list(st.buffers), [t.w for t in st.items], [t.m for t in st.items],
+            has_m=st.group["momentum"] != 0,
+        )  # fmt: skip
+
+    def _kept_batches_step(self, plans: list[_GroupPlan]) -> bool:
+        """The whole step on the kept row batches (:meth:`_row_batch`) where every param
+        group has one that still holds: per group, one compiled call per pass and torch's
+        SGD on the Euclidean tensors, with none of the general step's preparation. Returns
+        ``False``, having written nothing, where the general step is needed: a batch that
+        no longer holds, a gradient in another layout, or a flagged row or gradient (the
+        general step then raises, naming the parameter, or steps the tensor whose sums
+        overflowed in the reference loop)."""
+        if any(plan.batch is None for plan in plans):
+            return False
+        flagged = False
+        for group, plan in zip(self.param_groups, plans):
+            batch = plan.batch
+            if batch.has_m != (group["momentum"] != 0) or group["capturable"]:
+                return False
+            if not batch.matches(self._momentum_buffers(group, batch.params)):
+                return False
+            bad = batch.row_sums([p.grad for p in batch.params])
+            if bad is None:
+                return False
+            flagged |= bad
+        if flagged or _non_finite_flag([p.grad for plan in plans for p, _ in plan.euclid], self._cpu_kernels):
+            return False
+        self.last_step_refused = None
+        for group, plan in zip(self.param_groups, plans):
+            if plan.euclid:
+                self._euclidean_step(group, [p for p, _ in plan.euclid], None, None)
+            plan.batch.update(
+                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                nesterov=group["nesterov"], maximize=group["maximize"],
+            )  # fmt: skip
+        return True
+
     # -- which step each tensor takes ---------------------------------------------------
-    def _split_paths(
-        self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]
-    ) -> tuple[list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str, PSIManifold]], list[_RowPlan]]:
-        """The tensors of the reference loop (``foreach=False``, and weights whose storage
-        has no row view, such as non-dense slices) and of the one-pass step (every other
-        case, and always sharded tensors), with the :class:`_RowPlan` of each of the latter."""
-        loop, one_pass, plans = [], [], []
+    def _group_plan(self, index: int, group: dict[str, Any], compiling: bool, check_layouts: bool = True) -> _GroupPlan:
+        """Which step each tensor of ``group`` (``param_groups[index]``) with a gradient
+        takes (:class:`_GroupPlan`), kept from one step to the next: rebuilt only when the
+        group's options, its parameters (their identity, class, manifold, row plan) or
+        which of them have a gradient change, so that a step does not sort them again.
+        ``check_layouts=False`` leaves the row plans and sparse gradients unchecked, for
+        the kept row batches, which check the layouts they rely on themselves."""
+        params = group["params"]
+        signature = (
+            id(group), group["foreach"], group["fused"], group["grouping"], compiling,
+            tuple(map(id, params)), tuple(map(type, params)), tuple([p.grad is None for p in params]),
+            tuple([p.manifold for p in params if isinstance(p, geoopt.ManifoldParameter)]),
+        )  # fmt: skip
+        kept = self._group_plans.get(index)
+        if (
+            kept is not None
+            and kept.signature == signature
+            and (
+                not check_layouts
+                or all(self._row_plan(*entry)[0] is row_plan for entry, row_plan in zip(kept.psi, kept.row_plans))
+                and not any(p.grad.is_sparse for p, _, _ in kept.psi)  # the build raises, naming it
+            )
+        ):
+            return kept
+        _, psi, euclid = self._collect(check=False, groups=[(index, group)])[0]
+        row_plans, loop, one_pass, one_pass_row_plans, kernels = [], [], [], [], []
         for entry in psi:
-            plan, has_row_view = self._row_plan(*entry)
-            if plan.sharded or (group["foreach"] is not False and has_row_view):
+            row_plan, has_row_view = self._row_plan(*entry)
+            row_plans.append(row_plan)
+            if row_plan.sharded or (group["foreach"] is not False and has_row_view):
                 one_pass.append(entry)
-                plans.append(plan)
+                one_pass_row_plans.append(row_plan)
+                kernels.append(self._kernels(group, entry[0]))
             else:
                 loop.append(entry)
-        return loop, one_pass, plans
+        plan = _GroupPlan(signature, psi, row_plans, euclid, loop, one_pass, one_pass_row_plans, kernels)
+        self._group_plans[index] = plan
+        return plan
 
     def _kernels(self, group: dict[str, Any], p: Tensor):
         """The compiled row kernels for ``p`` (a module), or ``None`` for torch operations.
@@ -390,7 +476,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 except ImportError as err:
                     raise ImportError(
                         f"fused=True on the CPU compiles PSISGD's kernels with numba, which failed to import "
-                        f"({err}); install it (pip install 'psiopt[fast]') or use fused=None"
+                        f"({err}); reinstall it (pip install numba, a psiopt dependency) or use fused=None"
                     ) from None
                 self._cpu_kernels = _cpu_kernels
             return self._cpu_kernels
@@ -566,6 +652,23 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if momentum != 0:
             for p, buf in zip(params, buffers):
                 self.state[p]["momentum_buffer"] = buf
+
+
+@dataclass
+class _GroupPlan:
+    """How one param group is stepped (:meth:`PSISGD._group_plan`): its scale-invariant
+    tensors with a gradient (``psi``, each with its row plan) split between the reference
+    loop and the one-pass step (with the kernels of each), and its Euclidean ones."""
+
+    signature: tuple
+    psi: list[tuple[Tensor, str, PSIManifold]]
+    row_plans: list[_RowPlan]
+    euclid: list[tuple[Tensor, str]]
+    loop: list[tuple[Tensor, str, PSIManifold]]
+    one_pass: list[tuple[Tensor, str, PSIManifold]]
+    one_pass_row_plans: list[_RowPlan]
+    kernels: list
+    batch: Any = None  # the kept row batch of the next steps (PSISGD._row_batch), if any
 
 
 @dataclass
