@@ -153,7 +153,9 @@ class PSISGD(_PSIParamsMixin, Optimizer):
       gradients and momentum once for the sums, then once to write weights and momentum
       in place, the memory traffic of torch's multi-tensor SGD with momentum. It makes no
       ``(k, d)`` temporary and no copy of the weights; channels-last weights are read in
-      their own layout.
+      their own layout. On the compiled CPU kernels, the steps after the first reuse what
+      does not change between steps (each group's split of its tensors and the table of
+      their rows' addresses), checking that weights and buffers are where they were.
     * **Bad input.** A NaN or infinite gradient (any parameter) makes ``step`` raise
       ``FloatingPointError`` naming the parameter; a scale-invariant group with zero,
       underflowing or non-finite norm raises :class:`psiopt.ZeroGroupError` naming the
