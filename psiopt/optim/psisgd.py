@@ -293,10 +293,8 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         inv_scale = None if grad_scale is None else grad_scale.reciprocal()
 
         compiling = torch.compiler.is_compiling()
-        if grad_scale is None and found_inf is None and not compiling:
-            plans = [self._group_plan(index, group, False, check_layouts=False) for index, group in enumerate(self.param_groups)]
-            if self._kept_batches_step(plans):
-                return loss
+        if grad_scale is None and found_inf is None and not compiling and self._kept_batches_step():
+            return loss
         plans = [self._group_plan(index, group, compiling) for index, group in enumerate(self.param_groups)]
 
         # The reduction pass of every one-pass tensor, then every check, then every write:
@@ -374,7 +372,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             has_m=st.group["momentum"] != 0,
         )  # fmt: skip
 
-    def _kept_batches_step(self, plans: list[_GroupPlan]) -> bool:
+    def _kept_batches_step(self) -> bool:
         """The whole step on the kept row batches (:meth:`_row_batch`) where every param
         group has one that still holds: per group, one compiled call per pass and torch's
         SGD on the Euclidean tensors, with none of the general step's preparation. Returns
@@ -382,23 +380,22 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         no longer holds, a gradient in another layout, or a flagged row or gradient (the
         general step then raises, naming the parameter, or steps the tensor whose sums
         overflowed in the reference loop)."""
-        if any(plan.batch is None for plan in plans):
-            return False
-        flagged = False
-        for group, plan in zip(self.param_groups, plans):
+        steps = []
+        for index, group in enumerate(self.param_groups):
+            grads = [p.grad for p in group["params"]]
+            plan = self._group_plan(index, group, False, check_layouts=False, grads=grads)
             batch = plan.batch
-            if batch.has_m != (group["momentum"] != 0) or group["capturable"]:
+            if batch is None or batch.has_m != (group["momentum"] != 0) or group["capturable"]:
                 return False
             if not batch.matches(self._momentum_buffers(group, batch.params)):
                 return False
-            bad = batch.row_sums([p.grad for p in batch.params])
-            if bad is None:
-                return False
-            flagged |= bad
-        if flagged or _non_finite_flag([p.grad for plan in plans for p, _ in plan.euclid], self._cpu_kernels):
-            return False
+            bad = batch.row_sums([grads[i] for i in plan.one_pass_positions])
+            euclid_grads = [grads[i] for i in plan.euclid_positions]
+            if bad is None or bad or not self._cpu_kernels.all_finite(euclid_grads):
+                return False  # None: not dense float32/float64 CPU gradients; the general step checks them
+            steps.append((group, plan))
         self.last_step_refused = None
-        for group, plan in zip(self.param_groups, plans):
+        for group, plan in steps:
             if plan.euclid:
                 self._euclidean_step(group, [p for p, _ in plan.euclid], None, None)
             plan.batch.update(
@@ -407,18 +404,27 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             )  # fmt: skip
         return True
 
-    # -- which step each tensor takes ---------------------------------------------------
-    def _group_plan(self, index: int, group: dict[str, Any], compiling: bool, check_layouts: bool = True) -> _GroupPlan:
+    def _group_plan(
+        self,
+        index: int,
+        group: dict[str, Any],
+        compiling: bool,
+        check_layouts: bool = True,
+        grads: list[Tensor | None] | None = None,
+    ) -> _GroupPlan:
         """Which step each tensor of ``group`` (``param_groups[index]``) with a gradient
         takes (:class:`_GroupPlan`), kept from one step to the next: rebuilt only when the
         group's options, its parameters (their identity, class, manifold, row plan) or
         which of them have a gradient change, so that a step does not sort them again.
         ``check_layouts=False`` leaves the row plans and sparse gradients unchecked, for
-        the kept row batches, which check the layouts they rely on themselves."""
+        the kept row batches, which check the layouts they rely on themselves. ``grads``:
+        the gradients of ``group["params"]``, if the caller has them."""
         params = group["params"]
+        if grads is None:
+            grads = [p.grad for p in params]
         signature = (
             id(group), group["foreach"], group["fused"], group["grouping"], compiling,
-            tuple(map(id, params)), tuple(map(type, params)), tuple([p.grad is None for p in params]),
+            tuple(map(id, params)), tuple(map(type, params)), tuple([g is None for g in grads]),
             tuple([p.manifold for p in params if isinstance(p, geoopt.ManifoldParameter)]),
         )  # fmt: skip
         kept = self._group_plans.get(index)
@@ -443,7 +449,12 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 kernels.append(self._kernels(group, entry[0]))
             else:
                 loop.append(entry)
-        plan = _GroupPlan(signature, psi, row_plans, euclid, loop, one_pass, one_pass_row_plans, kernels)
+        position = {id(p): i for i, p in enumerate(params)}
+        plan = _GroupPlan(
+            signature, psi, row_plans, euclid, loop, one_pass, one_pass_row_plans, kernels,
+            one_pass_positions=[position[id(p)] for p, _, _ in one_pass],
+            euclid_positions=[position[id(p)] for p, _ in euclid],
+        )  # fmt: skip
         self._group_plans[index] = plan
         return plan
 
@@ -670,6 +681,8 @@ class _GroupPlan:
     one_pass: list[tuple[Tensor, str, PSIManifold]]
     one_pass_row_plans: list[_RowPlan]
     kernels: list
+    one_pass_positions: list[int]  # where the one-pass and Euclidean tensors are in group["params"]
+    euclid_positions: list[int]
     batch: Any = None  # the kept row batch of the next steps (PSISGD._row_batch), if any
 
 
