@@ -412,7 +412,14 @@ def _row_sums_and_flags(
         if kernels is None:
             for i in idx:
                 sums[i] = step_row_sums(items[i].w, items[i].g, items[i].m)
-                bad[i] = _bad_rows(sums[i]).any()
+            # The rows' checks on all the sums of one dtype and device at once, then one flag per tensor.
+            batches: dict[tuple, list[int]] = {}
+            for i in idx:
+                batches.setdefault((sums[i].dtype, sums[i].device), []).append(i)
+            for batch in batches.values():
+                rows_bad = _bad_rows(torch.cat([sums[i] for i in batch]))
+                for i, tensor_rows in zip(batch, rows_bad.split([sums[i].shape[0] for i in batch])):
+                    bad[i] = tensor_rows.any()
             continue
         # One call for all the tensors of these kernels (the compiled CPU kernels batch them).
         row_sums, flags = kernels.row_sums(
@@ -453,46 +460,77 @@ def _elementwise_pass(
         w' = s(w - \\eta d), \\quad m_{\\text{new}} = m' - s q w'
 
     written into ``m``, then ``w``, then ``m``: each reads only what is still current.
+    The tensors of one dtype, device and first-step flag are a batch: their scalars are
+    computed once on all their rows, and each operation is one multi-tensor (``foreach``)
+    call, with a per-row coefficient for each tensor.
     ``refused`` (a 0-d device flag, or ``None``) turns the whole step into the identity
     without a host synchronization: the scalars become those of no step and the gradient
     is read as zeros.
     """
+    batches: dict[tuple, list[int]] = {}
+    for i, t in enumerate(items):
+        if t.plan.num_rows:
+            batches.setdefault((t.w.dtype, t.w.device, t.first), []).append(i)
+    for (dtype, _, first), idx in batches.items():
+        _elementwise_batch(
+            [items[i] for i in idx], torch.cat([sums[i] for i in idx]) if len(idx) > 1 else sums[idx[0]],
+            refused, first, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
+        )  # fmt: skip
+
+
+def _elementwise_batch(
+    items: list[_Tensors],
+    sums: Tensor,
+    refused: Tensor | None,
+    first: bool,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """:func:`_elementwise_pass` on tensors of one dtype, device and first-step flag,
+    ``sums`` being their row sums one after the other."""
     sign = -1.0 if maximize else 1.0
+    w_dtype = items[0].w.dtype
+    dtype = w_dtype if w_dtype in (torch.float32, torch.float64) else torch.float32
+    counts = [t.plan.num_rows for t in items]
 
     def kept(value: Tensor, identity: float) -> Tensor:
         # The scalar of the step, or of no step when the step is refused.
         return value if refused is None else torch.where(refused, identity, value)
 
-    for t, s6 in zip(items, sums):
-        if t.plan.num_rows == 0:
-            continue
-        a, b, gg, mg, mw, mm = (c.unsqueeze(1) for c in s6.unbind(1))
-        if maximize:
-            b, mg = -b, -mg
-        s2, q = one_pass_step_scalars(a, b, gg, mg, mw, mm, lr, momentum, dampening, nesterov, t.first)
-        s = s2.sqrt()
-        w, g, m = t.w, t.g, t.m
-        if refused is not None:
-            g = torch.where(refused, 0.0, g)  # 0 * NaN is NaN: a refused gradient is not read
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+    def coef(value: Tensor, identity: float) -> list[Tensor]:
+        # One (rows, 1) column per tensor, in the dtype its operations take.
+        return list(kept(value, identity).to(dtype).split(counts))
 
-        def coef(value: Tensor, identity: float) -> Tensor:
-            return kept(value, identity).to(dtype)
-
-        if m is None or nesterov:
-            w_coef, g_coef = coef(s * (1 + lr * b), 1.0), coef(-lr * sign * s * a, 0.0)
-        if m is None:
-            w.mul_(w_coef).addcmul_(g, g_coef)
-            continue
-        if t.first:
-            torch.mul(g, coef(sign * a, 0.0), out=m)
-            m.addcmul_(w, coef(-b, 0.0))
-        else:
-            mu = kept(torch.tensor(momentum, dtype=dtype), 1.0) if refused is not None else momentum
-            m.mul_(mu).addcmul_(g, coef(sign * (1 - dampening) * a, 0.0))
-            m.addcmul_(w, coef(-(1 - dampening) * b, 0.0))
-        if nesterov:
-            w.mul_(w_coef).addcmul_(g, g_coef).addcmul_(m, coef(-lr * momentum * s, 0.0))
-        else:
-            w.mul_(coef(s, 1.0)).addcmul_(m, coef(-lr * s, 0.0))
-        m.addcmul_(w, coef(-s * q, 0.0))
+    a, b, gg, mg, mw, mm = (c.unsqueeze(1) for c in sums.unbind(1))
+    if maximize:
+        b, mg = -b, -mg
+    s2, q = one_pass_step_scalars(a, b, gg, mg, mw, mm, lr, momentum, dampening, nesterov, first)
+    s = s2.sqrt()
+    ws, gs, ms = [t.w for t in items], [t.g for t in items], [t.m for t in items]
+    if refused is not None:
+        gs = [torch.where(refused, 0.0, g) for g in gs]  # 0 * NaN is NaN: a refused gradient is not read
+    if ms[0] is None or nesterov:
+        w_coef, g_coef = coef(s * (1 + lr * b), 1.0), coef(-lr * sign * s * a, 0.0)
+    if ms[0] is None:
+        torch._foreach_mul_(ws, w_coef)
+        torch._foreach_addcmul_(ws, gs, g_coef)
+        return
+    if first:
+        torch._foreach_zero_(ms)  # m' = r on the first step
+    else:
+        torch._foreach_mul_(ms, kept(torch.tensor(momentum, dtype=dtype), 1.0) if refused is not None else momentum)
+    damp = 1.0 if first else 1 - dampening
+    torch._foreach_addcmul_(ms, gs, coef(sign * damp * a, 0.0))
+    torch._foreach_addcmul_(ms, ws, coef(-damp * b, 0.0))
+    if nesterov:
+        torch._foreach_mul_(ws, w_coef)
+        torch._foreach_addcmul_(ws, gs, g_coef)
+        torch._foreach_addcmul_(ws, ms, coef(-lr * momentum * s, 0.0))
+    else:
+        torch._foreach_mul_(ws, coef(s, 1.0))
+        torch._foreach_addcmul_(ws, ms, coef(-lr * s, 0.0))
+    torch._foreach_addcmul_(ms, ws, coef(-s * q, 0.0))
