@@ -97,9 +97,11 @@ def _psiadam_rows(
     denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
     if nesterov:
         # The first moment one step ahead, beta1 * m_t + (1 - beta1) * r_t, each term with
-        # the bias correction of its own step (Dozat 2016): the step already leans the way
-        # the momentum is about to go, which damps the overshoot of large angular steps.
-        ahead = torch.add(new_avg * (beta1 / (1 - beta1 ** (step + 1))), riem_grad, alpha=(1 - beta1) / bias_correction1)
+        # the bias correction of its own step (Dozat 2016): this step's gradient weighs
+        # (1 - beta1) / (1 - beta1^t) instead of being one term of a slow average.
+        ahead = torch.add(
+            new_avg * (beta1 / (1 - beta1 ** (step + 1))), riem_grad, alpha=(1 - beta1) / bias_correction1
+        )
         w_new = _retract_keeping_norms(w, ahead.div_(denom), lr, w_sq)
     else:
         w_new = _retract_keeping_norms(w, new_avg / denom, lr / bias_correction1, w_sq)
