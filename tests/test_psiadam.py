@@ -91,7 +91,7 @@ def test_adasgd_euclidean_parameters_follow_torch_sgd_bit_for_bit(options, forea
 # -- the step on scale-invariant groups --------------------------------------------------------
 
 
-def _reference_psiadam(w, grads, lr, beta1, beta2, eps, amsgrad=False):
+def _reference_psiadam(w, grads, lr, beta1, beta2, eps, amsgrad=False, nesterov=False):
     """PSIAdam written out row by row from the documented formulas, one group at a time."""
     w = w.clone()
     m = torch.zeros_like(w)
@@ -106,7 +106,12 @@ def _reference_psiadam(w, grads, lr, beta1, beta2, eps, amsgrad=False):
             v[j] = beta2 * v[j] + (1 - beta2) * (grad_at_unit @ grad_at_unit)
             v_max[j] = max(v_max[j], v[j])
             second = v_max[j] if amsgrad else v[j]
-            d = (m[j] / (1 - beta1**t)) / ((second / (1 - beta2**t)).sqrt() + eps)
+            if nesterov:  # torch.optim.NAdam's numerator with mu_t = beta1 for every t
+                riem_grad = norm * grad_at_unit
+                numerator = beta1 * m[j] / (1 - beta1 ** (t + 1)) + (1 - beta1) * riem_grad / (1 - beta1**t)
+            else:
+                numerator = m[j] / (1 - beta1**t)
+            d = numerator / ((second / (1 - beta2**t)).sqrt() + eps)
             moved = w[j] - lr * d
             new = norm * moved / moved.norm()
             m[j] = m[j] - (m[j] @ new) / (new @ new) * new
@@ -114,13 +119,14 @@ def _reference_psiadam(w, grads, lr, beta1, beta2, eps, amsgrad=False):
     return w, m, v
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_psiadam_step_is_the_documented_formula(amsgrad: bool) -> None:
+def test_psiadam_step_is_the_documented_formula(amsgrad: bool, nesterov: bool) -> None:
     w = _psi((4, 6), seed=3)
     gen = torch.Generator().manual_seed(4)
     grads = [torch.randn(4, 6, generator=gen, dtype=torch.float64) * (0.1 + t) for t in range(5)]
-    expected_w, expected_m, expected_v = _reference_psiadam(w.detach(), grads, 0.05, 0.8, 0.95, 1e-6, amsgrad)
-    opt = psiopt.PSIAdam([w], lr=0.05, betas=(0.8, 0.95), eps=1e-6, amsgrad=amsgrad)
+    expected_w, expected_m, expected_v = _reference_psiadam(w.detach(), grads, 0.05, 0.8, 0.95, 1e-6, amsgrad, nesterov)
+    opt = psiopt.PSIAdam([w], lr=0.05, betas=(0.8, 0.95), eps=1e-6, amsgrad=amsgrad, nesterov=nesterov)
     for g in grads:
         w.grad = g.clone()
         opt.step()
@@ -229,8 +235,9 @@ def test_converges_to_the_smallest_eigenvalue(name: str) -> None:
 
 
 ROW_STEPS = {
-    "adam": (_psiadam_rows, dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, maximize=False), 1),
-    "adam-amsgrad": (_psiadam_rows, dict(lr=0.05, beta1=0.8, beta2=0.9, eps=1e-8, maximize=True), 2),
+    "adam": (_psiadam_rows, dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, maximize=False, nesterov=True), 1),
+    "adam-plain": (_psiadam_rows, dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, maximize=False, nesterov=False), 1),
+    "adam-amsgrad": (_psiadam_rows, dict(lr=0.05, beta1=0.8, beta2=0.9, eps=1e-8, maximize=True, nesterov=True), 2),
     "adasgd": (_psiadasgd_rows, dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, eps=1e-10, maximize=False), 1),
     "adasgd-plain": (_psiadasgd_rows, dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, eps=1e-10, maximize=False), 1),
 }
@@ -398,6 +405,53 @@ def test_unsupported_torch_options_raise_clearly(option) -> None:
         psiopt.PSIAdam([_psi((2, 2))], **option)
 
 
+@pytest.mark.parametrize("value", ["yes", 1, None])
+@pytest.mark.parametrize("where", ["constructor", "param group"])
+def test_non_bool_nesterov_is_refused(where: str, value) -> None:
+    message = re.escape(f"nesterov must be True or False, got {value!r}")
+    if where == "constructor":
+        with pytest.raises(TypeError, match=message):
+            psiopt.PSIAdamW([_psi((2, 2))], nesterov=value)
+        return
+    opt = psiopt.PSIAdam([_psi((2, 2))])
+    with pytest.raises(TypeError, match=message):
+        opt.add_param_group({"params": [_psi((3, 2), seed=2)], "nesterov": value})
+    assert len(opt.param_groups) == 1
+
+
+def test_state_saved_without_nesterov_resumes_the_plain_step() -> None:
+    # A checkpoint from before the option existed was taken with the plain step: loading it
+    # must go on with that step, not switch to the new default mid-run.
+    a = _sym(6, 5)
+    plain, resumed = _psi((4, 6), seed=7), _psi((4, 6), seed=7)
+    plain_opt = psiopt.PSIAdam([plain], lr=0.05, nesterov=False)
+    _rayleigh_steps(plain_opt, [plain], [a], 3)
+    old_state = copy.deepcopy(plain_opt.state_dict())  # state_dict() shares the tensors
+    del old_state["param_groups"][0]["nesterov"]
+    resumed.data.copy_(plain.detach())
+    resumed_opt = psiopt.PSIAdam([resumed], lr=0.05)
+    resumed_opt.load_state_dict(old_state)
+    assert resumed_opt.param_groups[0]["nesterov"] is False
+    _rayleigh_steps(plain_opt, [plain], [a], 3)
+    _rayleigh_steps(resumed_opt, [resumed], [a], 3)
+    assert torch.equal(plain, resumed)
+
+
+def test_nesterov_changes_only_the_scale_invariant_step() -> None:
+    gen = torch.Generator().manual_seed(3)
+    runs = []
+    for nesterov in (False, True):
+        si, euclid = _psi((3, 4), seed=1), nn.Parameter(torch.ones(5, dtype=torch.float64))
+        opt = psiopt.PSIAdam([si, euclid], lr=0.05, nesterov=nesterov)
+        for _ in range(3):
+            si.grad = torch.randn(3, 4, generator=gen.manual_seed(3), dtype=torch.float64)
+            euclid.grad = torch.randn(5, generator=gen, dtype=torch.float64)
+            opt.step()
+        runs.append((si.detach().clone(), euclid.detach().clone()))
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert not torch.allclose(runs[0][0], runs[1][0])
+
+
 def test_adamw_keeps_decoupled_weight_decay_after_loading() -> None:
     opt = psiopt.PSIAdamW([_psi((2, 2))])
     state = opt.state_dict()
@@ -439,10 +493,11 @@ def test_docstring_examples_run(module: str) -> None:
     "make",
     [
         lambda m: psiopt.PSIAdam(m.parameters(), lr=0.01),
+        lambda m: psiopt.PSIAdam(m.parameters(), lr=0.01, nesterov=False),
         lambda m: psiopt.PSIAdamW(m.parameters(), lr=0.01, amsgrad=True),
         lambda m: psiopt.PSIAdaSGD(m.parameters(), lr=0.2, momentum=0.9, nesterov=True),
     ],
-    ids=["adam", "adamw-amsgrad", "adasgd"],
+    ids=["adam", "adam-plain", "adamw-amsgrad", "adasgd"],
 )
 def test_equivalent_weights_follow_equivalent_trajectories(make) -> None:
     from test_invariance_property import assert_equivalent_trajectories

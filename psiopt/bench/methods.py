@@ -560,7 +560,8 @@ register(
     Method(
         "psiadam",
         "PSI-Adam",
-        "psiopt.PSIAdam, default betas; own (angular) lr = grid value x 0.1, Adam's tuned lr elsewhere",
+        "psiopt.PSIAdam, default betas and Nesterov look-ahead; own (angular) lr = grid value x 0.1, "
+        "Adam's tuned lr elsewhere",
         _build_psiadam,
         requires=("psiopt:PSIAdam", "psiopt:param_groups"),
         own_si_lr=True,
@@ -572,7 +573,8 @@ register(
     Method(
         "psiadam-1lr",
         "PSI-Adam (1 lr)",
-        "psiopt.PSIAdam, default betas, one lr for every parameter (the drop-in set-up); lr = grid value x 0.1",
+        "psiopt.PSIAdam, default betas and Nesterov look-ahead, one lr for every parameter (the drop-in set-up); "
+        "lr = grid value x 0.1",
         _build_psiadam_1lr,
         requires=("psiopt:PSIAdam", "psiopt:param_groups"),
         lr_unit=ADAM_LR_UNIT,
@@ -582,8 +584,8 @@ register(
     Method(
         "psiadamw",
         "PSI-AdamW",
-        "psiopt.PSIAdamW, weight decay 1e-2 on the other parameters; own (angular) lr = grid value x 0.1, "
-        "AdamW's tuned lr elsewhere",
+        "psiopt.PSIAdamW, Nesterov look-ahead, weight decay 1e-2 on the other parameters; "
+        "own (angular) lr = grid value x 0.1, AdamW's tuned lr elsewhere",
         _build_psiadamw,
         requires=("psiopt:PSIAdamW", "psiopt:param_groups"),
         own_si_lr=True,

@@ -70,6 +70,7 @@ def _psiadam_rows(
     beta2: float,
     eps: float,
     maximize: bool,
+    nesterov: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     r"""One PSIAdam step on a ``(k, d)`` matrix of groups (``step`` counts this one).
 
@@ -78,7 +79,9 @@ def _psiadam_rows(
     the first moment transported to them, and the new second moments, all in accumulation dtype; nothing is written.
     The bias corrections and the placement of ``eps`` are torch's
     (:func:`torch.optim.adam._single_tensor_adam`), with :math:`g^2` replaced by the
-    invariant :math:`\|\nabla f(u_j)\|^2`.
+    invariant :math:`\|\nabla f(u_j)\|^2`. With ``nesterov``, the numerator is NAdam's
+    look-ahead with a constant momentum (:class:`torch.optim.NAdam` with
+    :math:`\mu_t = \beta_1`): :math:`\beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1)\, r_t/(1-\beta_1^t)`.
     """
     w_sq, riem_grad, sq_norm = _riemannian_gradient(w, grad, maximize)
     acc = riem_grad.dtype
@@ -92,7 +95,16 @@ def _psiadam_rows(
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
-    w_new = _retract_keeping_norms(w, new_avg / denom, lr / bias_correction1, w_sq)
+    if nesterov:
+        # The first moment one step ahead, beta1 * m_t + (1 - beta1) * r_t, each term with
+        # the bias correction of its own step (Dozat 2016): this step's gradient weighs
+        # (1 - beta1) / (1 - beta1^t) instead of being one term of a slow average.
+        ahead = torch.add(
+            new_avg * (beta1 / (1 - beta1 ** (step + 1))), riem_grad, alpha=(1 - beta1) / bias_correction1
+        )
+        w_new = _retract_keeping_norms(w, ahead.div_(denom), lr, w_sq)
+    else:
+        w_new = _retract_keeping_norms(w, new_avg / denom, lr / bias_correction1, w_sq)
     # w_new has the norms w_sq by construction: the transport's norm ratio is 1.
     return w_new, transport_rows(w_new, new_avg, w_sq, w_sq), new_sq, new_max
 

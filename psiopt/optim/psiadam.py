@@ -17,9 +17,13 @@ from ._params import _check_finite, _PSIParamsMixin
 __all__ = ["PSIAdam", "PSIAdamW"]
 
 
-def _validate_adam_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, foreach: bool | None) -> None:
+def _validate_adam_hyperparameters(
+    lr: Any, betas: Any, eps: Any, weight_decay: Any, foreach: bool | None, nesterov: Any
+) -> None:
     # The same checks and messages as torch.optim.Adam (capturable is never on here),
-    # and a finite lr and eps.
+    # a finite lr and eps, and a bool nesterov (ours: a truthy string would pass silently).
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be True or False, got {nesterov!r} ({type(nesterov).__name__})")
     if isinstance(lr, Tensor):
         if foreach:
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
@@ -72,7 +76,11 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
         w'_j = \|w_j\|\, \frac{w_j - \eta\, d_j}{\|w_j - \eta\, d_j\|}\\
         m_j &\leftarrow P_{w'}(m)_j \qquad\text{(vector transport to } w'\text{)}
 
-    (with ``amsgrad``, :math:`v_j` in :math:`d_j` is replaced by its running maximum).
+    with ``nesterov=False``. By default (``nesterov=True``) the numerator of :math:`d_j`
+    is NAdam's look-ahead (Dozat 2016) with a constant momentum,
+    :math:`\beta_1 m_j/(1 - \beta_1^{t+1}) + (1 - \beta_1)\, r_j/(1 - \beta_1^t)`: the
+    first moment one step ahead, each term with its own bias correction. With
+    ``amsgrad``, :math:`v_j` in :math:`d_j` is replaced by its running maximum.
     :math:`s_j`, :math:`v_j` and :math:`m_j/\|w_j\|` are the same for every
     representative :math:`a_j w_j` of the class, so the step turns :math:`u_j` by the
     same angle, about :math:`\eta` radians while the gradients agree from step to
@@ -101,6 +109,10 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
         Only their defaults are supported; other values raise ``ValueError``.
     decoupled_weight_decay : bool, default False
         Use AdamW's decoupled weight decay on the Euclidean parameters.
+    nesterov : bool, default True
+        NAdam's look-ahead on the scale-invariant groups (the formula above); ``False``
+        gives plain Riemannian Adam there. It does not change the Euclidean parameters,
+        which always get :class:`torch.optim.Adam`'s update. A param group may set its own.
 
     Notes
     -----
@@ -145,6 +157,7 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        nesterov: bool = True,
     ) -> None:
         name = type(self).__name__
         for option, value, default in (("capturable", capturable, False), ("differentiable", differentiable, False)):
@@ -158,7 +171,7 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
                 f"{name} does not support fused=True: there is no fused kernel for the PSI step; use "
                 "foreach=True (or None) for the batched implementation"
             )
-        _validate_adam_hyperparameters(lr, betas, eps, weight_decay, foreach)
+        _validate_adam_hyperparameters(lr, betas, eps, weight_decay, foreach, nesterov)
         self._psi_manifolds = {}
         defaults = {
             "lr": lr,
@@ -172,6 +185,7 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
             "differentiable": False,
             "fused": None,
             "decoupled_weight_decay": decoupled_weight_decay,
+            "nesterov": nesterov,
             "grouping": None,
         }
         super().__init__(params, defaults)
@@ -188,10 +202,14 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", False)
+            # a state saved before the option existed resumes the step it was taken with
+            group.setdefault("nesterov", False)
             group.setdefault("grouping", None)
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
-        _validate_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["foreach"])
+        _validate_adam_hyperparameters(
+            group["lr"], group["betas"], group["eps"], group["weight_decay"], group["foreach"], group["nesterov"]
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -301,6 +319,7 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
             beta2=beta2,
             eps=group["eps"],
             maximize=group["maximize"],
+            nesterov=group["nesterov"],
         )
         for s in states:
             s["step"] += 1
@@ -346,6 +365,7 @@ class PSIAdamW(PSIAdam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        nesterov: bool = True,
     ) -> None:
         super().__init__(
             params,
@@ -360,6 +380,7 @@ class PSIAdamW(PSIAdam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            nesterov=nesterov,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
