@@ -364,7 +364,6 @@ class RowBatch:
         if any(w.dtype != self.dtype for w in ws) or any((m is not None) != has_m for m in ms):
             raise ValueError("a RowBatch holds tensors of one dtype, all with momentum buffers (has_m) or none")
         self.layouts = [(p.data_ptr(), p.shape, p.stride()) for p in params]
-        self.strides = [p.stride() for p in params]
         counts = [w.shape[0] for w in ws]
         self.sums = list(torch.empty(sum(counts), 6, dtype=torch.float64).split_with_sizes(counts))
         self.table = _table(ws, ws, ms, self.sums, [0] * len(ws)) if ws else np.zeros((0, 7), dtype=np.int64)
@@ -382,7 +381,7 @@ class RowBatch:
         """The reduction pass with these gradients: whether a row is bad (:func:`row_sums`),
         or ``None`` (nothing computed) when a gradient is not laid out as its weight."""
         addresses = []
-        for g, stride in zip(grads, self.strides):
+        for g, (_, _, stride) in zip(grads, self.layouts):
             if g.layout != torch.strided or g.dtype != self.dtype or g.stride() != stride:
                 return None
             addresses.append(g.data_ptr())
