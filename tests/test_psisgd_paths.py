@@ -194,6 +194,73 @@ def test_kept_row_batches_hand_any_other_step_to_the_general_one(change) -> None
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
 
 
+def _kept_batch_optimizers(dtype, seed=7):
+    """PSISGD with fused kernels, two steps taken: its next steps run on kept row batches
+    (the row-resident write pass). Returns the parameters, the optimizer and a gradient maker."""
+    params = _params(dtype, seed=seed)
+    opt = psiopt.PSISGD([{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)], lr=0.1, momentum=0.9, fused=True)
+
+    def grads(k):
+        gen = torch.Generator().manual_seed(500 + k)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    for k in range(2):
+        grads(k)
+        opt.step()
+    assert all(plan.batch is not None for plan in opt._group_plans.values())
+    return params, opt, grads
+
+
+@needs_numba
+def test_row_resident_step_sums_momentum_in_float64_where_float32_overflows() -> None:
+    """The row-resident pass sums the momentum in the rows' precision; a float32 row whose
+    sums overflow (finite entries near 1e19) is summed again in float64, and the step
+    agrees with the same step computed in float64 throughout."""
+    params32, opt32, grads32 = _kept_batch_optimizers(torch.float32)
+    params64, opt64, grads64 = _kept_batch_optimizers(torch.float64)
+    with torch.no_grad():
+        for p32, p64 in zip(params32, params64):
+            p64.copy_(p32.double())
+            opt64.state[p64]["momentum_buffer"].copy_(opt32.state[p32]["momentum_buffer"].double())
+        huge = opt32.state[params32[2]]["momentum_buffer"]
+        huge.mul_(3e19)  # still horizontal: every row's m.m is about 1e40, beyond float32
+        opt64.state[params64[2]]["momentum_buffer"].mul_(3e19)
+        assert not torch.isfinite((huge * huge).sum(1)).all() and torch.isfinite(huge).all()
+    scales = [float(opt64.state[p]["momentum_buffer"].abs().max()) for p in params64]
+    grads32(2)
+    for p32, p64 in zip(params32, params64):
+        p64.grad = p32.grad.double()
+    opt32.step(), opt64.step()
+    for p32, p64, scale in zip(params32, params64, scales):
+        torch.testing.assert_close(p32.detach().double(), p64.detach(), rtol=2e-5, atol=1e-6)
+        # The transported momentum is what is left of m' after its part along w' is removed:
+        # float32's rounding of m' (about 1e-7 of it) is the tolerance.
+        m32, m64 = opt32.state[p32]["momentum_buffer"].double(), opt64.state[p64]["momentum_buffer"]
+        torch.testing.assert_close(m32, m64, rtol=1e-4, atol=1e-6 * scale)
+
+
+@needs_numba
+def test_momentum_changed_to_nan_outside_the_optimizer_is_named_and_its_rows_kept() -> None:
+    """A momentum buffer that holds a NaN the optimizer did not write (the kept row batch
+    checks only what it wrote) reaches the row-resident pass: the rows with it keep their
+    weights and momentum, the step raises naming the parameter, and a later step refuses
+    the group until the buffer is reset."""
+    params, opt, grads = _kept_batch_optimizers(torch.float64)
+    buf = opt.state[params[0]]["momentum_buffer"]
+    with torch.no_grad():
+        buf[1, 0, 0, 0] = float("nan")
+    rows_before = params[0].detach()[1].clone(), buf[1].clone()
+    others_before = params[1].detach().clone()
+    grads(2)
+    with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[0\] \(shape \(4, 3, 3, 3\)\): the momentum buffer holds NaN"):
+        opt.step()
+    assert torch.equal(params[0].detach()[1], rows_before[0])
+    assert torch.equal(buf[1].nan_to_num(), rows_before[1].nan_to_num()) and bool(buf[1].isnan().any())
+    assert not torch.equal(params[1].detach(), others_before)  # the other groups were stepped
+    assert torch.isfinite(params[0]).all()
+
+
 @pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
 def test_bfloat16_and_float16_weights_follow_the_reference_loop(path) -> None:
     """Half types take the one-pass torch step (the fused kernels step float32 and float64),

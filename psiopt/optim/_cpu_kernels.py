@@ -26,6 +26,8 @@ table makes the Python cost of a step nearly independent of the number of tensor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -68,11 +70,46 @@ def _any_bad_row(sums, tiny):  # pragma: no cover - compiled
     return False
 
 
+@numba.njit(nogil=True)
+def _float64_momentum_sums(w, g, m, j):  # pragma: no cover - compiled
+    # Products of float32 or float64 entries summed in float64: finite for finite entries.
+    mg = 0.0
+    mw = 0.0
+    mm = 0.0
+    for i in range(w.shape[1]):
+        mi = np.float64(m[j, i])  # float() would keep a float32 a float32 here
+        mg += mi * np.float64(g[j, i])
+        mw += mi * np.float64(w[j, i])
+        mm += mi * mi
+    return mg, mw, mm
+
+
+def _make_weight_gradient_sums(cast):
+    r"""The sums :math:`w\cdot w`, :math:`g\cdot w`, :math:`g\cdot g` of row ``j``, the
+    gradient times ``inv``, accumulated in the rows' dtype."""
+
+    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    def weight_gradient_sums(w, g, j, inv):  # pragma: no cover - compiled
+        a = cast(0.0)
+        b = cast(0.0)
+        gg = cast(0.0)
+        for i in range(w.shape[1]):
+            wi = w[j, i]
+            gi = g[j, i] * inv
+            a += wi * wi
+            b += gi * wi
+            gg += gi * gi
+        return a, b, gg
+
+    return weight_gradient_sums
+
+
 def _make_row_sums(cast):
     """The reduction row kernel for one dtype, accumulating in that dtype (as
     :func:`psiopt.manifold.step_row_sums` does for float32 and float64)."""
 
     tiny = float(np.finfo(cast).tiny)
+    weight_gradient_sums = _make_weight_gradient_sums(cast)
 
     @numba.njit(fastmath=_FASTMATH, nogil=True)
     def row_sums(w, g, m, has_m, inv_scale, out):  # pragma: no cover - compiled
@@ -97,12 +134,7 @@ def _make_row_sums(cast):
                     mw += mi * wi
                     mm += mi * mi
             else:
-                for i in range(d):
-                    wi = w[j, i]
-                    gi = g[j, i] * inv
-                    a += wi * wi
-                    b += gi * wi
-                    gg += gi * gi
+                a, b, gg = weight_gradient_sums(w, g, j, inv)
             out[j, 0] = a
             out[j, 1] = b
             out[j, 2] = gg
@@ -114,10 +146,58 @@ def _make_row_sums(cast):
     return row_sums
 
 
+def _make_write_row(cast):
+    r"""The write loop of one row with momentum, for one dtype: from the row's scalars,
+    :math:`m' = \mu m + r`, :math:`w' = s(w - \eta d)`, :math:`m_{new} = m' - s q w'`, in
+    place. Returns :math:`\|m_{new}\|^2` accumulated in the rows' precision: a non-finite
+    value says that the written momentum holds a non-finite entry (or that its squared
+    norm overflows), which the next step checks without reading the buffer again."""
+
+    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    def write_row(w, g, m, j, s, q, ga, b, lr, momentum, dampening, nesterov, first):  # pragma: no cover
+        d = w.shape[1]
+        mu = cast(0.0 if first else momentum)
+        damp = 1.0 if first else 1.0 - dampening
+        rg = cast(damp * ga)
+        rw = cast(-damp * b)
+        sq = cast(s * q)
+        written = cast(0.0)
+        if nesterov:
+            # w' = s((1 + lr b) w - lr ga g - lr mu m')
+            nw = cast(s * (1.0 + lr * b))
+            ng = cast(-lr * s * ga)
+            nm = cast(-lr * s * momentum)
+            for i in range(d):
+                wi = w[j, i]
+                gi = g[j, i]
+                mp = mu * m[j, i] + rg * gi + rw * wi
+                wn = nw * wi + ng * gi + nm * mp
+                mn = mp - sq * wn
+                w[j, i] = wn
+                m[j, i] = mn
+                written += mn * mn
+        else:
+            # w' = s(w - lr m')
+            cw = cast(s)
+            cm = cast(-lr * s)
+            for i in range(d):
+                wi = w[j, i]
+                mp = mu * m[j, i] + rg * g[j, i] + rw * wi
+                wn = cw * wi + cm * mp
+                mn = mp - sq * wn
+                w[j, i] = wn
+                m[j, i] = mn
+                written += mn * mn
+        return written
+
+    return write_row
+
+
 def _make_update(cast):
     """The elementwise row kernel for one dtype: the group scalars are computed in float64
     and cast once per row, so that the loop over the row runs in the rows' own precision
     (twice the SIMD width for float32)."""
+    write_row = _make_write_row(cast)
 
     @numba.njit(fastmath=_FASTMATH, nogil=True)
     def update(w, g, m, has_m, sums, inv_scale, lr, momentum, dampening, nesterov, first, sign):  # pragma: no cover
@@ -136,35 +216,72 @@ def _make_update(cast):
                 for i in range(d):
                     w[j, i] = cw * w[j, i] + cg * g[j, i]
                 continue
-            mu = cast(0.0 if first else momentum)
-            damp = 1.0 if first else 1.0 - dampening
-            rg = cast(damp * ga)
-            rw = cast(-damp * b)
-            sq = cast(s * q)
-            if nesterov:
-                # w' = s((1 + lr b) w - lr ga g - lr mu m')
-                nw = cast(s * (1.0 + lr * b))
-                ng = cast(-lr * s * ga)
-                nm = cast(-lr * s * momentum)
-                for i in range(d):
-                    wi = w[j, i]
-                    gi = g[j, i]
-                    mp = mu * m[j, i] + rg * gi + rw * wi
-                    wn = nw * wi + ng * gi + nm * mp
-                    w[j, i] = wn
-                    m[j, i] = mp - sq * wn
-            else:
-                # w' = s(w - lr m')
-                cw = cast(s)
-                cm = cast(-lr * s)
-                for i in range(d):
-                    wi = w[j, i]
-                    mp = mu * m[j, i] + rg * g[j, i] + rw * wi
-                    wn = cw * wi + cm * mp
-                    w[j, i] = wn
-                    m[j, i] = mp - sq * wn
+            write_row(w, g, m, j, s, q, ga, b, lr, momentum, dampening, nesterov, first)
 
     return update
+
+
+def _make_guard(cast):
+    r"""The check pass of the row-resident step (:class:`RowBatch`), for one dtype: the
+    weight and gradient sums :math:`a = w\cdot w`, :math:`b = g\cdot w`, :math:`gg = g\cdot g`
+    of every row into columns 0-2 of ``out``, reading the weights and gradients only.
+    Whether a row is bad: those sums (or the squared norm of the momentum written by the
+    last step, column 5) not finite, or a zero or underflowing squared weight norm."""
+
+    tiny = float(np.finfo(cast).tiny)
+    weight_gradient_sums = _make_weight_gradient_sums(cast)
+    one = cast(1.0)
+
+    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    def guard(w, g, out):  # pragma: no cover - compiled
+        # Columns 3 and 4 stay 0 in a RowBatch: _any_bad_row then checks what the guard must.
+        for j in range(w.shape[0]):
+            out[j, 0], out[j, 1], out[j, 2] = weight_gradient_sums(w, g, j, one)
+        return _any_bad_row(out, tiny)
+
+    return guard
+
+
+def _make_resident_update(cast):
+    r"""The write pass of the row-resident step, for one dtype, with momentum: per row, the
+    momentum sums :math:`m\cdot g, m\cdot w, m\cdot m` (reading the row of the weights,
+    gradient and momentum from memory), then the row's write loop while the row is still
+    in cache; so the pass moves the bytes of torch's SGD with momentum. A row whose
+    momentum sums overflow the rows' precision has them again in float64 (the entries
+    are finite where this kernel wrote them: :meth:`RowBatch.row_sums` checks its record).
+    Column 5 of ``sums`` gets the squared norm of the written momentum, for the next
+    step's check. A row whose momentum holds a non-finite entry all the same (written
+    from outside the optimizer) is left as it is; the kernel returns whether there was
+    one."""
+    write_row = _make_write_row(cast)
+
+    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    def resident_update(w, g, m, sums, lr, momentum, dampening, nesterov, sign):  # pragma: no cover
+        k, d = w.shape
+        bad = False
+        for j in range(k):
+            mg = cast(0.0)
+            mw = cast(0.0)
+            mm = cast(0.0)
+            for i in range(d):
+                mi = m[j, i]
+                mg += mi * g[j, i]
+                mw += mi * w[j, i]
+                mm += mi * mi
+            mg64, mw64, mm64 = np.float64(mg), np.float64(mw), np.float64(mm)
+            if not (math.isfinite(mg64) and math.isfinite(mw64) and math.isfinite(mm64)):
+                mg64, mw64, mm64 = _float64_momentum_sums(w, g, m, j)
+                if not (math.isfinite(mg64) and math.isfinite(mw64) and math.isfinite(mm64)):
+                    bad = True  # a non-finite momentum entry that this kernel did not write: row left as it is
+                    sums[j, 5] = math.inf
+                    continue
+            a = sums[j, 0]
+            b = sign * sums[j, 1]
+            s2, q = _step_scalars(a, b, sums[j, 2], sign * mg64, mw64, mm64, lr, momentum, dampening, nesterov, False)
+            sums[j, 5] = write_row(w, g, m, j, math.sqrt(s2), q, sign * a, b, lr, momentum, dampening, nesterov, False)
+        return bad
+
+    return resident_update
 
 
 @intrinsic
@@ -183,37 +300,64 @@ def _pointer(typingctx, address):  # pragma: no cover - compiled
 _W, _G, _M, _S, _ROWS, _COLS, _FIRST = range(7)
 
 
-def _make_batched(cast):
-    """The two passes over every tensor of one dtype, one compiled call each: the rows of
-    tensor ``t`` are read in place from the addresses in row ``t`` of ``table``."""
+class _Passes(NamedTuple):
+    """The compiled batched calls for one dtype (:func:`_make_batched`)."""
+
+    row_sums: Callable
+    update: Callable
+    guard: Callable
+    resident_update: Callable
+
+
+def _make_batched(cast) -> _Passes:
+    """The passes over every tensor of one dtype, one compiled call each: the rows of
+    tensor ``t`` are read in place from the addresses in row ``t`` of ``table``. The
+    general step takes ``row_sums`` then ``update``; a kept :class:`RowBatch` with
+    momentum takes ``guard`` then ``resident_update``."""
     row_sums_kernel, update_kernel = _make_row_sums(cast), _make_update(cast)
+    guard_kernel, resident_kernel = _make_guard(cast), _make_resident_update(cast)
+
+    @numba.njit(nogil=True)
+    def views(table, t):  # pragma: no cover - compiled
+        # Tensor t's (rows, entries) views of weight, gradient and momentum, and its (rows, 6) sums.
+        k, d = table[t, _ROWS], table[t, _COLS]
+        return (
+            numba.carray(_pointer(table[t, _W]), (k, d), cast),
+            numba.carray(_pointer(table[t, _G]), (k, d), cast),
+            numba.carray(_pointer(table[t, _M]), (k, d), cast),
+            numba.carray(_pointer(table[t, _S]), (k, 6), np.float64),
+        )
 
     @numba.njit(nogil=True)
     def row_sums(table, has_m, inv_scale, bad):  # pragma: no cover - compiled
         for t in range(table.shape[0]):
-            k, d = table[t, _ROWS], table[t, _COLS]
-            if k == 0:
-                continue
-            w = numba.carray(_pointer(table[t, _W]), (k, d), cast)
-            g = numba.carray(_pointer(table[t, _G]), (k, d), cast)
-            m = numba.carray(_pointer(table[t, _M]), (k, d), cast)
-            out = numba.carray(_pointer(table[t, _S]), (k, 6), np.float64)
-            bad[t] = row_sums_kernel(w, g, m, has_m, inv_scale, out)
+            if table[t, _ROWS] > 0:
+                w, g, m, sums = views(table, t)
+                bad[t] = row_sums_kernel(w, g, m, has_m, inv_scale, sums)
 
     @numba.njit(nogil=True)
     def update(table, has_m, inv_scale, lr, momentum, dampening, nesterov, sign):  # pragma: no cover - compiled
         for t in range(table.shape[0]):
-            k, d = table[t, _ROWS], table[t, _COLS]
-            if k == 0:
-                continue
-            w = numba.carray(_pointer(table[t, _W]), (k, d), cast)
-            g = numba.carray(_pointer(table[t, _G]), (k, d), cast)
-            m = numba.carray(_pointer(table[t, _M]), (k, d), cast)
-            sums = numba.carray(_pointer(table[t, _S]), (k, 6), np.float64)
-            first = table[t, _FIRST] != 0
-            update_kernel(w, g, m, has_m, sums, inv_scale, lr, momentum, dampening, nesterov, first, sign)
+            if table[t, _ROWS] > 0:
+                w, g, m, sums = views(table, t)
+                first = table[t, _FIRST] != 0
+                update_kernel(w, g, m, has_m, sums, inv_scale, lr, momentum, dampening, nesterov, first, sign)
 
-    return row_sums, update
+    @numba.njit(nogil=True)
+    def guard(table, bad):  # pragma: no cover - compiled
+        for t in range(table.shape[0]):
+            if table[t, _ROWS] > 0:
+                w, g, _, sums = views(table, t)
+                bad[t] = guard_kernel(w, g, sums)
+
+    @numba.njit(nogil=True)
+    def resident_update(table, lr, momentum, dampening, nesterov, sign, bad):  # pragma: no cover - compiled
+        for t in range(table.shape[0]):
+            if table[t, _ROWS] > 0:
+                w, g, m, sums = views(table, t)
+                bad[t] = resident_kernel(w, g, m, sums, lr, momentum, dampening, nesterov, sign)
+
+    return _Passes(row_sums, update, guard, resident_update)
 
 
 _BATCHED = {torch.float32: _make_batched(np.float32), torch.float64: _make_batched(np.float64)}
@@ -291,7 +435,7 @@ def row_sums(
         grads = [_dense_rows(gs[i]) for i in idx]  # kept alive across the call
         table = _table([ws[i] for i in idx], grads, [ms[i] for i in idx], [sums[i] for i in idx], [0] * len(idx))
         flags = np.zeros(len(idx), dtype=np.bool_)
-        _BATCHED[dtype][0](table, has_m, inv, flags)
+        _BATCHED[dtype].row_sums(table, has_m, inv, flags)
         for i, flag in zip(idx, flags.tolist()):
             bad[i] = flag
     return sums, bad
@@ -325,7 +469,7 @@ def update(
         # The sums of split groups come back from the all-reduce as new tensors.
         rows_sums = [_dense_rows(sums[i] if sums[i].dtype == torch.float64 else sums[i].double()) for i in idx]
         table = _table([ws[i] for i in idx], grads, [ms[i] for i in idx], rows_sums, [firsts[i] for i in idx])
-        _BATCHED[dtype][1](table, has_m, inv, float(lr), float(momentum), float(dampening), bool(nesterov),
+        _BATCHED[dtype].update(table, has_m, inv, float(lr), float(momentum), float(dampening), bool(nesterov),
                            -1.0 if maximize else 1.0)  # fmt: skip
 
 
@@ -350,10 +494,20 @@ class RowBatch:
     the optimizer from one step to the next (see :meth:`psiopt.PSISGD.step`).
 
     The table of the rows' addresses (weights, momentum buffers, sums) is made once; a
-    step writes in the gradients' addresses and makes the two compiled calls. It holds
+    step writes in the gradients' addresses and makes two compiled calls. It holds
     while every weight and buffer stays where it was and every gradient is laid out as
     its weight: :meth:`matches` and :meth:`row_sums` check that on every step, and say
     when the caller must take its general step instead.
+
+    With momentum the step is **row-resident**: the check pass (:meth:`row_sums`) reads
+    only the weights and gradients (their sums, and every check of the general step),
+    and the write pass (:meth:`update`) reads each row of weights, gradient and momentum
+    once, takes its momentum sums and writes the row while it is in cache. So a step
+    moves 7 tensor-sized streams (2 + 3 read, 2 written) where the two passes of the
+    general step move 8 and torch's SGD with momentum 5. The momentum buffers are
+    checked without a read: the write pass records the squared norm of each row it
+    wrote, and the next check pass refuses a row whose record is not finite; a new
+    batch checks its buffers once.
     """
 
     def __init__(
@@ -365,7 +519,10 @@ class RowBatch:
             raise ValueError("a RowBatch holds tensors of one dtype, all with momentum buffers (has_m) or none")
         self.layouts = [(p.data_ptr(), p.shape, p.stride()) for p in params]
         counts = [w.shape[0] for w in ws]
-        self.sums = list(torch.empty(sum(counts), 6, dtype=torch.float64).split_with_sizes(counts))
+        self.sums = list(torch.zeros(sum(counts), 6, dtype=torch.float64).split_with_sizes(counts))
+        if has_m and all_finite([m for m in ms if m is not None]) is False:
+            for rows_sums in self.sums:
+                rows_sums[:, 5] = math.inf  # the check pass refuses them: the general step decides
         self.table = _table(ws, ws, ms, self.sums, [0] * len(ws)) if ws else np.zeros((0, 7), dtype=np.int64)
         self.flags = np.zeros(len(ws), dtype=np.bool_)
         self._views = (ws, ms)  # the table points into them
@@ -378,8 +535,10 @@ class RowBatch:
         )
 
     def row_sums(self, grads: list[Tensor]) -> bool | None:
-        """The reduction pass with these gradients: whether a row is bad (:func:`row_sums`),
-        or ``None`` (nothing computed) when a gradient is not laid out as its weight."""
+        """The check pass with these gradients: whether a row is bad (a weight or gradient
+        sum not finite, a zero or underflowing squared weight norm, or a momentum row
+        written non-finite by the last step), or ``None`` (nothing computed) when a
+        gradient is not laid out as its weight."""
         addresses = []
         for g, (_, _, stride) in zip(grads, self.layouts):
             if g.layout != torch.strided or g.dtype != self.dtype or g.stride() != stride:
@@ -388,11 +547,21 @@ class RowBatch:
         if not addresses:
             return False
         self.table[:, _G] = addresses
-        _BATCHED[self.dtype][0](self.table, self.has_m, 1.0, self.flags)
+        _BATCHED[self.dtype].guard(self.table, self.flags)
         return bool(self.flags.any())
 
-    def update(self, *, lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool) -> None:
-        """The elementwise pass (:func:`update`) after :meth:`row_sums`, in place."""
-        if self.params:
-            _BATCHED[self.dtype][1](self.table, self.has_m, 1.0, float(lr), float(momentum), float(dampening),
-                                    bool(nesterov), -1.0 if maximize else 1.0)  # fmt: skip
+    def update(self, *, lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool) -> list[int]:
+        """The write pass after :meth:`row_sums`, in place: row-resident with momentum,
+        else :func:`update`'s. Returns the positions (in ``params``) of the tensors whose
+        momentum buffer held a non-finite entry that the last step did not write (changed
+        from outside the optimizer): their bad rows were left unchanged."""
+        if not self.params:
+            return []
+        sign = -1.0 if maximize else 1.0
+        passes = _BATCHED[self.dtype]
+        if not self.has_m:
+            passes.update(self.table, False, 1.0, float(lr), float(momentum), float(dampening), bool(nesterov), sign)
+            return []
+        self.flags[:] = False
+        passes.resident_update(self.table, float(lr), float(momentum), float(dampening), bool(nesterov), sign, self.flags)
+        return np.flatnonzero(self.flags).tolist()

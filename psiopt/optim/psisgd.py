@@ -395,13 +395,21 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 return False  # None: not dense float32/float64 CPU gradients; the general step checks them
             steps.append((group, plan))
         self.last_step_refused = None
+        tampered = []
         for group, plan in steps:
             if plan.euclid:
                 self._euclidean_step(group, [p for p, _ in plan.euclid], None, None)
-            plan.batch.update(
+            tampered += [str(plan.one_pass[i][1]) for i in plan.batch.update(
                 lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                 nesterov=group["nesterov"], maximize=group["maximize"],
-            )  # fmt: skip
+            )]  # fmt: skip
+        if tampered:
+            raise FloatingPointError(
+                f"{', '.join(tampered)}: the momentum buffer holds NaN or infinite values that no step of this "
+                "optimizer wrote (changed from outside it); the groups with such values were left unchanged and "
+                "every other group was stepped. Reset those buffers (optimizer.state[p]['momentum_buffer']) or "
+                "load a saved optimizer state"
+            )
         return True
 
     def _group_plan(
