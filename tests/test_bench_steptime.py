@@ -11,8 +11,10 @@ import psiopt
 from psiopt.bench import models
 from psiopt.bench.methods import zoo_scale_invariant_layers
 from psiopt.bench.steptime import (
+    MIN_CACHE_EVICTION_BYTES,
     PATHS,
     StepPath,
+    cache_eviction_bytes,
     interleaved_times,
     measure_discovery,
     measure_scaling_point,
@@ -37,6 +39,33 @@ def test_interleaved_rounds_rotate_and_count():
 def test_budget_stops_after_min_repeats():
     samples = interleaved_times({"a": lambda: None}, CPU, warmup=0, repeats=50, min_repeats=5, budget_s=0.0)
     assert len(samples["a"]) == 5
+
+
+def test_cache_eviction_rewrites_twice_the_last_level_cache_before_each_timed_step(monkeypatch):
+    from psiopt.bench import steptime
+
+    monkeypatch.setattr(steptime, "_last_level_cache_bytes", lambda device: 48 * 2**20)
+    assert cache_eviction_bytes(CPU) == 96 * 2**20
+    monkeypatch.setattr(steptime, "_last_level_cache_bytes", lambda device: None)
+    assert cache_eviction_bytes(CPU) == MIN_CACHE_EVICTION_BYTES
+    monkeypatch.undo()
+    assert cache_eviction_bytes(CPU) >= MIN_CACHE_EVICTION_BYTES
+
+    # The buffer is rewritten before every timed step (not before warm-up steps), off the clock:
+    # each step sees it one pass further on.
+    seen: list[float] = []
+    real_add = torch.Tensor.add_
+    buffers: list[torch.Tensor] = []
+
+    def add_(self, *args, **kwargs):
+        if self.numel() == 1024:
+            buffers.append(self)
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "add_", add_)
+    steps = {name: (lambda: seen.append(float(buffers[-1][0]) if buffers else 0.0)) for name in "ab"}
+    interleaved_times(steps, CPU, warmup=2, repeats=3, evict_bytes=4096)
+    assert seen == [0.0] * 4 + [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 
 
 def test_median_ratio_pairs_rounds():

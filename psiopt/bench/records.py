@@ -298,6 +298,7 @@ class StepTimeResult:
     baseline_step_peak_extra_bytes: int | None = None
     param_bytes: int | None = None
     memory_method: str | None = None
+    cache_eviction_bytes: int | None = None
     methods: list[MethodStepTime] = field(default_factory=list)
 
 
@@ -337,6 +338,7 @@ class ScalingPoint:
     warmup: int
     repeats: int
     memory_method: str
+    cache_eviction_bytes: int | None = None
     paths: list[PathTiming] = field(default_factory=list)
 
 

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .records import BenchResults, MethodTraining, ScalingPoint, from_json, to_json
+from .records import BenchResults, MethodTraining, ScalingPoint, StepTimeResult, from_json, to_json
 
 __all__ = [
     "SCHEMA_FILE",
@@ -123,6 +123,13 @@ def _ms(seconds: float | None) -> float | None:
 
 def _mib(n_bytes: int | None) -> float | None:
     return None if n_bytes is None else n_bytes / 2**20
+
+
+def _cold(record: StepTimeResult | ScalingPoint) -> str:
+    """How the caches were left before each timed step, for a table's title."""
+    if not record.cache_eviction_bytes:
+        return ""
+    return f", caches evicted before each step ({record.cache_eviction_bytes // 2**20} MiB rewritten)"
 
 
 def _millions(n: int) -> str:
@@ -243,7 +250,7 @@ def _step_time_tables(results: BenchResults) -> list[Table]:
         out.append(
             (
                 f"optimizer step time on {st.device} ({st.device_name}), {st.model} "
-                f"({fmt(st.param_bytes)} bytes of parameters), median of {st.repeats} interleaved steps",
+                f"({fmt(st.param_bytes)} bytes of parameters), median of {st.repeats} interleaved steps{_cold(st)}",
                 ["method", "median ms/step", "ratio to SGD foreach", "optimizer state bytes", "step peak extra MiB"],
                 rows,
             )
@@ -274,7 +281,7 @@ def _step_time_tables(results: BenchResults) -> list[Table]:
         out.append(
             (
                 f"step time against size on {device} ({first.device_name}), {first.threads} thread(s), momentum 0.9, "
-                "interleaved rounds",
+                f"interleaved rounds{_cold(first)}",
                 [
                     "parameter set",
                     "path",
@@ -432,7 +439,9 @@ _PROTOCOL = """\
 - Step time: `optimizer.step()` (+ the method's after-step hook: ENorm / SBWN rescaling)
   with fixed gradients, one torch thread on CPU. Every step compared on one model is
   built first and timed interleaved: one step of each per round, the order rotating each
-  round. Median = median step time; ratio = median over rounds of the per-round ratio to
+  round; before each timed step, off the clock, a buffer of twice the last-level cache
+  (at least 64 MiB) is rewritten, so that every step starts with cold caches, as after
+  a forward and backward pass in training. Median = median step time; ratio = median over rounds of the per-round ratio to
   `torch.optim.SGD(momentum=0.9, foreach=True)` (or `fused=True`) on the same parameters.
   State bytes: all tensors in `optimizer.state`. Extra peak: the highest memory allocated
   during one step above what was allocated before it (CUDA: `torch.cuda.max_memory_allocated`;

@@ -16,6 +16,12 @@ Protocol
   slow spell of a shared machine hits every path alike. The *ratio* of a path to a
   baseline is the median over rounds of the per-round ratio; the *median* is the
   median step time.
+* **Cold caches**: before every timed step, a buffer of :func:`cache_eviction_bytes`
+  (twice the last-level cache) is rewritten, outside the clock. In training the
+  forward and backward passes run between two optimizer steps and leave little of the
+  weights and optimizer state in cache; and without it, a step's time would depend on
+  which path ran just before it on the same parameters (one that leaves the weights
+  and gradients in cache flatters the next).
 * **Threads**: on CPU every step-time measurement and discovery run with one torch
   thread (the thread count is restored afterwards); CUDA steps are synchronized
   before the clock stops.
@@ -36,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import geoopt
 import torch
@@ -57,6 +64,7 @@ __all__ = [
     "FUSED_BASELINE_PATH",
     "memory_method",
     "step_peak_extra_bytes",
+    "cache_eviction_bytes",
     "interleaved_times",
     "median_ratio",
     "one_thread_on_cpu",
@@ -155,6 +163,31 @@ def step_peak_extra_bytes(step: Callable[[], None], device: torch.device) -> int
 _MEASURED_STEP = "psiopt.bench: measured step"
 
 
+def _last_level_cache_bytes(device: torch.device) -> int | None:
+    """The largest cache of ``device``: the GPU's L2, or the CPU's largest cache level as
+    Linux reports it (``None`` where neither is known)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=None)
+
+
+MIN_CACHE_EVICTION_BYTES = 64 * 2**20
+"""The least that :func:`cache_eviction_bytes` rewrites (used where the cache size is unknown)."""
+
+
+def cache_eviction_bytes(device: torch.device) -> int:
+    """Bytes rewritten before every timed step to leave the caches cold: twice the
+    last-level cache of ``device``, at least :data:`MIN_CACHE_EVICTION_BYTES`."""
+    return max(MIN_CACHE_EVICTION_BYTES, 2 * (_last_level_cache_bytes(device) or 0))
+
+
 def interleaved_times(
     steps: dict[str, Callable[[], None]],
     device: torch.device,
@@ -162,13 +195,17 @@ def interleaved_times(
     repeats: int,
     min_repeats: int | None = None,
     budget_s: float | None = None,
+    evict_bytes: int = 0,
 ) -> dict[str, list[float]]:
     """Time one call of each of ``steps`` per round; return the seconds of every round, by name.
 
     ``warmup`` untimed rounds first (they allocate momentum buffers and compile kernels).
     Up to ``repeats`` rounds; after ``min_repeats`` rounds, stop once ``budget_s``
-    seconds have passed. The order of the steps rotates by one each round.
+    seconds have passed. The order of the steps rotates by one each round. With
+    ``evict_bytes``, a buffer of that size is rewritten before every timed step, off
+    the clock (see *Cold caches* above).
     """
+    evictor = torch.zeros(evict_bytes // 4, dtype=torch.float32, device=device) if evict_bytes else None
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -179,6 +216,9 @@ def interleaved_times(
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            if evictor is not None:
+                evictor.add_(1.0)  # read and written: every line of it passes through the cache
+                sync(device)
             start = time.perf_counter()
             steps[name]()
             sync(device)
@@ -270,7 +310,8 @@ def measure_methods(
                 steps[method.name], optimizers[method.name], _ = prepared(method)
             except MethodNotApplicable as exc:
                 entry.status, entry.reason = "not_applicable", str(exc)
-        samples = interleaved_times(steps, device, spec.warmup, spec.repeats)
+        record.cache_eviction_bytes = cache_eviction_bytes(device)
+        samples = interleaved_times(steps, device, spec.warmup, spec.repeats, evict_bytes=record.cache_eviction_bytes)
         base = samples[BASELINE_PATH]
         record.baseline_median_s = statistics.median(base)
         record.baseline_state_bytes = _state_bytes(optimizers[BASELINE_PATH])
@@ -353,7 +394,10 @@ def measure_scaling_point(
                 entry.status, entry.reason = "failed", f"{type(exc).__name__}: {exc}"
                 continue
             steps[path.name] = opt.step
-        samples = interleaved_times(steps, device, spec.warmup, spec.repeats, spec.min_repeats, spec.budget_s)
+        record.cache_eviction_bytes = cache_eviction_bytes(device)
+        samples = interleaved_times(
+            steps, device, spec.warmup, spec.repeats, spec.min_repeats, spec.budget_s, record.cache_eviction_bytes
+        )
         record.repeats = len(next(iter(samples.values()), []))
         peaks = {name: step_peak_extra_bytes(step, device) for name, step in steps.items()}
     for entry in record.paths:

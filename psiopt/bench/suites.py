@@ -262,6 +262,7 @@ def _step_scaling(quick: bool) -> StepScalingSpec:
             ScalingPointSpec("cnn_bn w20", "cnn_bn", {"in_channels": 3, "width": 20}),
             ScalingPointSpec("cnn_bn w32", "cnn_bn", {"in_channels": 3, "width": 32}),
             ScalingPointSpec("cnn_bn w64", "cnn_bn", {"in_channels": 3, "width": 64}),
+            ScalingPointSpec("cnn_bn w80", "cnn_bn", {"in_channels": 3, "width": 80}),
             ScalingPointSpec("resnet18 w32", "resnet18", {"width": 32}),
             ScalingPointSpec("resnet18", "resnet18", {}),
             ScalingPointSpec("resnet50", "resnet50", {}, num_classes=1000),
