@@ -52,6 +52,8 @@ __all__ = [
     "zoo_scale_invariant_groupings",
     "MOMENTUM",
     "ADAM_LR_UNIT",
+    "PSIOPT_OPTIMIZERS",
+    "PEER_OPTIMIZERS",
 ]
 
 MOMENTUM = 0.9
@@ -59,6 +61,16 @@ MOMENTUM = 0.9
 
 ADAM_LR_UNIT = 0.1
 """The Adam family's learning rate per unit of the grid (grid 0.01 is Adam's default 1e-3)."""
+
+
+PSIOPT_OPTIMIZERS = ("psisgd", "psisgd-1lr", "psiadasgd", "psiadam", "psiadam-1lr", "psiadamw")
+"""The methods that are psiopt's optimizers (the seed systems, weight normalization, ENorm
+and SBWN, are reparameterizations trained with SGD)."""
+
+PEER_OPTIMIZERS = ("sgd", "sgdp", "sgdg", "rsgd-sphere", "adam", "adamw", "adamp", "radam-sphere")
+"""The optimizers psiopt's are measured against in the report's verdict: torch's SGD, Adam
+and AdamW, the published scale-aware ones (SGDP and AdamP, SGD-G), and geoopt's
+Riemannian SGD and Adam on the sphere."""
 
 
 class MethodNotApplicable(TypeError):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .methods import PEER_OPTIMIZERS, PSIOPT_OPTIMIZERS
 from .records import BenchResults, MethodTraining, ScalingPoint, StepTimeResult, from_json, to_json
 
 __all__ = [
@@ -361,6 +363,66 @@ def _training_findings(results: BenchResults) -> list[str]:
     return lines
 
 
+def _fastest(entries: list[MethodTraining]) -> MethodTraining | None:
+    """The entry with the fewest mean steps to the target among those that reached it on every seed."""
+    full = [
+        e for e in entries
+        if e.summary.steps_to_target_mean is not None and e.summary.reached_target == e.summary.seeds > 0
+    ]  # fmt: skip
+    return min(full, key=lambda e: e.summary.steps_to_target_mean, default=None)
+
+
+def _accuracy_difference(entry: MethodTraining, peer: MethodTraining) -> tuple[float, float] | None:
+    """The difference of mean final test accuracy (``entry`` minus ``peer``) and its standard
+    error (Welch: the two samples' variances, each over its number of seeds)."""
+    a = [r.final_test_acc for r in entry.runs if r.final_test_acc is not None]
+    b = [r.final_test_acc for r in peer.runs if r.final_test_acc is not None]
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return statistics.fmean(a) - statistics.fmean(b), math.sqrt(
+        statistics.variance(a) / len(a) + statistics.variance(b) / len(b)
+    )
+
+
+def _verdict_findings(results: BenchResults) -> list[str]:
+    """Per task, the target of psiopt's adaptive steps: some psiopt optimizer reaches the
+    target loss (on every seed) in no more steps than the fastest peer, with a mean test
+    accuracy no lower than that peer's. Names that optimizer, or else the fastest one, with
+    the difference of test accuracy and its standard error."""
+    lines = []
+    for task in results.training:
+        ok = [e for e in task.methods if e.status == "ok" and e.summary is not None]
+        peer = _fastest([e for e in ok if e.method in PEER_OPTIMIZERS])
+        ours = [e for e in ok if e.method in PSIOPT_OPTIMIZERS]
+        fastest = _fastest(ours)
+        if peer is None or fastest is None:
+            continue
+        as_fast = [
+            e for e in ours
+            if e.summary.steps_to_target_mean is not None and e.summary.reached_target == e.summary.seeds
+            and e.summary.steps_to_target_mean <= peer.summary.steps_to_target_mean
+        ]  # fmt: skip
+        # (accuracies are fractions of the test set: equal means may differ by rounding only)
+        meeting = [e for e in as_fast if (_accuracy_difference(e, peer) or (-1.0, 0.0))[0] > -1e-9]
+        shown = _fastest(meeting) or fastest
+        difference = _accuracy_difference(shown, peer)
+        accuracy = ""
+        if difference is not None:
+            d, se = difference
+            below = f", {abs(d) / se:.1f} standard errors below" if d < -1e-9 and se > 0 else ""
+            accuracy = (
+                f"; test accuracy {fmt(shown.summary.test_acc_mean)} vs {fmt(peer.summary.test_acc_mean)} "
+                f"({100 * d:+.2f} points, standard error {100 * se:.2f}{below})"
+            )
+        lines.append(
+            f"- **verdict, {task.task}**: {'met' if meeting else 'not met'}. "
+            f"{'The' if meeting else 'The fastest'} psiopt optimizer{'' if meeting else ','} {shown.label}"
+            f"{' reached' if meeting else ', reached'} the target in {fmt(shown.summary.steps_to_target_mean)} "
+            f"steps, the fastest peer, {peer.label}, in {fmt(peer.summary.steps_to_target_mean)}{accuracy}."
+        )
+    return lines
+
+
 def _step_time_findings(results: BenchResults) -> list[str]:
     lines = []
     for st in results.step_time:
@@ -390,7 +452,7 @@ def _step_time_findings(results: BenchResults) -> list[str]:
 
 def _findings(results: BenchResults) -> list[str]:
     """Sentences comparing PSI-SGD with SGD, computed from the results."""
-    lines = _training_findings(results) + _step_time_findings(results)
+    lines = _training_findings(results) + _verdict_findings(results) + _step_time_findings(results)
     for sweep in results.scale_sweep:
         by = {e.method: e for e in sweep.methods}
         if "sgd" in by and "psisgd" in by:
