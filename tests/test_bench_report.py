@@ -22,7 +22,7 @@ def _entry(method: str, label: str, steps: list[int | None], accs: list[float]) 
     reached = [s for s in steps if s is not None]
     summary = Summary(
         seeds=len(steps), diverged=0, final_loss_mean=0.1, final_loss_std=0.0, test_acc_mean=statistics.fmean(accs),
-        test_acc_std=statistics.stdev(accs), reached_target=len(reached),
+        test_acc_std=statistics.stdev(accs) if len(accs) > 1 else None, reached_target=len(reached),
         steps_to_target_mean=statistics.fmean(reached) if reached else None, seconds_to_target_mean=None,
         train_seconds_mean=1.0,
     )  # fmt: skip
@@ -66,3 +66,8 @@ def test_a_difference_within_two_standard_errors_is_met_within_noise() -> None:
     )
     assert line.startswith("- **verdict, t**: met within noise: psiopt's PSI-AdamW reached the target in 28 steps")
     assert "-0.40 points" in line
+
+
+def test_one_seed_gives_no_verdict() -> None:
+    line = _verdict(_entry("psisgd", "PSI-SGD", [10], [0.9]), _entry("sgd", "SGD", [20], [0.95]))
+    assert line == "- **verdict, t**: none (a verdict needs at least 2 seeds)."

@@ -404,6 +404,9 @@ def _verdict_findings(results: BenchResults) -> list[str]:
         fastest = _fastest(ours)
         if peer is None or fastest is None:
             continue
+        if _accuracy_difference(fastest, peer) is None:
+            lines.append(f"- **verdict, {task.task}**: none (a verdict needs at least 2 seeds).")
+            continue
         differences = {}
         for e in ours:
             full = e.summary.steps_to_target_mean is not None and e.summary.reached_target == e.summary.seeds
