@@ -25,6 +25,7 @@ table makes the Python cost of a step nearly independent of the number of tensor
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -84,6 +85,7 @@ def _float64_momentum_sums(w, g, m, j):  # pragma: no cover - compiled
     return mg, mw, mm
 
 
+@functools.cache  # one compiled function per dtype, shared by the kernels that call it
 def _make_weight_gradient_sums(cast):
     r"""The sums :math:`w\cdot w`, :math:`g\cdot w`, :math:`g\cdot g` of row ``j``, the
     gradient times ``inv``, accumulated in the rows' dtype."""
@@ -104,48 +106,51 @@ def _make_weight_gradient_sums(cast):
     return weight_gradient_sums
 
 
+@functools.cache  # one compiled function per dtype, shared by the kernels that call it
+def _make_momentum_sums(cast):
+    r"""The sums :math:`m\cdot g`, :math:`m\cdot w`, :math:`m\cdot m` of row ``j``, the
+    gradient times ``inv``, accumulated in the rows' dtype. The general step and the
+    row-resident one both take a row's sums from this function and
+    :func:`_make_weight_gradient_sums`'s, in the same loops, so that their results agree
+    bit for bit (a run resumed from a checkpoint takes the general step first)."""
+
+    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    def momentum_sums(w, g, m, j, inv):  # pragma: no cover - compiled
+        mg = cast(0.0)
+        mw = cast(0.0)
+        mm = cast(0.0)
+        for i in range(w.shape[1]):
+            mi = m[j, i]
+            mg += mi * (g[j, i] * inv)
+            mw += mi * w[j, i]
+            mm += mi * mi
+        return mg, mw, mm
+
+    return momentum_sums
+
+
 def _make_row_sums(cast):
     """The reduction row kernel for one dtype, accumulating in that dtype (as
     :func:`psiopt.manifold.step_row_sums` does for float32 and float64)."""
 
     tiny = float(np.finfo(cast).tiny)
-    weight_gradient_sums = _make_weight_gradient_sums(cast)
+    weight_gradient_sums, momentum_sums = _make_weight_gradient_sums(cast), _make_momentum_sums(cast)
 
     @numba.njit(fastmath=_FASTMATH, nogil=True)
     def row_sums(w, g, m, has_m, inv_scale, out):  # pragma: no cover - compiled
-        k, d = w.shape
         inv = cast(inv_scale)
-        for j in range(k):
-            a = cast(0.0)
-            b = cast(0.0)
-            gg = cast(0.0)
-            mg = cast(0.0)
-            mw = cast(0.0)
-            mm = cast(0.0)
+        for j in range(w.shape[0]):
+            out[j, 0], out[j, 1], out[j, 2] = weight_gradient_sums(w, g, j, inv)
             if has_m:
-                for i in range(d):
-                    wi = w[j, i]
-                    gi = g[j, i] * inv
-                    mi = m[j, i]
-                    a += wi * wi
-                    b += gi * wi
-                    gg += gi * gi
-                    mg += mi * gi
-                    mw += mi * wi
-                    mm += mi * mi
+                out[j, 3], out[j, 4], out[j, 5] = momentum_sums(w, g, m, j, inv)
             else:
-                a, b, gg = weight_gradient_sums(w, g, j, inv)
-            out[j, 0] = a
-            out[j, 1] = b
-            out[j, 2] = gg
-            out[j, 3] = mg
-            out[j, 4] = mw
-            out[j, 5] = mm
+                out[j, 3] = out[j, 4] = out[j, 5] = 0.0
         return _any_bad_row(out, tiny)
 
     return row_sums
 
 
+@functools.cache  # one compiled function per dtype, shared by the kernels that call it
 def _make_write_row(cast):
     r"""The write loop of one row with momentum, for one dtype: from the row's scalars,
     :math:`m' = \mu m + r`, :math:`w' = s(w - \eta d)`, :math:`m_{new} = m' - s q w'`, in
@@ -230,13 +235,14 @@ def _make_guard(cast):
 
     tiny = float(np.finfo(cast).tiny)
     weight_gradient_sums = _make_weight_gradient_sums(cast)
-    one = cast(1.0)
 
     @numba.njit(fastmath=_FASTMATH, nogil=True)
-    def guard(w, g, out):  # pragma: no cover - compiled
+    def guard(w, g, inv_scale, out):  # pragma: no cover - compiled
         # Columns 3 and 4 stay 0 in a RowBatch: _any_bad_row then checks what the guard must.
+        # inv_scale is 1, passed at run time so that the sums are those of row_sums.
+        inv = cast(inv_scale)
         for j in range(w.shape[0]):
-            out[j, 0], out[j, 1], out[j, 2] = weight_gradient_sums(w, g, j, one)
+            out[j, 0], out[j, 1], out[j, 2] = weight_gradient_sums(w, g, j, inv)
         return _any_bad_row(out, tiny)
 
     return guard
@@ -253,21 +259,14 @@ def _make_resident_update(cast):
     step's check. A row whose momentum holds a non-finite entry all the same (written
     from outside the optimizer) is left as it is; the kernel returns whether there was
     one."""
-    write_row = _make_write_row(cast)
+    write_row, momentum_sums = _make_write_row(cast), _make_momentum_sums(cast)
 
     @numba.njit(fastmath=_FASTMATH, nogil=True)
-    def resident_update(w, g, m, sums, lr, momentum, dampening, nesterov, sign):  # pragma: no cover
-        k, d = w.shape
+    def resident_update(w, g, m, sums, inv_scale, lr, momentum, dampening, nesterov, sign):  # pragma: no cover
+        inv = cast(inv_scale)  # 1, at run time (see guard)
         bad = False
-        for j in range(k):
-            mg = cast(0.0)
-            mw = cast(0.0)
-            mm = cast(0.0)
-            for i in range(d):
-                mi = m[j, i]
-                mg += mi * g[j, i]
-                mw += mi * w[j, i]
-                mm += mi * mi
+        for j in range(w.shape[0]):
+            mg, mw, mm = momentum_sums(w, g, m, j, inv)
             mg64, mw64, mm64 = np.float64(mg), np.float64(mw), np.float64(mm)
             if not (math.isfinite(mg64) and math.isfinite(mw64) and math.isfinite(mm64)):
                 mg64, mw64, mm64 = _float64_momentum_sums(w, g, m, j)
@@ -344,18 +343,18 @@ def _make_batched(cast) -> _Passes:
                 update_kernel(w, g, m, has_m, sums, inv_scale, lr, momentum, dampening, nesterov, first, sign)
 
     @numba.njit(nogil=True)
-    def guard(table, bad):  # pragma: no cover - compiled
+    def guard(table, inv_scale, bad):  # pragma: no cover - compiled
         for t in range(table.shape[0]):
             if table[t, _ROWS] > 0:
                 w, g, _, sums = views(table, t)
-                bad[t] = guard_kernel(w, g, sums)
+                bad[t] = guard_kernel(w, g, inv_scale, sums)
 
     @numba.njit(nogil=True)
-    def resident_update(table, lr, momentum, dampening, nesterov, sign, bad):  # pragma: no cover - compiled
+    def resident_update(table, inv_scale, lr, momentum, dampening, nesterov, sign, bad):  # pragma: no cover - compiled
         for t in range(table.shape[0]):
             if table[t, _ROWS] > 0:
                 w, g, m, sums = views(table, t)
-                bad[t] = resident_kernel(w, g, m, sums, lr, momentum, dampening, nesterov, sign)
+                bad[t] = resident_kernel(w, g, m, sums, inv_scale, lr, momentum, dampening, nesterov, sign)
 
     return _Passes(row_sums, update, guard, resident_update)
 
@@ -547,7 +546,7 @@ class RowBatch:
         if not addresses:
             return False
         self.table[:, _G] = addresses
-        _BATCHED[self.dtype].guard(self.table, self.flags)
+        _BATCHED[self.dtype].guard(self.table, 1.0, self.flags)
         return bool(self.flags.any())
 
     def update(self, *, lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool) -> list[int]:
@@ -563,5 +562,7 @@ class RowBatch:
             passes.update(self.table, False, 1.0, float(lr), float(momentum), float(dampening), bool(nesterov), sign)
             return []
         self.flags[:] = False
-        passes.resident_update(self.table, float(lr), float(momentum), float(dampening), bool(nesterov), sign, self.flags)
+        passes.resident_update(
+            self.table, 1.0, float(lr), float(momentum), float(dampening), bool(nesterov), sign, self.flags
+        )
         return np.flatnonzero(self.flags).tolist()
