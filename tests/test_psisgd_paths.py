@@ -272,6 +272,22 @@ def test_row_resident_step_sums_momentum_in_float64_where_float32_overflows() ->
 
 
 @needs_numba
+def test_a_new_row_batch_refuses_momentum_buffers_that_hold_non_finite_values() -> None:
+    """A kept row batch checks its momentum buffers once, when it is made (its check pass
+    reads only weights and gradients afterwards): a non-finite entry makes every check pass
+    report a bad row, so that the general step decides."""
+    from psiopt.optim import _cpu_kernels
+
+    gen = torch.Generator().manual_seed(9)
+    w, g = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
+    for value, bad in ((0.5, False), (float("inf"), True), (float("nan"), True)):
+        m = torch.zeros(4, 6)
+        m[2, 3] = value
+        batch = _cpu_kernels.RowBatch([w], [m], [w], [m], has_m=True)
+        assert batch.row_sums([g]) is bad
+
+
+@needs_numba
 def test_momentum_changed_to_nan_outside_the_optimizer_is_named_and_its_rows_kept() -> None:
     """A momentum buffer that holds a NaN the optimizer did not write (the kept row batch
     checks only what it wrote) reaches the row-resident pass: the rows with it keep their

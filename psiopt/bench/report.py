@@ -363,12 +363,14 @@ def _training_findings(results: BenchResults) -> list[str]:
     return lines
 
 
+def _reached_on_every_seed(entry: MethodTraining) -> bool:
+    s = entry.summary
+    return s.steps_to_target_mean is not None and s.reached_target == s.seeds > 0
+
+
 def _fastest(entries: list[MethodTraining]) -> MethodTraining | None:
     """The entry with the fewest mean steps to the target among those that reached it on every seed."""
-    full = [
-        e for e in entries
-        if e.summary.steps_to_target_mean is not None and e.summary.reached_target == e.summary.seeds > 0
-    ]  # fmt: skip
+    full = [e for e in entries if _reached_on_every_seed(e)]
     return min(full, key=lambda e: e.summary.steps_to_target_mean, default=None)
 
 
@@ -407,20 +409,19 @@ def _verdict_findings(results: BenchResults) -> list[str]:
         if _accuracy_difference(fastest, peer) is None:
             lines.append(f"- **verdict, {task.task}**: none (a verdict needs at least 2 seeds).")
             continue
-        differences = {}
-        for e in ours:
-            full = e.summary.steps_to_target_mean is not None and e.summary.reached_target == e.summary.seeds
-            if full and e.summary.steps_to_target_mean <= peer.summary.steps_to_target_mean:
-                differences[e.method] = _accuracy_difference(e, peer)
+        # The accuracy difference of each psiopt optimizer as fast as the peer (None: too few seeds).
+        differences = {
+            e.method: _accuracy_difference(e, peer)
+            for e in ours
+            if _reached_on_every_seed(e) and e.summary.steps_to_target_mean <= peer.summary.steps_to_target_mean
+        }
+        as_fast = [e for e in ours if differences.get(e.method) is not None]
         # (accuracies are fractions of the test set: equal means may differ by rounding only)
-        met = [e for e in ours if differences.get(e.method) and differences[e.method][0] > -1e-9]
-        noise = [
-            e for e in ours
-            if differences.get(e.method) and differences[e.method][0] > -NOISE_STANDARD_ERRORS * differences[e.method][1]
-        ]  # fmt: skip
+        met = [e for e in as_fast if differences[e.method][0] > -1e-9]
+        noise = [e for e in as_fast if differences[e.method][0] > -NOISE_STANDARD_ERRORS * differences[e.method][1]]
         verdict = "met" if met else "met within noise" if noise else "not met"
         shown = _fastest(met) or _fastest(noise) or fastest
-        difference = _accuracy_difference(shown, peer)
+        difference = differences.get(shown.method) or _accuracy_difference(shown, peer)
         accuracy = ""
         if difference is not None:
             d, se = difference
