@@ -3,9 +3,11 @@
 A weight is proposed when it is the weight of a Linear/ConvNd computation whose output
 reaches a normalization *and nothing else*, through per-channel positively homogeneous
 operations and layout changes (:mod:`psiopt.layers` has the tables); the normalization
-and where the channel dim sits when it gets there decide the grouping
-(:func:`psiopt.layers.norm_grouping`). The direction of ``weight_norm`` is proposed on its
-own. Everything else that could have been a candidate is rejected with the reason.
+and where the channels sit when they get there (:class:`psiopt.layers.ChannelDims`:
+split into heads, say) decide the grouping (:func:`psiopt.layers.norm_grouping`). A weight
+that another operation also reads (a tied embedding) is rejected. The direction of
+``weight_norm`` is proposed on its own. Everything else that could have been a candidate
+is rejected with the reason.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from ..layers import (
     CHANNEL_FIRST_LAYERS,
     HOMOGENEOUS_OPS,
     LAYOUT_OPS,
+    RESHAPE_OPS,
     TRANSPOSED_CONVS,
-    move_channel_dim,
+    ChannelDims,
+    move_channels,
     norm_grouping,
 )
 from .graph import Graph, Op
@@ -50,8 +54,7 @@ class _Reached:
     """Where a layer's output meets its normalization."""
 
     norm: Op
-    channel_dim: int
-    ndim: int
+    channels: ChannelDims
     path: tuple[str, ...]
 
 
@@ -62,9 +65,9 @@ def _channel_dim(layer: Op, ndim: int) -> int:
 
 def _follow(graph: Graph, layer: Op) -> _Reached | str:
     """Follow a layer's output to a normalization; the reason if it does not get there alone."""
-    assert layer.out_ndim is not None
+    assert layer.out_ndim is not None and layer.weight is not None
     ndim = layer.out_ndim
-    channel_dim = _channel_dim(layer, ndim)
+    channels = ChannelDims.single(_channel_dim(layer, ndim), layer.weight.shape[0], ndim)
     path: list[str] = []
     affine_only = True
     handle = layer.output
@@ -89,12 +92,14 @@ def _follow(graph: Graph, layer: Op) -> _Reached | str:
                     f"it has a bias and the path to {op.label} passes {', '.join(path)}: the bias does not "
                     "scale with the weight, so scaling the weight alone changes the output"
                 )
-            return _Reached(op, channel_dim, ndim, tuple(path))
+            return _Reached(op, channels, tuple(path))
         if op.name in LAYOUT_OPS:
-            moved = move_channel_dim(op.name, op.args, op.kwargs, channel_dim, ndim)
+            if op.name in RESHAPE_OPS and (op.in_shape is None or op.shape is None):
+                graph.ensure_shapes()
+            moved = move_channels(op.name, op.args, op.kwargs, channels, op.in_shape, op.shape)
             if isinstance(moved, str):
                 return f"its output reaches {op.label}: {moved}"
-            channel_dim, ndim = moved
+            channels = moved
         elif op.name in HOMOGENEOUS_OPS:
             affine_only = False
         elif op.name not in AFFINE_OPS:
@@ -112,9 +117,7 @@ def _verdict(layer: Op, name: str, reached: _Reached | str) -> Candidate | str:
     if isinstance(reached, str):
         return reached
     assert layer.weight is not None and reached.norm.norm is not None
-    grouping, reason, removes_bias = norm_grouping(
-        reached.norm.norm, reached.channel_dim, reached.ndim, layer.weight.shape[0]
-    )
+    grouping, reason, removes_bias = norm_grouping(reached.norm.norm, reached.channels, layer.weight.shape[0])
     if grouping is None:
         return f"its output reaches {reached.norm.label}, but {reason}"
     if layer.has_bias and not (grouping.kind == "channel" and removes_bias):
@@ -161,6 +164,8 @@ def propose(
         else:
             norms = tuple(dict.fromkeys(n for c in found for n in c.norm_layers))
             candidates.append(replace(found[0], norm_layers=norms))
+    candidates, shared = _not_read_elsewhere(graph, candidates)
+    rejected += shared
     more, unseen = _outside_the_graph(model, param_names, set(verdicts))
     candidates += more
     rejected += unseen
@@ -171,6 +176,25 @@ def propose(
     # A parameter both proposed (weight norm) and rejected at a call site keeps the proposal.
     proposed = {c.name for c in candidates}
     return candidates, [r for r in rejected if r.name not in proposed]
+
+
+def _not_read_elsewhere(graph: Graph, candidates: list[Candidate]) -> tuple[list[Candidate], list[RejectedCandidate]]:
+    """The candidates whose weight only their layers read, and the others rejected: a weight tied
+    to an embedding (a language model's input and output embeddings) is also read there, where
+    nothing normalizes it."""
+    kept: list[Candidate] = []
+    rejected: list[RejectedCandidate] = []
+    for cand in candidates:
+        readers = graph.weight_reads.get(id(cand.param))
+        if not readers:
+            kept.append(cand)
+            continue
+        reason = (
+            f"it is also read outside its layer, by {', '.join(dict.fromkeys(readers))} (a tied weight?); scaling it "
+            "changes what that computes"
+        )
+        rejected.append(RejectedCandidate(name=cand.name, reason=reason, stage="structural"))
+    return kept, rejected
 
 
 def _outside_the_graph(
