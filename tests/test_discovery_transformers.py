@@ -170,8 +170,9 @@ def test_qwen3_query_and_key_projections_are_invariant_per_head(attn_implementat
         assert rec.grouping == Grouping.blocks(HEAD_DIM) and rec.num_groups == heads
         assert rec.norm_layer.endswith(norm) and rec.norm_type == "Qwen3RMSNorm" and rec.path == ("view",)
         assert rec.eps == getattr(attention, norm).variance_epsilon == 1e-6
-        # the real eps breaks invariance measurably when a head shrinks 16 times, and less when it grows
-        assert rec.eps_sensitivity[0] > rec.eps_sensitivity[1] > 0
+        # the real eps breaks invariance by more than the proof's tolerance when a head shrinks
+        # 10 times (the proof took the RMSNorm's root at its own eps), and less when it grows
+        assert rec.eps_sensitivity[0] > report.rtol and rec.eps_sensitivity[0] > rec.eps_sensitivity[1] > 0
     assert psiopt.find_scale_invariant(model.to(torch.bfloat16), *_inputs("qwen3")).names() == report.names()
 
 

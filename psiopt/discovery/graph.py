@@ -373,11 +373,9 @@ class Tap(TorchFunctionMode):
             if self.eps is not None:
                 run_args, run_kwargs = norm_with_eps(func, args, kwargs, self.eps)
         elif self.eps is not None and name in WRITTEN_OPS and args and isinstance(args[0], torch.Tensor):
-            at = self.written.eps_position(name, self._handle(args[0]), args, kwargs)
-            if isinstance(at, int):
-                run_args = args[:at] + (self.eps,) + args[at + 1 :]
-            elif at is not None:
-                run_kwargs = {**kwargs, at: self.eps}
+            shifted = self.written.shifted(name, self._handle(args[0]))
+            if shifted is not None:  # the root of a written-out norm's mean + eps: take it at our eps
+                run_args = (shifted[0] + self.eps, *args[1:])
         out = func(*run_args, **run_kwargs)
         if self.record == "ops" or name in WRITTEN_OPS:
             op = self._op(name, args, kwargs, out, spec, module_name, module)

@@ -20,7 +20,8 @@ with which eps. Recognized, with the operands in either order and floating-point
 * ``x * rsqrt(..)`` or ``x / sqrt(..)``,
 
 where every ``x`` is the same tensor, up to casts. The proof replaces the eps by its own
-(:meth:`WrittenNorms.eps_position`), as it does for ``F.rms_norm``.
+(:meth:`WrittenNorms.shifted`: the root of ``mean + eps`` is taken of ``mean + proof_eps``
+instead), as it does for ``F.rms_norm``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class _Partial:
     source: Any = None  # the value squared (a recorded pass keeps it for the proof)
     normalized_ndim: int = 0
     eps: float | None = None
+    mean_square: Any = None  # the value the eps was added to (a recorded pass: to add another)
 
 
 @dataclass(frozen=True)
@@ -93,17 +95,16 @@ class WrittenNorms:
         self._casts: dict[Any, tuple[Any, tuple[Op, ...]]] = {}  # handle -> (uncast handle, casts)
         self._kept: list[Any] = []
 
-    def eps_position(self, name: str, first: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | str | None:
-        """Where the eps is in the arguments of a call about to run (an index of ``args`` or a
-        keyword), if the call adds it to a tracked mean square (``first``: its handle)."""
+    def shifted(self, name: str, first: Any) -> tuple[Any, float] | None:
+        """For a root about to be taken (``rsqrt``, ``sqrt``) of ``first`` (a handle): the mean
+        square and the eps that ``first`` adds, when it is a tracked ``mean + eps`` whose mean
+        square a recorded pass kept; the caller can then take the root of ``mean + its own eps``."""
         partial = self._partials.get(first)
-        if name not in _ADD or partial is None or partial.stage != _MEAN_SQUARE:
+        if (name not in _RSQRT and name not in _SQRT) or partial is None or partial.stage != _SHIFTED:
             return None
-        if len(args) == 2 and _number(args[1]) and not kwargs:
-            return 1
-        if len(args) == 1 and set(kwargs) == {"other"} and _number(kwargs["other"]):
-            return "other"
-        return None
+        if partial.mean_square is None or partial.eps is None:
+            return None
+        return partial.mean_square, partial.eps
 
     def see(self, op: "Op", keep: Any = None) -> WrittenNorm | None:
         """Read the next operation; the norm it completes, if it completes one. ``keep``: what
@@ -139,7 +140,9 @@ class WrittenNorms:
         elif stage == _MEAN_SQUARE and op.name in _ADD and len(op.inputs) == 1:
             eps = _added_number(op)
             if eps is not None:
-                found = replace(partial, stage=_SHIFTED, eps=eps)
+                # the mean square itself, unless the add wrote into it (then it is mean + eps)
+                kept = keep if isinstance(keep, tuple) and len(keep) == 2 and keep[0] is not keep[1] else None
+                found = replace(partial, stage=_SHIFTED, eps=eps, mean_square=kept[0] if kept else None)
         elif stage in (_MEAN_SQUARE, _SHIFTED) and (op.name in _RSQRT or op.name in _SQRT):
             found = replace(partial, stage=_INVERSE_RMS if op.name in _RSQRT else _RMS)
         if found is not None:
