@@ -50,6 +50,9 @@ __all__ = [
     "RESHAPE_OPS",
     "LAYER_OPS",
     "CAST_OPS",
+    "SELECT_OPS",
+    "PRODUCT_OPS",
+    "ATTENTION_OPS",
     "QUERY_OPS",
     "NORM_FUNCTIONS",
     "NormSpec",
@@ -141,6 +144,21 @@ positively homogeneous and affine up to rounding)."""
 
 LAYER_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 """The computations of :data:`CHANNEL_FIRST_LAYERS`."""
+
+SELECT_OPS = frozenset(
+    {"__getitem__", "expand", "expand_as", "repeat", "repeat_interleave", "narrow", "select", "cat", "concat",
+     "concatenate"}
+)
+"""Operations that pick, copy or repeat the entries of one tensor (a ``cat`` of it with empty
+ones): a scale common to all its entries passes through them, not a per-channel one."""
+
+PRODUCT_OPS = frozenset({"mul", "mul_", "matmul", "bmm", "div", "div_", "truediv"})
+"""Products (and quotients by) other tensors: :math:`f(c z, y) = c f(z, y)` in ``z``, for
+``y`` independent of ``z`` (the numerator only, for a quotient)."""
+
+ATTENTION_OPS = frozenset({"scaled_dot_product_attention"})
+"""Attention: its output is the attention-weighted sum of the values, so a common scale of the
+values (its third argument) passes through it, with queries and keys independent of them."""
 
 QUERY_OPS = frozenset(
     {"size", "dim", "ndimension", "numel", "ndim", "shape", "dtype", "device", "is_floating_point",

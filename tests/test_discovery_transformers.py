@@ -9,7 +9,8 @@ steps every other parameter as torch's AdamW does, bit for bit, and two runs fro
 rescaled blocks stay equivalent.
 
 OLMo-2 and Gemma-3 normalize the output of each residual branch too, which makes more
-weights invariant as a whole; ``MISSED`` lists the ones discovery does not find.
+weights invariant as a whole: ``o_proj`` and ``down_proj``, and ``v_proj`` and ``up_proj``,
+whose common scale passes the attention and the gate's product.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def _layers(*names: str) -> set[str]:
 
 
 QK = ("self_attn.q_proj", "self_attn.k_proj")
-POST_NORMED = ("self_attn.o_proj", "mlp.down_proj")  # a norm on the branch's output, before the residual add
+# A norm on each branch's output, before the residual add: o_proj and down_proj reach it directly;
+# a scale common to all of v_proj passes the attention and o_proj, of up_proj the gate's product and down_proj.
+POST_NORMED = ("self_attn.o_proj", "mlp.down_proj", "self_attn.v_proj", "mlp.up_proj")
 EXPECTED: dict[str, dict[str, Grouping]] = {
     # QK-norm per head: an RMSNorm over head_dim of each head of q_proj(x) and k_proj(x)
     "qwen3": dict.fromkeys(_layers(*QK), Grouping.blocks(HEAD_DIM)),
@@ -92,13 +95,6 @@ EXPECTED: dict[str, dict[str, Grouping]] = {
     "gemma3": dict.fromkeys(_layers(*QK), Grouping.blocks(HEAD_DIM))
     | dict.fromkeys(_layers(*POST_NORMED), Grouping.whole()),
 }
-
-
-# Invariant too, but not found: a whole-tensor scale of v_proj (up_proj) passes the attention
-# (the gate's product) and o_proj (down_proj) to the post-norm; the structural pass follows a
-# layer's channels through operations of one tensor only. psiopt leaves them to AdamW.
-MISSED = {"olmo2": dict.fromkeys(_layers("self_attn.v_proj", "mlp.up_proj"), Grouping.whole())}
-MISSED["gemma3"] = MISSED["olmo2"]
 
 
 def _build(name: str, **config) -> nn.Module:
@@ -147,14 +143,19 @@ def truths(_one_thread) -> dict[str, dict[str, Grouping]]:
 # -- what discovery finds ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_discovery_finds_the_targets_and_the_ground_truth(truths, name):
-    model = _build(name)
+# sdpa attention (the default) with the language models' key/value cache on (their default),
+# eager attention, and no cache
+SETTINGS = [(n, {}) for n in MODELS] + [(n, {"attn_implementation": "eager"}) for n in MODELS]
+SETTINGS += [(n, {"use_cache": False}) for n in LANGUAGE_MODELS]
+
+
+@pytest.mark.parametrize("name, config", SETTINGS, ids=[f"{n}-{'-'.join(map(str, c.values())) or 'sdpa'}" for n, c in SETTINGS])
+def test_discovery_finds_the_targets_and_the_ground_truth(truths, name, config):
+    model = _build(name, **config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = psiopt.find_scale_invariant(model, *_inputs(name))
     found = {w.name: w.grouping for w in report}
-    assert found == EXPECTED[name], str(report)
-    assert found | MISSED.get(name, {}) == truths[name]  # every weight found is invariant, with its finest grouping
+    assert found == EXPECTED[name] == truths[name], str(report)
     assert report.method == "hooks" and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -410,18 +411,28 @@ def test_a_weight_tied_to_an_embedding_is_rejected(structure):
 
 
 class _Merged(nn.Module):
-    """Channels merged with the tokens before the norm: not followed (psiopt rejects, saying so)."""
+    """Channels merged with the tokens before the norm: each normalized group mixes them."""
 
-    def __init__(self):
+    def __init__(self, bias: bool):
         super().__init__()
-        self.proj = nn.Linear(E, H * D, bias=False)
+        self.proj = nn.Linear(E, H * D, bias=bias)
+        self.eps = 1e-6
 
     def forward(self, x):
         b, t, _ = x.shape
-        return F.rms_norm(self.proj(x).reshape(b, t * H, D).transpose(1, 2).reshape(b, D * t * H), (D * t * H,))
+        merged = self.proj(x).reshape(b, t * H, D).transpose(1, 2).reshape(b, D, t, H)
+        return F.rms_norm(merged, (t, H), eps=self.eps)
 
 
-def test_a_reshape_that_mixes_channels_with_other_dims_is_rejected_with_the_reason():
-    report = psiopt.find_scale_invariant(_Merged(), torch.randn(2, 5, E), structure="hooks")
-    assert len(report) == 0
+def test_channels_merged_with_other_dims_leave_only_a_common_scale():
+    x = torch.randn(2, 5, E, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = _Merged(bias=False)
+    report = psiopt.find_scale_invariant(model, x)
+    assert {w.name: w.grouping for w in report} == ground_truth(model, x, rtol=_RTOL) == {"proj.weight": Grouping.whole()}
+    # A bias does not scale with the weight: not even the whole tensor is invariant.
+    torch.manual_seed(0)
+    biased = _Merged(bias=True)
+    report = psiopt.find_scale_invariant(biased, x)
+    assert len(report) == 0 and ground_truth(biased, x, rtol=_RTOL) == {}
     assert "merges the layer's output channels with other dims" in report.rejected[0].reason

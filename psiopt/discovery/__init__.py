@@ -74,8 +74,18 @@ subtracts no mean, so there a biased layer is rejected (a ``q_proj`` with a bias
 a QK-norm, say: its head's rows and bias entries would have to be rescaled together,
 and a group of psiopt is rows of one tensor).
 
-A weight that something other than its layer also reads (an embedding tied to the
-layer, say) is rejected: what that reader computes is not normalized.
+When a layer's channels do not reach a normalization one by one, a bias-free layer is
+followed once more, for a scale common to its whole output (``tensor`` grouping): then
+the path may also multiply by tensors that do not depend on the layer (attention's
+weights times its values, a gate's product), pass other bias-free Linear/ConvNd layers,
+and pick or repeat entries (``x[..., None]``, ``expand``, a ``cat`` with empty tensors, as
+a key/value cache's first step makes). The post-norms of OLMo-2 and Gemma-3 make their
+``v_proj`` and ``up_proj`` invariant so.
+
+An operation whose result the model's output does not depend on (a cache keeping a slice
+for the next call) is no use of a value. A weight that something other than its layer
+also reads (an embedding tied to the layer, say) is rejected: what that reader computes
+is not normalized.
 
 Independently of any norm layer, the direction ``v`` of
 :func:`torch.nn.utils.parametrizations.weight_norm` (parameter

@@ -103,7 +103,7 @@ class Graph:
     def __post_init__(self) -> None:
         self.ops = _absorb(self.ops, self.written, self.outputs)
         self.users = {}
-        for op in self.ops:
+        for op in _live(self.ops, self.outputs):
             for handle in dict.fromkeys(op.inputs):
                 self.users.setdefault(handle, []).append(op)
 
@@ -123,6 +123,19 @@ class Graph:
         if self.shapes is not None:
             fill, self.shapes = self.shapes, None
             fill(self.ops)
+
+
+def _live(ops: list[Op], outputs: list[Any]) -> list[Op]:
+    """The operations whose result the model's output depends on. The others read a value
+    without consequence for this forward pass (a key/value cache keeping a slice for the next
+    call): they are no use of it."""
+    needed = set(outputs)
+    live: list[Op] = []
+    for op in reversed(ops):
+        if op.output is None or op.output in needed:  # a tuple result is kept, to be safe
+            live.append(op)
+            needed.update(op.inputs)
+    return live[::-1]
 
 
 def _absorb(ops: list[Op], written: list[tuple[Op, tuple[Op, ...]]], outputs: list[Any]) -> list[Op]:
@@ -146,6 +159,9 @@ def _label(name: str, module: nn.Module | None, module_name: str) -> tuple[str, 
         return f"{type(module).__name__} {module_name!r}", type(module).__name__
     where = f" in {type(module).__name__} {module_name!r}" if module is not None and module_name else ""
     return f"{name}(){where}", name
+
+
+_CATS = frozenset({"cat", "concat", "concatenate"})
 
 
 def _values_read(name: str, inputs: tuple[Any, ...], first: Any) -> tuple[Any, ...]:
@@ -400,7 +416,9 @@ class Tap(TorchFunctionMode):
         if not outs:
             return None  # a read of metadata (x.shape, x.dim()), not of values
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        inputs = tuple(self._handle(t) for t in tensors if id(t) not in self._fixed)
+        # an empty tensor concatenated (a key/value cache's first step) contributes nothing
+        read = [t for t in tensors if not (name in _CATS and t.numel() == 0)]
+        inputs = tuple(self._handle(t) for t in read if id(t) not in self._fixed)
         first = self._handle(args[0]) if args and isinstance(args[0], torch.Tensor) else None
         if self.record == "ops":
             self._alive.append((tensors, outs))

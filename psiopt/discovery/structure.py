@@ -4,8 +4,11 @@ A weight is proposed when it is the weight of a Linear/ConvNd computation whose 
 reaches a normalization *and nothing else*, through per-channel positively homogeneous
 operations and layout changes (:mod:`psiopt.layers` has the tables); the normalization
 and where the channels sit when they get there (:class:`psiopt.layers.ChannelDims`:
-split into heads, say) decide the grouping (:func:`psiopt.layers.norm_grouping`). A weight
-that another operation also reads (a tied embedding) is rejected. The direction of
+split into heads, say) decide the grouping (:func:`psiopt.layers.norm_grouping`). When the
+channels do not get there one by one, a scale common to a bias-free layer's whole output
+is followed too, through products with independent tensors, attention's values and
+bias-free layers (``tensor`` grouping). A weight that another operation also reads (a
+tied embedding) is rejected. The direction of
 ``weight_norm`` is proposed on its own. Everything else that could have been a candidate
 is rejected with the reason.
 """
@@ -21,10 +24,15 @@ from torch.nn.utils import parametrize
 from ..grouping import Grouping
 from ..layers import (
     AFFINE_OPS,
+    ATTENTION_OPS,
+    CAST_OPS,
     CHANNEL_FIRST_LAYERS,
     HOMOGENEOUS_OPS,
+    LAYER_OPS,
     LAYOUT_OPS,
+    PRODUCT_OPS,
     RESHAPE_OPS,
+    SELECT_OPS,
     TRANSPOSED_CONVS,
     ChannelDims,
     move_channels,
@@ -54,7 +62,7 @@ class _Reached:
     """Where a layer's output meets its normalization."""
 
     norm: Op
-    channels: ChannelDims
+    channels: ChannelDims | None  # None: only a scale common to all channels reaches it
     path: tuple[str, ...]
 
 
@@ -113,11 +121,61 @@ def _follow(graph: Graph, layer: Op) -> _Reached | str:
         handle = op.output
 
 
+_ONE_TENSOR_OPS = LAYOUT_OPS | AFFINE_OPS | HOMOGENEOUS_OPS | CAST_OPS | SELECT_OPS
+_CATS = frozenset({"cat", "concat", "concatenate"})
+
+
+def _follow_whole(graph: Graph, layer: Op) -> _Reached | None:
+    """Follow a scale common to a bias-free layer's whole output to a normalization; ``None`` if
+    it does not get there alone.
+
+    Beside the operations :func:`_follow` allows, the path may multiply by tensors that do not
+    depend on the layer (attention's weights times its values, a gate's product), pass
+    another bias-free layer (the attention's ``o_proj``), or pick and repeat entries: each
+    multiplies the whole output by the same factor, which the normalization removes, so the
+    weight is invariant as one group (the post-norms of OLMo-2 and Gemma-3 make ``v_proj`` and
+    ``up_proj`` so). Every value on the path has one reader, so what it is multiplied by cannot
+    depend on the layer.
+    """
+    path: list[str] = []
+    handle = layer.output
+    while True:
+        uses = graph.uses(handle)
+        if len(uses) != 1 or uses[0] is None or uses[0].output is None:
+            return None
+        op = uses[0]
+        if op.norm is not None:
+            return _Reached(op, None, tuple(path)) if op.first_input == handle else None
+        if not _passes_a_common_scale(op, handle):
+            return None
+        path.append(op.path_label)
+        handle = op.output
+
+
+def _passes_a_common_scale(op: Op, handle: object) -> bool:
+    """Whether multiplying ``handle`` (read by ``op``) by :math:`c > 0` multiplies ``op``'s output by
+    a positive power of :math:`c`, the other inputs being independent of it."""
+    if op.name in _CATS:
+        return op.inputs == (handle,)  # a cat with empty tensors only (a key/value cache's first step)
+    if op.name in _ONE_TENSOR_OPS:
+        return op.first_input == handle
+    if op.name in PRODUCT_OPS:
+        return op.name.startswith(("mul", "matmul", "bmm")) or op.first_input == handle  # a numerator
+    if op.name in ATTENTION_OPS:
+        return len(op.inputs) >= 3 and op.inputs[2] == handle and handle not in op.inputs[:2]
+    if op.name in LAYER_OPS:
+        return op.first_input == handle and op.weight is not None and not op.has_bias
+    return False
+
+
 def _verdict(layer: Op, name: str, reached: _Reached | str) -> Candidate | str:
     if isinstance(reached, str):
         return reached
     assert layer.weight is not None and reached.norm.norm is not None
-    grouping, reason, removes_bias = norm_grouping(reached.norm.norm, reached.channels, layer.weight.shape[0])
+    if reached.channels is None:
+        grouping, reason, removes_bias = Grouping.whole(), "", False
+    else:
+        grouping, reason, removes_bias = norm_grouping(reached.norm.norm, reached.channels, layer.weight.shape[0])
     if grouping is None:
         return f"its output reaches {reached.norm.label}, but {reason}"
     if layer.has_bias and not (grouping.kind == "channel" and removes_bias):
@@ -144,7 +202,10 @@ def propose(
         if layer.out_ndim is None:
             verdicts.setdefault(pid, []).append("its layer was called with outputs of different ranks")
             continue
-        verdicts.setdefault(pid, []).append(_verdict(layer, param_names[pid], _follow(graph, layer)))
+        reached = _follow(graph, layer)
+        if isinstance(reached, str) and not layer.has_bias:
+            reached = _follow_whole(graph, layer) or reached
+        verdicts.setdefault(pid, []).append(_verdict(layer, param_names[pid], reached))
 
     candidates: list[Candidate] = []
     rejected: list[RejectedCandidate] = []
