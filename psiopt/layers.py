@@ -7,13 +7,16 @@ a torch operation; they are answered here, once:
 * which layers hold a weight with output channels in dim 0 (the layout every
   :class:`~psiopt.Grouping` assumes): :data:`CHANNEL_FIRST_LAYERS`;
 * which modules and functions *normalize*, over which dims, and so how the weight of a
-  layer before them groups: :class:`NormSpec`, :func:`norm_grouping`;
+  layer before them groups: :class:`NormSpec`, :func:`norm_grouping` (an RMS norm written
+  out in elementary operations, as transformers' modules write it, is recognized by
+  :mod:`psiopt.discovery.written`);
 * which modules and functions are *positively homogeneous* per channel,
   :math:`f(c z) = c f(z)` for :math:`c > 0` (a scale passes through them), and which of
   those are also *affine* per channel, :math:`f(c z + b) = c f(z) + b` (a layer's bias
   passes through them too);
-* which operations only move dims around (``permute``, ``flatten``...), and where the
-  channel dim goes through them: :func:`move_channel_dim`.
+* which operations only move dims around (``permute``, ``view``, ``flatten``...), and where
+  a layer's output channels go through them, split into attention heads for instance:
+  :class:`ChannelDims`, :func:`move_channels`.
 
 Operations are named as torch names them (``"relu"``, ``"max_pool2d"``,
 ``"batch_norm"``), whether they come from a module call, a function or a tensor method,
@@ -25,7 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -44,7 +47,12 @@ __all__ = [
     "AFFINE_OPS",
     "HOMOGENEOUS_OPS",
     "LAYOUT_OPS",
+    "RESHAPE_OPS",
     "LAYER_OPS",
+    "CAST_OPS",
+    "SELECT_OPS",
+    "PRODUCT_OPS",
+    "ATTENTION_OPS",
     "QUERY_OPS",
     "NORM_FUNCTIONS",
     "NormSpec",
@@ -53,8 +61,9 @@ __all__ = [
     "POSITIVELY_HOMOGENEOUS_MODULES",
     "norm_spec_of_module",
     "norm_spec_of_call",
+    "ChannelDims",
     "norm_grouping",
-    "move_channel_dim",
+    "move_channels",
     "group_moments",
     "normalized",
     "norm_with_eps",
@@ -122,11 +131,34 @@ HOMOGENEOUS_OPS = frozenset(
 )
 """Operation names of the positively homogeneous (not affine) computations."""
 
-LAYOUT_OPS = frozenset({"permute", "transpose", "swapaxes", "flatten", "unsqueeze", "squeeze"})
-"""Operations that only move or merge dims."""
+RESHAPE_OPS = frozenset({"view", "reshape", "unflatten", "flatten", "unsqueeze", "squeeze"})
+"""Operations that reshape a tensor in row-major order: following a layer's channels through
+them needs the shapes of their input and output."""
+
+LAYOUT_OPS = frozenset({"permute", "transpose", "swapaxes"}) | RESHAPE_OPS
+"""Operations that only move, split or merge dims."""
+
+CAST_OPS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as"})
+"""Conversions of a tensor's dtype or device (floating point to floating point, they are
+positively homogeneous and affine up to rounding)."""
 
 LAYER_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 """The computations of :data:`CHANNEL_FIRST_LAYERS`."""
+
+SELECT_OPS = frozenset(
+    {"__getitem__", "expand", "expand_as", "repeat", "repeat_interleave", "narrow", "select", "cat", "concat",
+     "concatenate"}
+)
+"""Operations that pick, copy or repeat the entries of one tensor (a ``cat`` of it with empty
+ones): a scale common to all its entries passes through them, not a per-channel one."""
+
+PRODUCT_OPS = frozenset({"mul", "mul_", "matmul", "bmm", "div", "div_", "truediv"})
+"""Products (and quotients by) other tensors: :math:`f(c z, y) = c f(z, y)` in ``z``, for
+``y`` independent of ``z`` (the numerator only, for a quotient)."""
+
+ATTENTION_OPS = frozenset({"scaled_dot_product_attention"})
+"""Attention: its output is the attention-weighted sum of the values, so a common scale of the
+values (its third argument) passes through it, with queries and keys independent of them."""
 
 QUERY_OPS = frozenset(
     {"size", "dim", "ndimension", "numel", "ndim", "shape", "dtype", "device", "is_floating_point",
@@ -246,8 +278,8 @@ def norm_spec_of_call(function: Callable[..., Any], args: Sequence[Any], kwargs:
     shape = a["normalized_shape"]
     if isinstance(shape, int):
         shape = (shape,)
-    if not isinstance(shape, (tuple, list, torch.Size)) or not all(isinstance(s, int) for s in shape):
-        return None
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        return None  # only the number of normalized dims matters (a traced graph may hold x.shape[-1] there)
     return NormSpec(kind, normalized_ndim=len(shape), eps=eps)
 
 
@@ -263,8 +295,43 @@ def norm_input(function: Callable[..., Any], args: Sequence[Any], kwargs: dict[s
     return args[0] if args else kwargs.get("input")
 
 
+@dataclass(frozen=True)
+class ChannelDims:
+    """Where a layer's output channels are in a tensor computed from its output.
+
+    A Linear/ConvNd output holds its channels in one dim. A view can split them, as
+    attention splits a projection's output ``(B, T, C)`` into heads ``(B, T, H, D)``:
+    channel :math:`c = h D + d` then runs over two dims, ``H`` the major one, and a
+    transpose can move them apart. ``dims`` lists the dims holding the channel index,
+    major to minor, and ``sizes`` their sizes (their product is the number of channels).
+
+    Attributes
+    ----------
+    dims : tuple of int
+        The dims of the tensor holding the channel index, major to minor.
+    sizes : tuple of int
+        Their sizes.
+    ndim : int
+        The tensor's rank.
+    """
+
+    dims: tuple[int, ...]
+    sizes: tuple[int, ...]
+    ndim: int
+
+    @classmethod
+    def single(cls, dim: int, channels: int, ndim: int) -> "ChannelDims":
+        """The channels in one dim, as a layer outputs them."""
+        return cls((dim,), (channels,), ndim)
+
+    def describe(self) -> str:
+        if len(self.dims) == 1:
+            return f"dim {self.dims[0]}"
+        return "dims " + ", ".join(f"{d} ({s})" for d, s in zip(self.dims, self.sizes))
+
+
 def norm_grouping(
-    spec: NormSpec, channel_dim: int, ndim: int, channels: int
+    spec: NormSpec, channels: ChannelDims, num_channels: int
 ) -> tuple[Grouping | None, str, bool]:
     """How a layer's weight groups when its output reaches this normalization.
 
@@ -272,39 +339,46 @@ def norm_grouping(
     ----------
     spec : NormSpec
         The normalization.
-    channel_dim, ndim : int
-        Where the layer's output channels are in the normalization's input, and its rank.
-    channels : int
+    channels : ChannelDims
+        Where the layer's output channels are in the normalization's input.
+    num_channels : int
         The layer's number of output channels.
 
     Returns
     -------
     (Grouping or None, str, bool)
-        The grouping (``None`` if the normalization does not remove the layer's
-        scale), the reason when ``None``, and whether the normalization also removes a
-        per-channel bias of the layer.
+        The finest grouping into blocks of consecutive channels that the normalization
+        makes invariant (``None`` if it does not remove the layer's scale), the reason
+        when ``None``, and whether it also removes a per-channel bias of the layer.
     """
     kind = spec.kind
     if kind in ("batch_norm", "instance_norm", "group_norm"):
-        if channel_dim != spec.channel_dim:
+        # Each normalized group holds entries with one index (batch, instance norm) or a
+        # run of indices (group norm) of dim 1, and every entry of the other dims.
+        if not channels.dims or channels.dims[0] != spec.channel_dim:
             return None, (
                 f"{kind} normalizes the channels of dim {spec.channel_dim}, but the layer's output channels are "
-                f"in dim {channel_dim} there"
+                f"in {channels.describe()} there"
             ), False
-        if kind != "group_norm":
-            return Grouping.per_channel(), "", True
-        if spec.num_groups == 1:
-            return Grouping.whole(), "", False
-        per_group = channels // spec.num_groups
-        if per_group == 1:
-            return Grouping.per_channel(), "", True
-        return Grouping.blocks(per_group), "", False
-    first = ndim - spec.normalized_ndim
-    if channel_dim >= first:
-        return Grouping.whole(), "", False
-    # Each channel's slice is normalized on its own: a per-channel scale (and, when the
-    # mean is removed, a per-channel bias) is constant over each normalized group.
-    return Grouping.per_channel(), "", spec.removes_mean
+        units = spec.num_groups if kind == "group_norm" else channels.sizes[0]
+        return _blocks(num_channels, num_channels // units), "", spec.removes_mean and units == num_channels
+    # Layer and RMS norm: each normalized group is one index of the leading dims and all of
+    # the trailing ones. Its channels lie within one block of consecutive channels, of the
+    # size of every channel dim from the most major normalized one down to the minor end
+    # (heads split as (H, D) and normalized over D: blocks of D; over H alone: everything).
+    first = channels.ndim - spec.normalized_ndim
+    inside = [i for i, d in enumerate(channels.dims) if d >= first]
+    block = math.prod(channels.sizes[min(inside) :]) if inside else 1
+    # A per-channel bias is constant over a normalized group only when the group holds one channel.
+    return _blocks(num_channels, block), "", spec.removes_mean and block == 1
+
+
+def _blocks(num_channels: int, per_group: int) -> Grouping:
+    if per_group <= 1:
+        return Grouping.per_channel()
+    if per_group >= num_channels:
+        return Grouping.whole()
+    return Grouping.blocks(per_group)
 
 
 def _dims(args: Sequence[Any], kwargs: dict[str, Any], key: str) -> list[Any]:
@@ -316,54 +390,84 @@ def _dims(args: Sequence[Any], kwargs: dict[str, Any], key: str) -> list[Any]:
     return list(args)
 
 
-def move_channel_dim(
-    name: str, args: Sequence[Any], kwargs: dict[str, Any], channel_dim: int, ndim: int
-) -> tuple[int, int] | str:
-    """Where the channel dim is, and the rank, after a layout operation.
+def _dim(d: Any, rank: int) -> int | None:
+    if not isinstance(d, int) or isinstance(d, bool) or not -rank <= d < rank:
+        return None
+    return d % rank
 
-    ``args`` are the operation's arguments after the tensor. Returns ``(channel_dim,
-    ndim)`` or, when the channel dim is merged, dropped or cannot be followed, the
-    reason.
+
+def move_channels(
+    name: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    channels: ChannelDims,
+    in_shape: Sequence[int] | None,
+    out_shape: Sequence[int] | None,
+) -> ChannelDims | str:
+    """Where the channels are after a layout operation (:data:`LAYOUT_OPS`).
+
+    ``args`` are the operation's arguments after the tensor; ``in_shape`` and
+    ``out_shape`` are the shapes of its input and output (a permute or transpose needs
+    neither; the operations that reshape, :data:`RESHAPE_OPS`, need both). Returns the
+    new :class:`ChannelDims` or, when the channels are merged with other dims,
+    reordered or cannot be followed, the reason.
     """
-    def norm(d: Any, rank: int) -> int | None:
-        if not isinstance(d, int) or isinstance(d, bool) or not -rank <= d < rank:
-            return None
-        return d % rank
-
+    ndim = channels.ndim
     if name == "permute":
-        dims = [norm(d, ndim) for d in _dims(args, kwargs, "dims")]
+        dims = [_dim(d, ndim) for d in _dims(args, kwargs, "dims")]
         if None in dims or sorted(dims) != list(range(ndim)):  # type: ignore[type-var]
             return f"permute{tuple(_dims(args, kwargs, 'dims'))} cannot be followed"
-        return dims.index(channel_dim), ndim
+        return replace(channels, dims=tuple(dims.index(d) for d in channels.dims))
     if name in ("transpose", "swapaxes"):
         vals = list(args[:2]) + [kwargs[k] for k in ("dim0", "dim1", "axis0", "axis1") if k in kwargs]
         if len(vals) != 2:
             return f"{name} with arguments {tuple(args)} cannot be followed"
-        a, b = norm(vals[0], ndim), norm(vals[1], ndim)
+        a, b = _dim(vals[0], ndim), _dim(vals[1], ndim)
         if a is None or b is None:
             return f"{name}{tuple(vals)} cannot be followed"
-        return (b if channel_dim == a else a if channel_dim == b else channel_dim), ndim
-    if name == "flatten":
-        start = args[0] if len(args) > 0 else kwargs.get("start_dim", 0)
-        end = args[1] if len(args) > 1 else kwargs.get("end_dim", -1)
-        s, e = norm(start, ndim), norm(end, ndim)
-        if s is None or e is None:
-            return f"flatten({start}, {end}) cannot be followed"
-        if s <= channel_dim <= e and s != e:
-            return f"flatten({start}, {end}) merges the channel dim with other dims"
-        merged = max(e - s, 0)
-        return (channel_dim - merged if channel_dim > e else channel_dim), ndim - merged
-    if name == "unsqueeze":
-        d = norm(args[0] if args else kwargs.get("dim"), ndim + 1)
-        if d is None:
-            return "unsqueeze cannot be followed"
-        return (channel_dim + 1 if d <= channel_dim else channel_dim), ndim + 1
-    if name == "squeeze":
-        d = norm(args[0] if args else kwargs.get("dim"), ndim)
-        if d is None or d == channel_dim:
-            return "squeeze without a dim other than the channel dim cannot be followed"
-        return (channel_dim - 1 if d < channel_dim else channel_dim), ndim - 1
-    return f"{name} cannot be followed"
+        return replace(channels, dims=tuple(b if d == a else a if d == b else d for d in channels.dims))
+    if name not in RESHAPE_OPS:
+        return f"{name} cannot be followed"
+    if in_shape is None or out_shape is None:
+        return f"{name} cannot be followed without the shapes of its input and output"
+    if any(isinstance(a, torch.dtype) for a in (*args, *kwargs.values())):
+        return f"{name} to another dtype reinterprets the bits"
+    return _reshaped(name, channels, tuple(in_shape), tuple(out_shape))
+
+
+def _reshaped(name: str, channels: ChannelDims, a: tuple[int, ...], b: tuple[int, ...]) -> ChannelDims | str:
+    """The channels after a reshape from shape ``a`` to ``b`` (row-major, as view and reshape)."""
+    if len(a) != channels.ndim or math.prod(a) != math.prod(b) or 0 in a:
+        return f"{name} from {a} to {b} cannot be followed"
+    # Split both shapes into blocks of dims with equal products: a reshape maps each block of
+    # the input onto the matching block of the output, and nothing across blocks.
+    block_of: dict[int, int] = {}
+    outputs: list[list[int]] = []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        ins, outs, p, q = [], [], 1, 1
+        while (i < len(a) or j < len(b)) and (not ins and not outs or p != q):
+            if j >= len(b) or (i < len(a) and p <= q):
+                p, i = p * a[i], i + 1
+                ins.append(i - 1)
+            else:
+                q, j = q * b[j], j + 1
+                outs.append(j - 1)
+        for d in ins:
+            block_of[d] = len(outputs)
+        outputs.append([d for d in outs if b[d] > 1])
+    # Each block holding channels must hold only channels, a run of them major to minor.
+    kept = [(d, s) for d, s in zip(channels.dims, channels.sizes) if s > 1]
+    dims: list[int] = []
+    k = 0
+    while k < len(kept):
+        block = block_of[kept[k][0]]
+        run = [d for d in range(len(a)) if block_of[d] == block and a[d] > 1]
+        if [d for d, _ in kept[k : k + len(run)]] != run:
+            return f"{name} from {a} to {b} merges the layer's output channels with other dims, or reorders them"
+        dims += outputs[block]
+        k += len(run)
+    return ChannelDims(tuple(dims), tuple(b[d] for d in dims), len(b))
 
 
 def group_moments(spec: NormSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

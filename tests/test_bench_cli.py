@@ -66,8 +66,10 @@ def test_quick_run_writes_valid_outputs(quick_runs, capsys):
         assert [e["path"] for e in point["paths"]] == [
             "sgd-foreach", "sgd-fused", "psisgd-loop", "psisgd-foreach", "psisgd-fused"
         ]
-    (discovery,) = results["discovery_time"]
-    assert discovery["found"] == discovery["expected"] > 0 and discovery["threads"] == 1
+    # on the zoo's ResNet-50 and on a transformers language model (Qwen3)
+    assert [d["model"] for d in results["discovery_time"]] == ["resnet50", "Qwen3ForCausalLM"]
+    for discovery in results["discovery_time"]:
+        assert discovery["found"] == discovery["expected"] > 0 and discovery["threads"] == 1
     # the typed records read back to exactly the JSON that was written
     assert to_json(load_results(out / "results.json")) == results
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -140,8 +142,34 @@ def test_a_path_whose_step_raises_is_recorded_as_failed():
 
 def test_discovery_time_on_a_narrow_resnet50():
     before = torch.get_num_threads()
-    record = measure_discovery(DiscoverySpec("resnet50", {"width": 2}, (3, 64, 64), 4, 1))
+    unavailable: dict[str, str] = {}
+    record = measure_discovery(DiscoverySpec("resnet50", {"width": 2}, (3, 64, 64), 4, 1), unavailable)
     assert torch.get_num_threads() == before
     assert record.threads == 1 and record.found == record.expected == 53
     assert 0 < record.min_s <= record.median_s and record.target_s == 2.0
-    assert record.input_shape == [4, 3, 64, 64]
+    assert record.input_shape == [4, 3, 64, 64] and unavailable == {}
+
+
+TINY_QWEN3 = DiscoverySpec(
+    "Qwen3ForCausalLM",
+    {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+     "num_key_value_heads": 2, "head_dim": 16},
+    (16,), 2, 1, source="transformers",
+)
+
+
+def test_discovery_time_on_a_transformers_language_model():
+    # every layer's q_proj and k_proj: found == expected == 2 x 3 layers, on 2 x 16 random tokens
+    unavailable: dict[str, str] = {}
+    record = measure_discovery(TINY_QWEN3, unavailable)
+    assert record.found == record.expected == 6 and record.input_shape == [2, 16] and unavailable == {}
+    assert record.model == "Qwen3ForCausalLM" and record.model_kwargs == TINY_QWEN3.model_kwargs
+
+
+def test_discovery_time_without_transformers_says_why(monkeypatch):
+    unavailable: dict[str, str] = {}
+    assert measure_discovery(replace(TINY_QWEN3, model="NoSuchModelForCausalLM"), unavailable) is None
+    assert "has no NoSuchModelForCausalLM" in unavailable["discovery:NoSuchModelForCausalLM"]
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    assert measure_discovery(TINY_QWEN3, unavailable) is None
+    assert "transformers is not installed" in unavailable["discovery:Qwen3ForCausalLM"]

@@ -5,19 +5,17 @@ ground truth, computed in float64 on a copy of the model with every normalizatio
 set to (almost) 0 and every gain that can hide a branch set to a healthy value (layer
 scales to 1, zero-initialized norm weights to random positive values): a weight is
 invariant with the finest grouping whose groups, each scaled by its own random factor,
-leave the model's output unchanged. Discovery runs on the real model (eps, LayerScale
+leave the model's output unchanged (``_ground_truth.py``). Discovery runs on the real model (eps, LayerScale
 1e-6, zero-initialized last BatchNorms) in float32, bfloat16 and float16, seeing it
 with torch.fx ("auto") and with a recorded forward pass ("hooks").
 """
 
 from __future__ import annotations
 
-import copy
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _ground_truth import ground_truth
 from torch import nn
 
 import psiopt
@@ -358,65 +356,9 @@ def _inputs() -> torch.Tensor:
     return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
-# -- the brute-force ground truth -----------------------------------------------------------
-
-
-def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return model(x.clone())
-
-
-def _invariant(model: nn.Module, x: torch.Tensor, weight: nn.Parameter, grouping: Grouping, ref: torch.Tensor) -> bool:
-    k = grouping.num_groups(weight.shape)
-    gen = torch.Generator().manual_seed(2)
-    draws = [torch.full((k,), 0.1, dtype=torch.float64), torch.full((k,), 10.0, dtype=torch.float64)]
-    draws += [torch.empty(k, dtype=torch.float64).uniform_(math.log(0.1), math.log(10.0), generator=gen).exp() for _ in range(2)]
-    original = weight.data
-    try:
-        weight.data = torch.randn(original.shape, generator=gen, dtype=original.dtype)
-        if (_run(model, x) - ref).abs().max() <= 1e-9 * ref.abs().max():
-            return False  # the output does not depend on this weight (a dead gate): nothing to find
-        for factors in draws:
-            weight.data = (grouping.rows(original) * factors.unsqueeze(1)).reshape(original.shape)
-            if (_run(model, x) - ref).abs().max() > 1e-9 * ref.abs().max():
-                return False
-    finally:
-        weight.data = original
-    return True
-
-
-def ground_truth(model: nn.Module, x: torch.Tensor) -> dict[str, Grouping]:
-    """Every Linear/Conv weight that is invariant, with its finest invariant grouping, by brute
-    force in float64, with eps -> 0, layer scales at 1 and zero norm weights made positive."""
-    m = copy.deepcopy(model).double().train()
-    with torch.no_grad():
-        for pname, p in m.named_parameters():
-            if pname.endswith(_SMALL_GAINS):
-                p.fill_(1.0)
-            elif p.dim() == 1 and not pname.endswith("bias") and bool((p == 0).all()):
-                p.uniform_(0.5, 1.5)
-        for mod in m.modules():  # norm layers, and models that pass self.eps to F.*_norm
-            if isinstance(getattr(mod, "eps", None), float):
-                mod.eps = 1e-30
-    x = x.double()
-    ref = _run(m, x)
-    truth = {}
-    for name, mod in m.named_modules():
-        if not isinstance(mod, psiopt.layers.CHANNEL_FIRST_LAYERS):
-            continue
-        channels = mod.weight.shape[0]
-        blocks = [Grouping.blocks(d) for d in range(2, channels) if channels % d == 0]
-        for grouping in [Grouping.per_channel(), *blocks, Grouping.whole()]:
-            if _invariant(m, x, mod.weight, grouping, ref):
-                truth[f"{name}.weight"] = grouping
-                break
-    return truth
-
-
 @pytest.fixture(scope="module")
 def truths() -> dict[str, dict[str, Grouping]]:
-    return {name: ground_truth(_build(name), _inputs()) for name in ZOO}
+    return {name: ground_truth(_build(name), _inputs(), unit_gains=_SMALL_GAINS) for name in ZOO}
 
 
 def test_the_ground_truth_sees_what_timm_models_hold(truths):
@@ -533,7 +475,7 @@ class _FunctionalNorms(nn.Module):
 def test_functional_norms_in_the_models_forward(structure):
     model = _FunctionalNorms()
     report = psiopt.find_scale_invariant(model, _inputs(), structure=structure)
-    assert {w.name: w.grouping for w in report} == ground_truth(model, _inputs())
+    assert {w.name: w.grouping for w in report} == ground_truth(model, _inputs(), unit_gains=_SMALL_GAINS)
     assert report.get("conv1.weight").grouping == Grouping.blocks(2)
     assert report.get("conv2.weight").grouping == Grouping.whole()
     assert report.get("conv2.weight").norm_type == "F.layer_norm" and report.get("conv2.weight").eps == 1e-6

@@ -90,7 +90,8 @@ class RunConfig:
     full_batch: dict[str, Any] | None
     step_time: list[dict[str, Any]]
     step_time_scaling: dict[str, Any] | None
-    discovery_time: dict[str, Any] | None
+    # one spec per model; results written before there were several hold one spec, or null
+    discovery_time: list[dict[str, Any]] | dict[str, Any] | None
     methods: dict[str, dict[str, Any]]
     full_batch_methods: dict[str, dict[str, Any]]
 

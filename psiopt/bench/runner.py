@@ -149,7 +149,7 @@ def _count_units(suite: Suite, devices: int) -> int:
     total += devices * sum(len(spec.methods) for spec in suite.step_time)
     if suite.step_scaling is not None:
         total += devices * len(suite.step_scaling.points)
-    return total + (suite.discovery is not None)
+    return total + len(suite.discovery)
 
 
 def _run_config(config: BenchConfig) -> RunConfig:
@@ -170,7 +170,7 @@ def _run_config(config: BenchConfig) -> RunConfig:
         full_batch=None if suite.full_batch is None else to_json(suite.full_batch),
         step_time=[to_json(s) for s in suite.step_time],
         step_time_scaling=None if suite.step_scaling is None else to_json(suite.step_scaling),
-        discovery_time=None if suite.discovery is None else to_json(suite.discovery),
+        discovery_time=[to_json(s) for s in suite.discovery],
         methods={name: {"label": m.label, "summary": m.summary, "own_si_lr": m.own_si_lr} for name, m in METHODS.items()},
         full_batch_methods={name: {"label": m.label, "summary": m.summary} for name, m in FULL_BATCH_METHODS.items()},
     )
@@ -273,8 +273,8 @@ class _Run:
         if suite.step_scaling is not None:
             for device in self.step_devices:
                 self.part(f"step_time_scaling:{device}", self.step_scaling, suite.step_scaling, device)
-        if suite.discovery is not None:
-            self.part("discovery_time", self.discovery, suite.discovery)
+        for spec in suite.discovery:
+            self.part(f"discovery_time:{spec.model}", self.discovery, spec)
 
     def train(self, task: TrainTask) -> None:
         dataset = self.datasets[task.name] = load_dataset(task, self.config.data_dir).to(self.device)
@@ -301,7 +301,10 @@ class _Run:
             self.done(record, f"step scaling {point.name} {device.type}")
 
     def discovery(self, spec: DiscoverySpec) -> None:
-        record = measure_discovery(spec)
+        record = measure_discovery(spec, self.results.unavailable_methods)
+        if record is None:  # not measurable here: unavailable_methods says why
+            self.progress.tick(f"discovery {spec.model}: not run")
+            return
         self.results.discovery_time.append(record)
         self.done(record, f"discovery {spec.model}")
 

@@ -418,14 +418,20 @@ def measure_scaling_point(
 # -- discovery --------------------------------------------------------------------------
 
 
-def measure_discovery(spec: DiscoverySpec) -> DiscoveryTime:
-    """Wall time of :func:`psiopt.find_scale_invariant` on ``spec``'s model, on one CPU thread."""
+def measure_discovery(spec: DiscoverySpec, unavailable: dict[str, str]) -> DiscoveryTime | None:
+    """Wall time of :func:`psiopt.find_scale_invariant` on ``spec``'s model, on one CPU thread.
+
+    A transformers model that cannot be built (transformers missing, or without that
+    class) is not timed: ``unavailable["discovery:<model>"]`` says why, and ``None`` is
+    returned.
+    """
     import psiopt
 
-    torch.manual_seed(0)
-    model = zoo.build(spec.model, spec.model_kwargs, spec.num_classes)
-    gen = torch.Generator().manual_seed(0)
-    example = torch.randn((spec.batch_size, *spec.input_shape), generator=gen)
+    reason = _unavailable_reason(spec)
+    if reason is not None:
+        unavailable[f"discovery:{spec.model}"] = reason
+        return None
+    model, example, expected = _discovery_model(spec)
     seconds = []
     with one_thread_on_cpu(torch.device("cpu")) as threads:
         for _ in range(spec.repeats):
@@ -436,12 +442,42 @@ def measure_discovery(spec: DiscoverySpec) -> DiscoveryTime:
         model=spec.model,
         model_kwargs=to_json(spec.model_kwargs),
         num_params=sum(p.numel() for p in model.parameters()),
-        input_shape=[spec.batch_size, *spec.input_shape],
+        input_shape=list(example.shape),
         threads=threads,
         repeats=spec.repeats,
         median_s=statistics.median(seconds),
         min_s=min(seconds),
         found=len(report),
-        expected=len(zoo_scale_invariant_layers(model)),
+        expected=expected,
         target_s=spec.target_s,
     )
+
+
+def _unavailable_reason(spec: DiscoverySpec) -> str | None:
+    if spec.source != "transformers":
+        return None
+    try:
+        import transformers
+    except ImportError:
+        return "transformers is not installed, so this discovery time was not measured (pip install 'psiopt[bench]')"
+    if not hasattr(transformers, spec.model):
+        return f"transformers {transformers.__version__} has no {spec.model}, so this discovery time was not measured"
+    return None
+
+
+def _discovery_model(spec: DiscoverySpec) -> tuple[nn.Module, torch.Tensor, int]:
+    """The model (random weights), an example batch, and how many scale-invariant weights it has."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    if spec.source == "transformers":
+        import transformers
+
+        cls = getattr(transformers, spec.model)
+        model = cls(cls.config_class(**spec.model_kwargs))
+        tokens = torch.randint(0, model.config.vocab_size, (spec.batch_size, *spec.input_shape), generator=gen)
+        # A QK-norm (Qwen3's q_norm and k_norm) makes the attention's q_proj and k_proj invariant.
+        expected = sum(2 for m in model.modules() if hasattr(m, "q_norm") and hasattr(m, "k_norm"))
+        return model, tokens, expected
+    model = zoo.build(spec.model, spec.model_kwargs, spec.num_classes)
+    example = torch.randn((spec.batch_size, *spec.input_shape), generator=gen)
+    return model, example, len(zoo_scale_invariant_layers(model))

@@ -14,7 +14,8 @@ suite          what it runs
 ``step-time``  the optimizer step time: every method on one CNN, the scaling curve of
                PSI-SGD's loop / foreach / fused paths against torch SGD from 0.1M to
                ResNet-50's 25.6M parameters, and the time of scale-invariance discovery
-               on a ResNet-50 (one CPU thread); also part of ``cpu``
+               on a ResNet-50 and on a Qwen3-0.6B-sized language model (one CPU thread;
+               the second needs transformers); also part of ``cpu``
 ``gpu``        ResNet-18 and VGG-16-BN on CIFAR-10 from ``--data-dir`` (python-pickle
                layout), plus step time on those models; ``--synthetic``: step time only,
                no data needed
@@ -152,7 +153,14 @@ class StepScalingSpec:
 
 @dataclass(frozen=True)
 class DiscoverySpec:
-    """Time :func:`psiopt.find_scale_invariant` on a zoo model (one CPU thread), ``repeats`` times."""
+    """Time :func:`psiopt.find_scale_invariant` on a model (one CPU thread), ``repeats`` times.
+
+    ``source="zoo"``: ``model`` names a model of :mod:`psiopt.bench.models`, fed a batch of
+    random inputs of ``input_shape``. ``source="transformers"``: ``model`` names a class of
+    Hugging Face transformers (``"Qwen3ForCausalLM"``), built with random weights from its
+    config class with ``model_kwargs`` (nothing is downloaded) and fed random token ids,
+    ``input_shape`` being the sequence length.
+    """
 
     model: str
     model_kwargs: dict
@@ -161,6 +169,7 @@ class DiscoverySpec:
     repeats: int
     num_classes: int = 10
     target_s: float = 2.0
+    source: str = "zoo"
 
 
 @dataclass(frozen=True)
@@ -174,7 +183,7 @@ class Suite:
     full_batch: FullBatchSpec | None = None
     step_time: tuple[StepTimeSpec, ...] = ()
     step_scaling: StepScalingSpec | None = None
-    discovery: DiscoverySpec | None = None
+    discovery: tuple[DiscoverySpec, ...] = ()
     seeds: tuple[int, ...] = (0, 1)
     default_device: str = "cpu"
     needs_data_dir: bool = False
@@ -271,10 +280,29 @@ def _step_scaling(quick: bool) -> StepScalingSpec:
     )
 
 
-def _discovery(quick: bool) -> DiscoverySpec:
+QWEN3_06B = {
+    "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True,
+}
+"""The shape of Qwen3-0.6B's config (0.6B parameters, 2.4 GB in float32)."""
+
+_QWEN3_TINY = {
+    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+}
+
+
+def _discovery(quick: bool) -> tuple[DiscoverySpec, ...]:
     if quick:
-        return DiscoverySpec("resnet50", {"width": 4}, (3, 64, 64), 4, 1)
-    return DiscoverySpec("resnet50", {}, (3, 64, 64), 4, 3, num_classes=1000)
+        return (
+            DiscoverySpec("resnet50", {"width": 4}, (3, 64, 64), 4, 1),
+            DiscoverySpec("Qwen3ForCausalLM", _QWEN3_TINY, (16,), 2, 1, source="transformers"),
+        )
+    return (
+        DiscoverySpec("resnet50", {}, (3, 64, 64), 4, 3, num_classes=1000),
+        # 2 sequences of 16 tokens: discovery needs varied samples, not long ones
+        DiscoverySpec("Qwen3ForCausalLM", QWEN3_06B, (16,), 2, 3, target_s=10.0, source="transformers"),
+    )
 
 
 def _gpu(quick: bool, synthetic: bool) -> Suite:
@@ -326,7 +354,8 @@ SUITES: dict[str, str] = {
     "cpu": "default: " + _cpu(False).description,
     "full-batch": "Rayleigh quotients: iterations to 1e-10 vs condition number and initial scale, with the predicted rate",
     "step-time": "median optimizer step time (ratio to torch SGD foreach) and memory per method, the scaling "
-    "curve of PSI-SGD's paths from 0.1M to 25.6M parameters, and discovery time on a ResNet-50",
+    "curve of PSI-SGD's paths from 0.1M to 25.6M parameters, and discovery time on a ResNet-50 and a Qwen3-0.6B-sized "
+    "language model",
     "gpu": _gpu(False, False).description,
 }
 """Suite names and one-line descriptions (``psiopt bench --list``)."""

@@ -13,11 +13,15 @@ The model is traced with :func:`torch.fx.symbolic_trace` and run once on the exa
 inputs under a :class:`torch.overrides.TorchFunctionMode` that records every torch
 function and tensor method it calls. When tracing fails (for example, Python control
 flow that depends on the data), or with ``structure="hooks"``, the recorded pass is the
-graph, and :attr:`ScaleInvarianceReport.method` says ``"hooks"``. Both views see
-functional calls (``F.relu``, ``x + y``, ``F.batch_norm`` in a module's own ``forward``),
-so a normalization is recognized by what it computes, not by its class: a subclass of
-a torch norm layer with its own ``forward`` (timm's ``BatchNormAct2d``, ``GroupNormAct``,
-``LayerNorm2d``), an activation fused after it, or ``F.layer_norm`` in a model's forward.
+graph, and :attr:`ScaleInvarianceReport.method` says ``"hooks"`` (transformers' models,
+for instance). Both views see functional calls (``F.relu``, ``x + y``, ``F.batch_norm``
+in a module's own ``forward``), so a normalization is recognized by what it computes,
+not by its class: a subclass of a torch norm layer with its own ``forward`` (timm's
+``BatchNormAct2d``, ``GroupNormAct``, ``LayerNorm2d``), an activation fused after it,
+``F.layer_norm`` in a model's forward, or an RMS norm written out as
+``x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``, in float32 with casts back
+and forth, as transformers' ``LlamaRMSNorm``, ``Qwen3RMSNorm``, ``Gemma3RMSNorm``... do
+(:mod:`psiopt.discovery.written` lists the forms).
 
 Propose (:mod:`psiopt.discovery.structure`)
 -------------------------------------------
@@ -35,10 +39,12 @@ nothing, ``Identity``, max pooling,   yes (also with a bias on the layer: these 
 adaptive pooling                      with a per-channel :math:`c z + b`)
 ReLU, LeakyReLU, PReLU, average       yes when the layer has no bias (a bias does not
 pooling, Dropout                      scale with the weight)
-permute, transpose, flatten,          yes; the channel dim is followed (flatten must not
-(un)squeeze, contiguous               merge it with other dims)
+permute, transpose, flatten, view,    yes; the channels are followed, also when a view
+reshape, unflatten, (un)squeeze,      splits them, as attention splits a projection's
+contiguous                            output into heads ``(B, T, heads, head_dim)``; a
+                                      reshape must not merge them with other dims
 Tanh, Sigmoid, GELU, ReLU6, add,      no: not positively homogeneous, or mixes in other
-mul, reshape, anything else           tensors
+mul, anything else                    tensors
 ====================================  =====================================================
 
 ==========================================  ===========================================
@@ -51,6 +57,11 @@ layer norm, RMS norm over dims that         ``tensor`` (one group: all output fe
 include the layer's output channels         are normalized together); e.g. a conv, then
                                             permute to channels-last and ``F.layer_norm``
                                             over the channels (ConvNeXt's ``LayerNorm2d``)
+layer norm, RMS norm over the minor part    ``block(head_dim)``: each head's rows; e.g.
+of split channels                           the QK-norm of Qwen3 and Gemma-3 (a view into
+                                            heads, then an RMS norm over ``head_dim``;
+                                            OLMo-2's, over the whole projection, gives
+                                            ``tensor``)
 layer norm, RMS norm over other dims only   ``channel``
 ==========================================  ===========================================
 
@@ -59,7 +70,22 @@ removes the bias, so the *weight alone* stays invariant (scaling weight and bias
 together is the symmetry of the design note; BatchNorm makes the bias's gradient
 exactly 0, so psiopt leaves biases to the Euclidean optimizer). Group and layer norm
 with ``tensor``/``block`` groupings mix channels with different biases, and RMS norm
-subtracts no mean, so there a biased layer is rejected.
+subtracts no mean, so there a biased layer is rejected (a ``q_proj`` with a bias before
+a QK-norm, say: its head's rows and bias entries would have to be rescaled together,
+and a group of psiopt is rows of one tensor).
+
+When a layer's channels do not reach a normalization one by one, a bias-free layer is
+followed once more, for a scale common to its whole output (``tensor`` grouping): then
+the path may also multiply by tensors that do not depend on the layer (attention's
+weights times its values, a gate's product), pass other bias-free Linear/ConvNd layers,
+and pick or repeat entries (``x[..., None]``, ``expand``, a ``cat`` with empty tensors, as
+a key/value cache's first step makes). The post-norms of OLMo-2 and Gemma-3 make their
+``v_proj`` and ``up_proj`` invariant so.
+
+An operation whose result the model's output does not depend on (a cache keeping a slice
+for the next call) is no use of a value. A weight that something other than its layer
+also reads (an embedding tied to the layer, say) is rejected: what that reader computes
+is not normalized.
 
 Independently of any norm layer, the direction ``v`` of
 :func:`torch.nn.utils.parametrizations.weight_norm` (parameter

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -192,8 +193,27 @@ def _see(
         )
     graph = None
     if want_graph:
-        graph = fx_graph(gm, model, tap.layer_ndims) if gm is not None else tap.graph(output)
+        if gm is not None:
+            graph = fx_graph(gm, model, tap.layer_ndims, lambda: _propagate_shapes(gm, inputs, seed, saved, notes))
+        else:
+            graph = tap.graph(output)
     return _Seen(method, graph, tap.norm_calls, leaves)
+
+
+def _propagate_shapes(
+    gm: torch.fx.GraphModule, inputs: tuple[Any, ...], seed: int, saved: SavedState, notes: list[str]
+) -> None:
+    """Record the shape of every value of the traced graph in its nodes' meta (one more
+    forward pass, as :func:`~psiopt.discovery.proof.forward` runs them)."""
+    torch.manual_seed(seed)
+    fresh = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*fresh)
+    except Exception as err:  # the layers whose path needs a shape are then rejected, saying so
+        notes.append(f"the shapes of the traced graph could not be propagated ({type(err).__name__}: {err})")
+    finally:
+        saved.reset_buffers()
 
 
 def _propose(

@@ -3,9 +3,14 @@
 A weight is proposed when it is the weight of a Linear/ConvNd computation whose output
 reaches a normalization *and nothing else*, through per-channel positively homogeneous
 operations and layout changes (:mod:`psiopt.layers` has the tables); the normalization
-and where the channel dim sits when it gets there decide the grouping
-(:func:`psiopt.layers.norm_grouping`). The direction of ``weight_norm`` is proposed on its
-own. Everything else that could have been a candidate is rejected with the reason.
+and where the channels sit when they get there (:class:`psiopt.layers.ChannelDims`:
+split into heads, say) decide the grouping (:func:`psiopt.layers.norm_grouping`). When the
+channels do not get there one by one, a scale common to a bias-free layer's whole output
+is followed too, through products with independent tensors, attention's values and
+bias-free layers (``tensor`` grouping). A weight that another operation also reads (a
+tied embedding) is rejected. The direction of
+``weight_norm`` is proposed on its own. Everything else that could have been a candidate
+is rejected with the reason.
 """
 
 from __future__ import annotations
@@ -19,11 +24,18 @@ from torch.nn.utils import parametrize
 from ..grouping import Grouping
 from ..layers import (
     AFFINE_OPS,
+    ATTENTION_OPS,
+    CAST_OPS,
     CHANNEL_FIRST_LAYERS,
     HOMOGENEOUS_OPS,
+    LAYER_OPS,
     LAYOUT_OPS,
+    PRODUCT_OPS,
+    RESHAPE_OPS,
+    SELECT_OPS,
     TRANSPOSED_CONVS,
-    move_channel_dim,
+    ChannelDims,
+    move_channels,
     norm_grouping,
 )
 from .graph import Graph, Op
@@ -50,8 +62,7 @@ class _Reached:
     """Where a layer's output meets its normalization."""
 
     norm: Op
-    channel_dim: int
-    ndim: int
+    channels: ChannelDims | None  # None: only a scale common to all channels reaches it
     path: tuple[str, ...]
 
 
@@ -62,9 +73,9 @@ def _channel_dim(layer: Op, ndim: int) -> int:
 
 def _follow(graph: Graph, layer: Op) -> _Reached | str:
     """Follow a layer's output to a normalization; the reason if it does not get there alone."""
-    assert layer.out_ndim is not None
+    assert layer.out_ndim is not None and layer.weight is not None
     ndim = layer.out_ndim
-    channel_dim = _channel_dim(layer, ndim)
+    channels = ChannelDims.single(_channel_dim(layer, ndim), layer.weight.shape[0], ndim)
     path: list[str] = []
     affine_only = True
     handle = layer.output
@@ -89,12 +100,14 @@ def _follow(graph: Graph, layer: Op) -> _Reached | str:
                     f"it has a bias and the path to {op.label} passes {', '.join(path)}: the bias does not "
                     "scale with the weight, so scaling the weight alone changes the output"
                 )
-            return _Reached(op, channel_dim, ndim, tuple(path))
+            return _Reached(op, channels, tuple(path))
         if op.name in LAYOUT_OPS:
-            moved = move_channel_dim(op.name, op.args, op.kwargs, channel_dim, ndim)
+            if op.name in RESHAPE_OPS and (op.in_shape is None or op.shape is None):
+                graph.ensure_shapes()
+            moved = move_channels(op.name, op.args, op.kwargs, channels, op.in_shape, op.shape)
             if isinstance(moved, str):
                 return f"its output reaches {op.label}: {moved}"
-            channel_dim, ndim = moved
+            channels = moved
         elif op.name in HOMOGENEOUS_OPS:
             affine_only = False
         elif op.name not in AFFINE_OPS:
@@ -108,13 +121,61 @@ def _follow(graph: Graph, layer: Op) -> _Reached | str:
         handle = op.output
 
 
+_ONE_TENSOR_OPS = LAYOUT_OPS | AFFINE_OPS | HOMOGENEOUS_OPS | CAST_OPS | SELECT_OPS
+_CATS = frozenset({"cat", "concat", "concatenate"})
+
+
+def _follow_whole(graph: Graph, layer: Op) -> _Reached | None:
+    """Follow a scale common to a bias-free layer's whole output to a normalization; ``None`` if
+    it does not get there alone.
+
+    Beside the operations :func:`_follow` allows, the path may multiply by tensors that do not
+    depend on the layer (attention's weights times its values, a gate's product), pass
+    another bias-free layer (the attention's ``o_proj``), or pick and repeat entries: each
+    multiplies the whole output by the same factor, which the normalization removes, so the
+    weight is invariant as one group (the post-norms of OLMo-2 and Gemma-3 make ``v_proj`` and
+    ``up_proj`` so). Every value on the path has one reader, so what it is multiplied by cannot
+    depend on the layer.
+    """
+    path: list[str] = []
+    handle = layer.output
+    while True:
+        uses = graph.uses(handle)
+        if len(uses) != 1 or uses[0] is None or uses[0].output is None:
+            return None
+        op = uses[0]
+        if op.norm is not None:
+            return _Reached(op, None, tuple(path)) if op.first_input == handle else None
+        if not _passes_a_common_scale(op, handle):
+            return None
+        path.append(op.path_label)
+        handle = op.output
+
+
+def _passes_a_common_scale(op: Op, handle: object) -> bool:
+    """Whether multiplying ``handle`` (read by ``op``) by :math:`c > 0` multiplies ``op``'s output by
+    a positive power of :math:`c`, the other inputs being independent of it."""
+    if op.name in _CATS:
+        return op.inputs == (handle,)  # a cat with empty tensors only (a key/value cache's first step)
+    if op.name in _ONE_TENSOR_OPS:
+        return op.first_input == handle
+    if op.name in PRODUCT_OPS:
+        return op.name.startswith(("mul", "matmul", "bmm")) or op.first_input == handle  # a numerator
+    if op.name in ATTENTION_OPS:
+        return len(op.inputs) >= 3 and op.inputs[2] == handle and handle not in op.inputs[:2]
+    if op.name in LAYER_OPS:
+        return op.first_input == handle and op.weight is not None and not op.has_bias
+    return False
+
+
 def _verdict(layer: Op, name: str, reached: _Reached | str) -> Candidate | str:
     if isinstance(reached, str):
         return reached
     assert layer.weight is not None and reached.norm.norm is not None
-    grouping, reason, removes_bias = norm_grouping(
-        reached.norm.norm, reached.channel_dim, reached.ndim, layer.weight.shape[0]
-    )
+    if reached.channels is None:
+        grouping, reason, removes_bias = Grouping.whole(), "", False
+    else:
+        grouping, reason, removes_bias = norm_grouping(reached.norm.norm, reached.channels, layer.weight.shape[0])
     if grouping is None:
         return f"its output reaches {reached.norm.label}, but {reason}"
     if layer.has_bias and not (grouping.kind == "channel" and removes_bias):
@@ -141,7 +202,10 @@ def propose(
         if layer.out_ndim is None:
             verdicts.setdefault(pid, []).append("its layer was called with outputs of different ranks")
             continue
-        verdicts.setdefault(pid, []).append(_verdict(layer, param_names[pid], _follow(graph, layer)))
+        reached = _follow(graph, layer)
+        if isinstance(reached, str) and not layer.has_bias:
+            reached = _follow_whole(graph, layer) or reached
+        verdicts.setdefault(pid, []).append(_verdict(layer, param_names[pid], reached))
 
     candidates: list[Candidate] = []
     rejected: list[RejectedCandidate] = []
@@ -161,6 +225,8 @@ def propose(
         else:
             norms = tuple(dict.fromkeys(n for c in found for n in c.norm_layers))
             candidates.append(replace(found[0], norm_layers=norms))
+    candidates, shared = _not_read_elsewhere(graph, candidates)
+    rejected += shared
     more, unseen = _outside_the_graph(model, param_names, set(verdicts))
     candidates += more
     rejected += unseen
@@ -171,6 +237,25 @@ def propose(
     # A parameter both proposed (weight norm) and rejected at a call site keeps the proposal.
     proposed = {c.name for c in candidates}
     return candidates, [r for r in rejected if r.name not in proposed]
+
+
+def _not_read_elsewhere(graph: Graph, candidates: list[Candidate]) -> tuple[list[Candidate], list[RejectedCandidate]]:
+    """The candidates whose weight only their layers read, and the others rejected: a weight tied
+    to an embedding (a language model's input and output embeddings) is also read there, where
+    nothing normalizes it."""
+    kept: list[Candidate] = []
+    rejected: list[RejectedCandidate] = []
+    for cand in candidates:
+        readers = graph.weight_reads.get(id(cand.param))
+        if not readers:
+            kept.append(cand)
+            continue
+        reason = (
+            f"it is also read outside its layer, by {', '.join(dict.fromkeys(readers))} (a tied weight?); scaling it "
+            "changes what that computes"
+        )
+        rejected.append(RejectedCandidate(name=cand.name, reason=reason, stage="structural"))
+    return kept, rejected
 
 
 def _outside_the_graph(
