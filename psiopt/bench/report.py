@@ -433,11 +433,8 @@ def _verdict_findings(results: BenchResults) -> list[str]:
         if v.reason:
             text += f" ({v.reason})"
         lines.append(text + ".")
-    if results.verdicts:
-        lines.append(
-            "  Targets: " + "; ".join(dict.fromkeys(f"{v.target}: {v.description}" for v in results.verdicts)) + "."
-        )
-    return lines
+    targets = dict.fromkeys(f"- target **{v.target}** ({v.metric}): {v.description}." for v in results.verdicts)
+    return lines + list(targets)
 
 
 def _discovery_findings(results: BenchResults) -> list[str]:
