@@ -119,15 +119,15 @@ def _list_text() -> str:
     from .bench.suites import SUITES
 
     lines = ["suites:"]
-    lines += [f"  {name:<11} {text}" for name, text in SUITES.items()]
+    lines += [f"  {name:<15} {text}" for name, text in SUITES.items()]
     lines.append("methods (minibatch):")
     for name, m in METHODS.items():
         reason = m.unavailable_reason()
-        lines.append(f"  {name:<11} {m.describe()}" + (f"  [unavailable: {reason}]" if reason else ""))
+        lines.append(f"  {name:<15} {m.describe()}" + (f"  [unavailable: {reason}]" if reason else ""))
     lines.append("methods (full batch):")
     for name, m in FULL_BATCH_METHODS.items():
         reason = m.unavailable_reason()
-        lines.append(f"  {name:<11} {m.summary}" + (f"  [unavailable: {reason}]" if reason else ""))
+        lines.append(f"  {name:<15} {m.summary}" + (f"  [unavailable: {reason}]" if reason else ""))
     return "\n".join(lines) + "\n"
 
 
