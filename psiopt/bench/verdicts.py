@@ -24,9 +24,9 @@ error, Welch's: :math:`\sqrt{s_a^2/n_a + s_b^2/n_b}` from the per-seed values.
     loss): **met** when PSI-AdamW reaches the target on every seed in no more mean steps
     than tuned AdamW (or AdamW misses it on some seed).
 
-A verdict is **no verdict** (with the reason) when the peers' side has no method that
-reached the target on every seed while ours has none either, or with fewer than 2 seeds
-(no standard error).
+A verdict is **not met** when none of ours reached the target on every seed while a peer
+did, and **no verdict** (with the reason) when no peer reached it on every seed (there is
+no speed to compare with; (c) excepted), or with fewer than 2 seeds (no standard error).
 """
 
 from __future__ import annotations
