@@ -19,6 +19,13 @@ Benchmark results
     ``results.json`` (the same function that wrote the run's ``report.md``), and
     :func:`on_files` publishes the PNG plots each results file lists. So every number
     on that page is read from a committed results file when the site is built.
+
+    A results file of an older layout (``schema_version`` below
+    :data:`psiopt.bench.records.SCHEMA_VERSION`) was measured with an older protocol
+    (version 2: learning rates picked by the final training loss, no validation split,
+    3 seeds, standard deviations): its numbers would sit next to this protocol's
+    description as if they followed it, so the page says "not yet measured with this
+    protocol" for it instead, names the file, and publishes none of its plots.
 """
 
 from __future__ import annotations
@@ -78,8 +85,17 @@ def _plot_uri(config: MkDocsConfig, results_path: Path, plot: str) -> str:
     return f"{BENCH_SITE_DIR}/{rel_dir}/{plot}" if rel_dir != "." else f"{BENCH_SITE_DIR}/{plot}"
 
 
+def _current(results: dict[str, Any]) -> bool:
+    """Whether a results file was written with this protocol (this schema version)."""
+    from psiopt.bench.records import SCHEMA_VERSION
+
+    return results.get("schema_version") == SCHEMA_VERSION
+
+
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     for path, results in committed_results(config):
+        if not _current(results):
+            continue
         for plot in results.get("plots", []):
             png = path.parent / plot
             if not png.is_file():
@@ -116,6 +132,14 @@ def bench_section(config: MkDocsConfig) -> str:
     root = _results_root(config)
     parts = []
     for path, results in sets:
+        source = path.relative_to(root.parent.parent).as_posix()
+        if not _current(results):
+            parts.append(
+                f"## `{source}`\n\n*Not yet measured with this protocol*: this run was written with schema "
+                f"version {results.get('schema_version')} (learning rates picked by the final training loss, no "
+                "validation split), so its numbers are not shown here; the `report.md` committed beside it has them.\n"
+            )
+            continue
         try:
             typed = from_json(BenchResults, results)
         except ValueError as err:
@@ -127,7 +151,6 @@ def bench_section(config: MkDocsConfig) -> str:
             lambda m: f"![{m.group(1)}]({_plot_uri(config, path, m.group(2))})",
             report,
         )
-        source = path.relative_to(root.parent.parent).as_posix()
         parts.append(_demote(report, 1).rstrip() + f"\n\n*Generated from `{source}`.*\n")
     return "\n\n".join(parts)
 

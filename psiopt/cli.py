@@ -33,7 +33,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="cpu, cuda or cuda:N (default: the suite's: cpu, or cuda for the gpu suite)",
     )
     parser.add_argument(
-        "--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: the suite's; --quick: 0)"
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, e.g. 0,1,2; the first tunes the learning rates (default: the suite's, "
+        "0,1,2,3,4 for cpu; --quick: 0)",
     )
     parser.add_argument("--out", default="bench-out", help="output directory (default: ./bench-out)")
     parser.add_argument("--quick", action="store_true", help="a shrunken suite that runs in well under a minute")
@@ -116,15 +119,15 @@ def _list_text() -> str:
     from .bench.suites import SUITES
 
     lines = ["suites:"]
-    lines += [f"  {name:<11} {text}" for name, text in SUITES.items()]
+    lines += [f"  {name:<15} {text}" for name, text in SUITES.items()]
     lines.append("methods (minibatch):")
     for name, m in METHODS.items():
         reason = m.unavailable_reason()
-        lines.append(f"  {name:<11} {m.summary}" + (f"  [unavailable: {reason}]" if reason else ""))
+        lines.append(f"  {name:<15} {m.describe()}" + (f"  [unavailable: {reason}]" if reason else ""))
     lines.append("methods (full batch):")
     for name, m in FULL_BATCH_METHODS.items():
         reason = m.unavailable_reason()
-        lines.append(f"  {name:<11} {m.summary}" + (f"  [unavailable: {reason}]" if reason else ""))
+        lines.append(f"  {name:<15} {m.summary}" + (f"  [unavailable: {reason}]" if reason else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -45,9 +45,36 @@ def test_quick_run_writes_valid_outputs(quick_runs, capsys):
     assert env["torch_version"] == torch.__version__ and env["device"] == "cpu"
     assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", env["git_commit"])
     # every part of the suite produced results
-    assert {t["task"] for t in results["training"]} == {"digits-mlp", "mnist5k-cnn"}
+    assert [t["task"] for t in results["training"]] == ["digits-mlp", "mnist5k-cnn", "stdlib-lm"]
     methods = {m["method"]: m for m in results["training"][0]["methods"]}
-    assert {"sgd", "psisgd", "psisgd-1lr", "rsgd-sphere", "sgdp", "sgdg", "wn", "enorm", "sbwn"} <= set(methods)
+    assert {"sgd", "psisgd", "psiadam", "psiadamw", "rsgd-sphere", "sgdp", "sgdg", "wn", "enorm", "sbwn"} <= set(methods)
+    for name, m in methods.items():  # every method's weight decay, as its optimizer got it
+        assert m["weight_decay"] == results["config"]["methods"][name]["weight_decay"]
+    assert methods["sgd"]["weight_decay"] == methods["psisgd"]["weight_decay"] == 5e-4
+    assert methods["adamw"]["weight_decay"] == methods["psiadamw"]["weight_decay"] == 1e-2
+    # the three parts of the data, recorded; the tuning runs and the lr chosen on validation
+    digits = results["training"][0]
+    assert digits["dataset"]["val_size"] > 0 and digits["metric"] == "accuracy"
+    for m in digits["methods"]:
+        ok = [t for t in m["tuning"] if not t["diverged"]]
+        best = max(ok, key=lambda t: (t["final_val_acc"], -t["final_val_loss"], -t["lr"]))
+        assert m["best_lr"] == best["lr"] and m["runs"][0]["final_test_acc"] is not None
+    # the language model: its text recorded, the lr chosen by validation loss, discovery's finding recorded
+    lm = results["training"][2]
+    text = lm["dataset"]["text"]
+    assert text["python_version"] == env["python_version"].split()[0] and len(text["test_sha256"]) == 64
+    assert lm["metric"] == "loss" and lm["target_on"] == "val_loss"
+    for m in lm["methods"]:
+        ok = [t for t in m["tuning"] if not t["diverged"]]
+        assert m["best_lr"] == min(ok, key=lambda t: (t["final_val_loss"], t["lr"]))["lr"]
+        assert m["runs"][0]["final_test_loss"] is not None
+    from psiopt import find_scale_invariant
+    from psiopt.bench.models import build
+
+    model = build(lm["model"], lm["model_kwargs"], 256)
+    assert lm["scale_invariant"] == sorted(find_scale_invariant(model, torch.randint(0, 256, (4, 16))).names())
+    assert {v["task"] for v in results["verdicts"]} <= {"digits-mlp", "mnist5k-cnn", "stdlib-lm"}
+    assert {v["target"] for v in results["verdicts"] if v["task"] == "stdlib-lm"} == {"adaptive", "psiadamw-vs-adamw"}
     assert results["scale_sweep"] and results["full_batch"] and results["step_time"]
     fb_methods = {r["method"] for p in results["full_batch"] for r in p["runs"]}
     assert fb_methods == {"gd", "psigd", "psigd-ls", "rsgd-sphere"}
@@ -55,6 +82,7 @@ def test_quick_run_writes_valid_outputs(quick_runs, capsys):
     for name in results["plots"]:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert {"digits-mlp-loss-vs-steps.png", "digits-mlp-loss-vs-time.png", "digits-mlp-scale-sweep.png",
+            "digits-mlp-lr-sensitivity.png", "stdlib-lm-loss-vs-steps.png", "stdlib-lm-lr-sensitivity.png",
             "full-batch.png"} <= set(results["plots"])
     assert any(p.startswith("step-time-") for p in results["plots"])
     assert "step-time-scaling-cpu.png" in results["plots"]
@@ -104,11 +132,18 @@ def test_report_numbers_come_from_the_json(quick_runs):
                 if m["status"] != "ok":
                     continue
                 s = m["summary"]
-                assert f"{fmt(s['final_loss_mean'])} ± {fmt(s['final_loss_std'])}" in report
-                assert f"{fmt(s['test_acc_mean'])} ± {fmt(s['test_acc_std'])}" in report
+                assert f"{fmt(s['final_loss_mean'])} ± {fmt(s['final_loss_se'])}" in report
+                if task["metric"] == "accuracy":
+                    assert f"{fmt(s['test_acc_mean'])} ± {fmt(s['test_acc_se'])}" in report
+                else:
+                    assert f"{fmt(s['test_loss_mean'])} ± {fmt(s['test_loss_se'])}" in report
                 assert f"({s['reached_target']}/{s['seeds']})" in report
                 for t in m["tuning"]:
-                    assert fmt(t["final_loss"]) in report or t["diverged"]
+                    metric = t["final_val_acc"] if task["metric"] == "accuracy" else t["final_val_loss"]
+                    assert f"({fmt(metric, 3)})" in report or t["diverged"]
+                assert f"{len(m['basin'])}/{len(task['lr_grid'])}" in report
+        for v in results["verdicts"]:
+            assert f"| {v['task']} | {v['target']} | {v['status']} |" in report
         for sweep in results["scale_sweep"]:
             for m in sweep["methods"]:
                 assert fmt(m["final_loss_spread"]) in report
@@ -236,7 +271,8 @@ def test_gpu_suite_quick_on_a_generated_cifar_dir(tmp_path):
     results = _load(out)
     validate_results(results)
     assert [t["task"] for t in results["training"]] == ["cifar10-resnet18", "cifar10-vgg16"]
-    assert results["training"][0]["dataset"]["train_size"] == 128
+    dataset = results["training"][0]["dataset"]
+    assert dataset["train_size"] + dataset["val_size"] == 128 and dataset["val_size"] > 0
     assert {st["model"] for st in results["step_time"]} == {"resnet18", "vgg16_bn"}
 
 
@@ -251,3 +287,23 @@ def test_python_m_entry_point(tmp_path):
     validate_results(results)
     assert results["training"] == [] and len(results["step_time"]) == 2
     assert "ratio to SGD foreach" in proc.stdout
+
+
+def test_docs_page_renders_this_protocol_and_marks_older_runs(quick_runs, tmp_path):
+    import importlib.util
+    import shutil
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", Path(__file__).resolve().parents[1] / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    results_dir = tmp_path / "benchmarks" / "results"
+    shutil.copytree(quick_runs[0], results_dir / "new")
+    (results_dir / "old").mkdir()  # a run of the previous layout: version 2
+    (results_dir / "old" / "results.json").write_text(json.dumps({**_load(quick_runs[0]), "schema_version": 2}))
+    config = SimpleNamespace(config_file_path=str(tmp_path / "mkdocs.yml"))
+    section = hooks.bench_section(config)
+    new_part, old_part = section.split("## `benchmarks/results/old/results.json`")
+    assert "Not yet measured with this protocol" in old_part and "|" not in old_part  # no numbers of it
+    assert "## verdicts" in new_part and "learning-rate sensitivity" in new_part
+    assert "benchmark-results/new/digits-mlp-lr-sensitivity.png" in new_part

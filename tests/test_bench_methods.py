@@ -11,38 +11,59 @@ import psiopt
 from psiopt.bench import models
 from psiopt.bench.methods import (
     ADAM_LR_UNIT,
+    ADAMW_WEIGHT_DECAY,
     METHODS,
+    SGD_WEIGHT_DECAY,
     BuildContext,
     MethodNotApplicable,
     zoo_scale_invariant_groupings,
     zoo_scale_invariant_layers,
 )
 from psiopt.bench.rayleigh import FULL_BATCH_METHODS, make_rayleigh, run_full_batch
+from psiopt.bench.suites import LANGUAGE_MODEL_METHODS
+
+
+def _tokens(*shape: int) -> torch.Tensor:
+    return torch.randint(0, 256, shape)
+
+
+def _images(*shape: int):
+    return lambda dtype=torch.float32: torch.randn(shape, dtype=dtype)
+
 
 ZOO = [
-    ("mlp", lambda: models.mlp_bn(12, (16, 16)), (32, 12)),
-    ("cnn", lambda: models.cnn_bn(1, 10, 4), (16, 1, 8, 8)),
-    ("resnet", lambda: models.small_resnet(10, 1, 4), (16, 1, 8, 8)),
-    ("vit", lambda: models.vit_ln(8, 2, 1, dim=8, depth=1), (16, 1, 8, 8)),
+    ("mlp", lambda: models.mlp_bn(12, (16, 16)), _images(32, 12)),
+    ("cnn", lambda: models.cnn_bn(1, 10, 4), _images(16, 1, 8, 8)),
+    ("resnet", lambda: models.small_resnet(10, 1, 4), _images(16, 1, 8, 8)),
+    ("vit", lambda: models.vit_ln(8, 2, 1, dim=8, depth=1), _images(16, 1, 8, 8)),
 ]
+LM = ("lm", lambda: models.qknorm_lm(context=8, dim=16, depth=2, heads=4), lambda dtype=None: _tokens(6, 8))
+ZOO_AND_LM = [*ZOO, pytest.param(*LM, id="lm")]
 
 
-@pytest.mark.parametrize("name,build,shape", ZOO, ids=[z[0] for z in ZOO])
-def test_zoo_rule_matches_discovery(name, build, shape):
+@pytest.mark.parametrize("name,build,example", ZOO_AND_LM, ids=[z[0] for z in ZOO] + ["lm"])
+def test_zoo_rule_matches_discovery(name, build, example):
     torch.manual_seed(0)
     model = build()
-    found = set(psiopt.find_scale_invariant(model, torch.randn(shape)).names())
+    found = set(psiopt.find_scale_invariant(model, example()).names())
     weights = {id(layer.weight) for layer in zoo_scale_invariant_layers(model)}
     by_name = {n for n, p in model.named_parameters() if id(p) in weights}
     assert by_name == found
 
 
-@pytest.mark.parametrize("name,build,shape", ZOO, ids=[z[0] for z in ZOO])
-@pytest.mark.parametrize(
-    "method",
-    ["sgd", "psisgd", "psiadasgd", "rsgd-sphere", "sgdp", "sgdg", "sbwn", "adam", "adamw", "adamp", "radam-sphere", "psiadam", "psiadam-1lr", "psiadamw"],
-)
-def test_building_keeps_the_function(name, build, shape, method):
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against fixed labels, for logits ``(N, C)`` and ``(N, T, V)`` alike."""
+    labels = torch.arange(out[..., 0].numel()) % out.shape[-1]
+    return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), labels)
+
+
+BUILT = ["sgd", "psisgd", "psisgd-constant", "psiadasgd", "rsgd-sphere", "sgdp", "sgdg", "sbwn", "adam", "adamw",
+         "adamp", "radam-sphere", "psiadam", "psiadamw"]  # fmt: skip
+CASES = [(*z, m) for z in ZOO for m in BUILT] + [(*LM, m) for m in LANGUAGE_MODEL_METHODS]
+
+
+@pytest.mark.parametrize("name,build,example,method", CASES, ids=[f"{c[0]}-{c[3]}" for c in CASES])
+def test_building_keeps_the_function(name, build, example, method):
     """Methods that keep the architecture must not change what the model computes
     (train mode; up to BN's eps), e.g. the sphere's row normalization of conv weights."""
     entry = METHODS[method]
@@ -50,7 +71,7 @@ def test_building_keeps_the_function(name, build, shape, method):
         pytest.skip(entry.unavailable_reason())
     torch.manual_seed(0)
     model = build().double()
-    x = torch.randn(shape, dtype=torch.float64)
+    x = example(dtype=torch.float64)
     before = model(x).detach()
     try:
         setup = entry.build(model, BuildContext(lr=0.1, base_lr=0.1, example=x))
@@ -59,7 +80,7 @@ def test_building_keeps_the_function(name, build, shape, method):
     after = setup.model(x).detach()
     torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-3)
     # and one step moves it
-    loss = torch.nn.functional.cross_entropy(setup.model(x), torch.arange(shape[0]) % 10)
+    loss = _loss(setup.model(x))
     loss.backward()
     setup.optimizer.step()
     if setup.after_step:
@@ -77,14 +98,29 @@ def test_sphere_rows_are_output_channels():
     torch.testing.assert_close(norms, torch.ones(8))
 
 
-def test_zoo_groupings_match_discovery():
+@pytest.mark.parametrize("name,build,example", ZOO_AND_LM, ids=[z[0] for z in ZOO] + ["lm"])
+def test_zoo_groupings_match_discovery(name, build, example):
     torch.manual_seed(0)
-    for _, build, shape in ZOO:
-        model = build()
-        found = {rec.name: rec.grouping for rec in psiopt.find_scale_invariant(model, torch.randn(shape))}
-        names = {id(p): n for n, p in model.named_parameters()}
-        declared = {names[id(layer.weight)]: psiopt.as_grouping(g) for layer, g in zoo_scale_invariant_groupings(model)}
-        assert declared == found
+    model = build()
+    found = {rec.name: rec.grouping for rec in psiopt.find_scale_invariant(model, example())}
+    names = {id(p): n for n, p in model.named_parameters()}
+    declared = {names[id(layer.weight)]: psiopt.as_grouping(g) for layer, g in zoo_scale_invariant_groupings(model)}
+    assert declared == found
+
+
+def test_the_language_models_contract_is_qk_norm_blocks():
+    model = LM[1]()
+    declared = {n: g for layer, g in zoo_scale_invariant_groupings(model) for n, p in model.named_parameters()
+                if p is layer.weight}  # fmt: skip
+    assert declared == {f"blocks.{i}.attn.{proj}.weight": "block(4)" for i in (0, 1) for proj in ("q_proj", "k_proj")}
+
+
+def test_sphere_rows_of_the_language_model_are_heads():
+    torch.manual_seed(0)
+    model = LM[1]()
+    METHODS["radam-sphere"].build(model, BuildContext(lr=0.1, base_lr=None, example=_tokens(2, 8)))
+    q = model.blocks[0].attn.q_proj.weight.detach()  # (heads * head_dim, dim), through the parametrization
+    torch.testing.assert_close(q.reshape(4, -1).norm(dim=1), torch.ones(4))
 
 
 def test_sphere_methods_normalize_whole_tensors_under_layernorm():
@@ -100,11 +136,12 @@ def test_lr_units_scale_what_the_optimizer_gets():
     ctx = BuildContext(lr=0.3, base_lr=2.0, example=torch.randn(8, 12))
     adam = METHODS["adam"].build(models.mlp_bn(12, (16, 16)), ctx).optimizer
     assert adam.param_groups[0]["lr"] == pytest.approx(0.3 * ADAM_LR_UNIT)
+    # the swap: one lr for every group, in the method's unit; SGD's tuned lr (base_lr) is not used
     psiadam = METHODS["psiadam"].build(models.mlp_bn(12, (16, 16)), ctx).optimizer
-    # the angular lr in the method's unit, the rest at Adam's tuned lr in Adam's unit
-    assert sorted(g["lr"] for g in psiadam.param_groups) == pytest.approx(sorted([0.3 * ADAM_LR_UNIT, 2.0 * ADAM_LR_UNIT]))
+    assert [g["lr"] for g in psiadam.param_groups] == pytest.approx([0.3 * ADAM_LR_UNIT] * 2)
+    assert [g.get("grouping") for g in psiadam.param_groups] == ["channel", None]
     psisgd = METHODS["psisgd"].build(models.mlp_bn(12, (16, 16)), ctx).optimizer
-    assert sorted(g["lr"] for g in psisgd.param_groups) == [0.3, 2.0]
+    assert [g["lr"] for g in psisgd.param_groups] == [0.3, 0.3]
 
 
 def test_own_lr_methods_split_the_groups():
@@ -116,6 +153,27 @@ def test_own_lr_methods_split_the_groups():
     si = {id(layer.weight) for layer in zoo_scale_invariant_layers(model)}
     for group in setup.optimizer.param_groups:
         assert all((id(p) in si) == (group["lr"] == 0.05) for p in group["params"])
+        # the sphere rows have no scale to decay; the other parameters get SGD's 5e-4
+        assert group["weight_decay"] == (0.0 if group["lr"] == 0.05 else SGD_WEIGHT_DECAY)
+
+
+def test_the_recorded_weight_decay_is_what_the_optimizer_applies():
+    expected = {"sgd": SGD_WEIGHT_DECAY, "psisgd": SGD_WEIGHT_DECAY, "psiadasgd": SGD_WEIGHT_DECAY,
+                "sgdp": SGD_WEIGHT_DECAY, "sgdg": SGD_WEIGHT_DECAY, "rsgd-sphere": SGD_WEIGHT_DECAY,
+                "wn": SGD_WEIGHT_DECAY, "enorm": SGD_WEIGHT_DECAY, "sbwn": SGD_WEIGHT_DECAY,
+                "adam": 0.0, "psiadam": 0.0, "radam-sphere": 0.0,
+                "adamw": ADAMW_WEIGHT_DECAY, "psiadamw": ADAMW_WEIGHT_DECAY, "adamp": ADAMW_WEIGHT_DECAY}  # fmt: skip
+    for name, decay in expected.items():
+        method = METHODS[name]
+        assert method.weight_decay == decay and f"weight decay {decay:g}" in method.describe(), name
+        torch.manual_seed(0)
+        model = models.mlp_bn(12, (16, 16))
+        head = model[-1].weight
+        setup = method.build(model, BuildContext(lr=0.1, base_lr=0.1, example=torch.randn(8, 12)))
+        (group,) = [g for g in setup.optimizer.param_groups if any(p is head for p in g["params"])]
+        assert group["weight_decay"] == decay, name  # the classifier head is decayed by the method's value
+    assert METHODS["psiadamw"].build(models.mlp_bn(12, (4,)), BuildContext(0.1, None, torch.randn(8, 12))) \
+        .optimizer.defaults["decoupled_weight_decay"]
 
 
 def test_rayleigh_optimum_and_predicted_rate():

@@ -84,3 +84,43 @@ def test_vit_ln_refuses_shapes_that_do_not_divide():
         models.vit_ln(dim=10, heads=4)
     with pytest.raises(ValueError):
         models.vit_ln(depth=0)
+
+
+def test_language_model_is_causal():
+    torch.manual_seed(0)
+    model = models.qknorm_lm(context=16, dim=16, depth=2, heads=4).double()
+    tokens = torch.randint(0, 256, (3, 16))
+    out = model(tokens)
+    assert out.shape == (3, 16, 256)
+    for t in (0, 7, 14):
+        changed = tokens.clone()
+        changed[:, t + 1 :] = torch.randint(0, 256, (3, 15 - t))
+        again = model(changed)
+        torch.testing.assert_close(again[:, : t + 1], out[:, : t + 1], rtol=0, atol=1e-12)  # the past is untouched
+        assert not torch.allclose(again[:, t + 1 :], out[:, t + 1 :])  # and the future does move
+    assert model(tokens[:, :5]).shape == (3, 5, 256)  # shorter sequences than the context
+
+
+def test_language_model_q_and_k_head_blocks_are_scale_invariant():
+    torch.manual_seed(0)
+    model = models.qknorm_lm(context=8, dim=16, depth=2, heads=4).double()
+    tokens = torch.randint(0, 256, (4, 8))
+    before = model(tokens)
+    attn = model.blocks[1].attn
+    factors = torch.tensor([1e-3, 0.5, 7.0, 1e3], dtype=torch.float64)  # one per head
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj, model.blocks[0].attn.q_proj):
+            proj.weight.mul_(factors.repeat_interleave(attn.head_dim)[:, None])
+    torch.testing.assert_close(model(tokens), before, rtol=1e-9, atol=1e-9)
+    # a value projection is not: the same rescaling changes the output
+    with torch.no_grad():
+        attn.v_proj.weight.mul_(factors.repeat_interleave(attn.head_dim)[:, None])
+    assert not torch.allclose(model(tokens), before, atol=1e-3)
+
+
+def test_language_model_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="multiple of heads"):
+        models.qknorm_lm(dim=10, heads=4)
+    with pytest.raises(ValueError, match="context"):
+        models.qknorm_lm(context=0)
+    assert sum(p.numel() for p in models.build("qknorm_lm", {"dim": 8, "heads": 2}, 256).parameters()) > 0

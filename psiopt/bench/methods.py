@@ -5,29 +5,38 @@ same model, a marked one, or a reparameterized variant), which optimizer drives 
 what runs after every optimizer step (ENorm's and SBWN's rescalings). Adding a system to
 the benchmark is one :func:`register` call.
 
-**Learning rates.** Every method is tuned over the *same* grid of a task. The grid
-value is the method's ``lr``. Methods whose step on a scale-invariant group is an
-*angle* (PSI-SGD, geoopt's RiemannianSGD on the sphere, SGD-G) are not on the same scale
-as SGD there: SGD turns a group by :math:`\eta/\|w_j\|^2`, which shrinks by itself as the
-norms grow. Those methods (``own_si_lr=True``) therefore use the grid value for their
-scale-invariant groups only, and give every other parameter (classifier head, BN's
-affine parameters) the learning rate that tuning found best for ``sgd`` on the same task,
-so that only the angular step is tuned. ``psisgd-1lr`` is the naive set-up, one learning
-rate for all parameters, kept to show the difference.
+**The swap.** psiopt's optimizers run as the one-line drop-in replacement a user makes:
+``psiopt.PSISGD(psiopt.param_groups(model, x), lr=lr, momentum=0.9, weight_decay=5e-4)``
+where ``torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)``
+was, with ONE learning rate, tuned on the same grid as SGD's (no separate rate for the
+scale-invariant groups, nothing borrowed from SGD's tuning); likewise PSIAdaSGD (the SGD
+family), PSIAdam and PSIAdamW (the Adam family). The scale-invariant weights come from
+discovery (:func:`psiopt.param_groups`).
 
-The Adam family (Adam, AdamW, AdamP, geoopt's RiemannianAdam on the sphere, PSIAdam,
-PSIAdamW) works on a scale ten times smaller than SGD's: their ``lr_unit`` is
-:data:`ADAM_LR_UNIT`, and the optimizer gets ``lr_unit`` times the grid value. Every
-method thus runs the same grid of multiples of its own unit, and the recorded
-``best_lr`` is the grid value. Adam, AdamW, AdamP and RiemannianAdam take one learning
-rate for every parameter, as Adam is used; so does ``psiadam-1lr``. ``psiadam`` and
-``psiadamw`` tune their angular step the way PSI-SGD does, with Adam's (AdamW's) tuned
-learning rate on the other parameters.
+**Learning rates.** Every method is tuned over the *same* grid of a task. The Adam
+family (Adam, AdamW, AdamP, geoopt's RiemannianAdam on the sphere, PSIAdam, PSIAdamW)
+works on a scale ten times smaller than SGD's: their ``lr_unit`` is
+:data:`ADAM_LR_UNIT`, and the optimizer gets ``lr_unit`` times the grid value; the
+recorded ``best_lr`` is the grid value. Two peers keep their published set-up of an
+angular step of its own on the scale-invariant groups (``own_si_lr=True``): geoopt's
+RiemannianSGD on the sphere and SGD-G take the grid value there, and SGD's tuned
+learning rate on the task for every other parameter.
+
+**Weight decay** is each method's :attr:`Method.weight_decay`, one value per method,
+the same on every task (no per-task defaults): :data:`SGD_WEIGHT_DECAY` (5e-4, what SGD
+users set) for SGD and every SGD-family method (PSISGD, PSIAdaSGD, SGDP, and on their
+other parameters SGD-G and RiemannianSGD on the sphere, whose sphere rows have no
+scale to decay; the SGD of weight normalization, ENorm and SBWN); 0 for Adam, PSIAdam
+and RiemannianAdam; :data:`ADAMW_WEIGHT_DECAY` (1e-2, AdamW's default) for AdamW and
+PSIAdamW, and for AdamP, whose README recommends it (decoupled, as AdamP applies it).
+psiopt's optimizers apply it to the parameters that are not scale invariant only (on a
+scale-invariant group it would move along the class, not on the quotient).
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -52,26 +61,28 @@ __all__ = [
     "zoo_scale_invariant_groupings",
     "MOMENTUM",
     "ADAM_LR_UNIT",
-    "PSIOPT_OPTIMIZERS",
-    "PEER_OPTIMIZERS",
+    "SGD_WEIGHT_DECAY",
+    "ADAMW_WEIGHT_DECAY",
+    "SI_LR_BASE",
 ]
 
 MOMENTUM = 0.9
-"""Momentum of every stochastic method (the prototype's setting)."""
+"""Momentum of every SGD-family method (the prototype's setting)."""
 
 ADAM_LR_UNIT = 0.1
 """The Adam family's learning rate per unit of the grid (grid 0.01 is Adam's default 1e-3)."""
 
+SGD_WEIGHT_DECAY = 5e-4
+"""The weight decay of SGD and every SGD-family method: the value SGD users set."""
 
-PSIOPT_OPTIMIZERS = ("psisgd", "psisgd-1lr", "psiadasgd", "psiadam", "psiadam-1lr", "psiadamw")
-"""The methods that are psiopt's optimizers (the seed systems, weight normalization, ENorm
-and SBWN, are reparameterizations trained with SGD)."""
+ADAMW_WEIGHT_DECAY = 1e-2
+"""The (decoupled) weight decay of AdamW, PSIAdamW and AdamP: AdamW's default, and the
+value AdamP's README gives."""
 
-PEER_OPTIMIZERS = ("sgd", "sgdp", "sgdg", "rsgd-sphere", "adam", "adamw", "adamp")
-"""The optimizers psiopt's are measured against in the report's verdict (the list of the
-issue that set the target): torch's SGD, Adam and AdamW, the published scale-aware ones
-(SGDP and AdamP, SGD-G), and geoopt's Riemannian SGD on the sphere. geoopt's
-RiemannianAdam on the sphere runs in the tables, not in the verdict."""
+
+SI_LR_BASE = "sgd"
+"""The method whose tuned learning rate the ``own_si_lr`` methods give their parameters
+that are not scale invariant (it runs before them in every task that has them)."""
 
 
 class MethodNotApplicable(TypeError):
@@ -85,22 +96,26 @@ class BuildContext:
     Attributes
     ----------
     lr : float
-        The grid value being run (the angular step for ``own_si_lr`` methods).
+        The grid value being run (the angular step for ``own_si_lr`` methods); a
+        method's ``build`` hands its builder this value times its ``lr_unit``.
     base_lr : float or None
-        The task's tuned learning rate of the method's ``base_method`` (SGD, or Adam for
-        PSIAdam), for the non-scale-invariant parameters of ``own_si_lr`` methods;
-        ``None`` where the method does not need it.
+        SGD's tuned learning rate on the task, for the parameters of ``own_si_lr``
+        methods that are not scale invariant; ``None`` where the method does not need it.
     example : torch.Tensor
         One training batch (scale-invariance discovery, data-dependent init).
     reports : dict
         Discovery reports by architecture, shared by the builds given the same dict (the
         runs of one task), so that discovery's proof runs once per architecture there.
+    weight_decay : float
+        Set by the method's ``build`` to its :attr:`Method.weight_decay` (what the
+        builder passes to the optimizer); a caller's value is replaced.
     """
 
     lr: float
     base_lr: float | None
     example: torch.Tensor
     reports: dict = field(default_factory=dict)
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -123,46 +138,47 @@ class Method:
     label : str
         Name in tables and plots.
     summary : str
-        One line: what it is.
+        One line: what it is (:meth:`describe` adds the weight decay).
     build : callable
-        ``build(model, ctx) -> Setup``.
+        ``build(model, ctx) -> Setup``. The registered callable receives ``ctx.lr``
+        multiplied by ``lr_unit`` and ``ctx.weight_decay`` set to ``weight_decay``.
+    weight_decay : float
+        The weight decay the builder gives the optimizer (recorded with the results).
     requires : tuple of str
         Dotted names (``"module:attr"``) that must import; otherwise the method is
         reported as unavailable, with the reason.
     own_si_lr : bool
         Scale-invariant groups take ``ctx.lr``, other parameters ``ctx.base_lr``: the
-        learning rate tuning found best for ``base_method`` on the same task.
-    base_method : str
-        Whose tuned learning rate the other parameters of an ``own_si_lr`` method take
-        (``"sgd"``; ``"adam"`` for the Adam family); it must run earlier in the task.
+        learning rate tuning found best for :data:`SI_LR_BASE` on the same task.
     kind : {"stochastic"}
         Minibatch training method (the full-batch ones live in :mod:`psiopt.bench.rayleigh`).
     lr_unit : float
-        The learning rate per unit of the grid: ``build`` receives ``ctx.lr`` already
-        multiplied by it, and ``ctx.base_lr`` multiplied by the unit of ``base_method``
-        (the grid values themselves are what results record).
+        The learning rate per unit of the grid (the grid values themselves are what
+        results record).
     """
 
     name: str
     label: str
     summary: str
     build: Callable[[nn.Module, BuildContext], Setup]
+    weight_decay: float
     requires: tuple[str, ...] = ()
     own_si_lr: bool = False
     kind: Literal["stochastic"] = "stochastic"
     notes: tuple[str, ...] = field(default_factory=tuple)
     lr_unit: float = 1.0
-    base_method: str = "sgd"
 
     def __post_init__(self) -> None:
-        build, unit, base_method = self.build, self.lr_unit, self.base_method
+        build, unit, weight_decay = self.build, self.lr_unit, self.weight_decay
 
         def build_in_units(model: nn.Module, ctx: BuildContext) -> Setup:
-            base_lr = None if ctx.base_lr is None else METHODS[base_method].lr_unit * ctx.base_lr
-            return build(model, replace(ctx, lr=unit * ctx.lr, base_lr=base_lr))
+            return build(model, replace(ctx, lr=unit * ctx.lr, weight_decay=weight_decay))
 
-        if unit != 1.0 or METHODS.get(base_method, self).lr_unit != 1.0:
-            object.__setattr__(self, "build", build_in_units)
+        object.__setattr__(self, "build", build_in_units)
+
+    def describe(self) -> str:
+        """The summary line with the method's weight decay."""
+        return f"{self.summary}; weight decay {self.weight_decay:g}"
 
     def unavailable_reason(self) -> str | None:
         """``None`` if every requirement imports, else why not."""
@@ -204,25 +220,30 @@ def get_method(name: str) -> Method:
 # -- which weights are scale invariant ----------------------------------------------------
 
 
-def zoo_scale_invariant_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers of a :mod:`psiopt.bench.models` model whose weight is scale invariant.
+def zoo_scale_invariant_groupings(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The layers of a :mod:`psiopt.bench.models` model whose weight is scale invariant,
+    each with its grouping.
 
-    The zoo's contract: every convolution / linear layer feeds a normalization layer,
-    except the classifier head, which is the last ``nn.Linear`` registered. (The tests
-    check this against :func:`psiopt.find_scale_invariant`.)
+    The zoo's contract: a model that declares them (a ``scale_invariant_groupings()``
+    method: the ViT, every weight but the head as one ``"tensor"`` group; the language
+    model, its ``q_proj`` / ``k_proj`` as ``"block(head_dim)"`` groups) is taken at its
+    word; in the BatchNorm models every convolution / linear layer feeds a normalization
+    layer, one group per output channel, except the classifier head, the last
+    ``nn.Linear`` registered. (The tests check this against
+    :func:`psiopt.find_scale_invariant`.)
     """
+    declared = getattr(model, "scale_invariant_groupings", None)
+    if declared is not None:
+        return declared()
     layers = [m for m in model.modules() if isinstance(m, CHANNEL_FIRST_LAYERS)]
     if not layers or not isinstance(layers[-1], nn.Linear):
         raise ValueError("expected a zoo model whose last registered layer is the nn.Linear head")
-    return layers[:-1]
+    return [(layer, "channel") for layer in layers[:-1]]
 
 
-def zoo_scale_invariant_groupings(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Each of :func:`zoo_scale_invariant_layers` with its grouping: ``"channel"`` for
-    the BatchNorm models, the model's ``norm_grouping`` where it declares one (``"tensor"``
-    for :class:`psiopt.bench.models.PostNormViT`, whose weights feed LayerNorms)."""
-    grouping = getattr(model, "norm_grouping", "channel")
-    return [(layer, grouping) for layer in zoo_scale_invariant_layers(model)]
+def zoo_scale_invariant_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of :func:`zoo_scale_invariant_groupings`, without their groupings."""
+    return [layer for layer, _ in zoo_scale_invariant_groupings(model)]
 
 
 def _split_params(model: nn.Module, si: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -230,13 +251,16 @@ def _split_params(model: nn.Module, si: list[torch.Tensor]) -> tuple[list[torch.
     return [p for p in model.parameters() if id(p) in ids], [p for p in model.parameters() if id(p) not in ids]
 
 
-def _lr_groups(model: nn.Module, si: list[torch.Tensor], ctx: BuildContext, **si_options) -> list[dict]:
+def _own_lr_groups(model: nn.Module, si: list[torch.Tensor], ctx: BuildContext, **si_options) -> list[dict]:
+    """The scale-invariant weights ``si`` at the tuned angular lr (no weight decay: a sphere
+    row has no scale to decay), every other parameter at SGD's tuned lr and the method's
+    weight decay."""
     if ctx.base_lr is None:
-        raise ValueError("this method tunes its scale-invariant lr only: it needs its base method's tuned lr")
+        raise ValueError("this method tunes its scale-invariant lr only: it needs SGD's tuned lr on the task")
     si_params, rest = _split_params(model, si)
-    groups = [{"params": si_params, "lr": ctx.lr, **si_options}]
+    groups = [{"params": si_params, "lr": ctx.lr, "weight_decay": 0.0, **si_options}]
     if rest:
-        groups.append({"params": rest, "lr": ctx.base_lr})
+        groups.append({"params": rest, "lr": ctx.base_lr, "weight_decay": ctx.weight_decay})
     return groups
 
 
@@ -244,7 +268,8 @@ def _lr_groups(model: nn.Module, si: list[torch.Tensor], ctx: BuildContext, **si
 
 
 def _build_sgd(model: nn.Module, ctx: BuildContext) -> Setup:
-    return Setup(model, torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=MOMENTUM))
+    opt = torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=MOMENTUM, weight_decay=ctx.weight_decay)
+    return Setup(model, opt)
 
 
 def _signature(model: nn.Module) -> tuple:
@@ -253,39 +278,48 @@ def _signature(model: nn.Module) -> tuple:
     )
 
 
-def _psi_groups(model: nn.Module, ctx: BuildContext, **options) -> list[dict]:
-    """:func:`psiopt.param_groups` of ``model``.
+def _psi_groups(model: nn.Module, ctx: BuildContext) -> list[dict]:
+    """:func:`psiopt.param_groups` of ``model``: what the user's swap passes.
 
     Discovery's numerical proof costs dozens of forward passes, so it runs once per
     architecture of ``ctx.reports``; later models of the same architecture reuse its
-    report (``report=``).
+    report (``report=``), which gives the same groups.
     """
     import psiopt
 
     key = _signature(model)
     if key not in ctx.reports:
         ctx.reports[key] = psiopt.find_scale_invariant(model, ctx.example)
-    return psiopt.param_groups(model, report=ctx.reports[key], **options)
+    return psiopt.param_groups(model, report=ctx.reports[key])
 
 
-def _own_lr_psi_groups(model: nn.Module, ctx: BuildContext) -> list[dict]:
-    """:func:`_psi_groups` with the tuned lr on the scale-invariant groups and the base
-    method's tuned lr on every other parameter."""
-    if ctx.base_lr is None:
-        raise ValueError("this method tunes its scale-invariant lr only: it needs its base method's tuned lr")
-    return _psi_groups(model, ctx, scale_invariant={"lr": ctx.lr}, others={"lr": ctx.base_lr})
+def _swap(optimizer: type, model: nn.Module, ctx: BuildContext, **options) -> Setup:
+    """``optimizer(psiopt.param_groups(model, x), lr=lr, weight_decay=wd, **options)``: the swap.
+
+    On a model in which discovery finds no scale-invariant weight, psiopt's optimizers
+    warn that they step every parameter as torch's optimizer would; the bench records
+    what discovery found with the task (``TaskResult.scale_invariant``) and says it in
+    the report instead.
+    """
+    groups = _psi_groups(model, ctx)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".* received no scale-invariant parameter", category=UserWarning)
+        return Setup(model, optimizer(groups, lr=ctx.lr, weight_decay=ctx.weight_decay, **options))
 
 
 def _build_psisgd(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
-    return Setup(model, psiopt.PSISGD(_own_lr_psi_groups(model, ctx), lr=ctx.lr, momentum=MOMENTUM))
+    return _swap(psiopt.PSISGD, model, ctx, momentum=MOMENTUM)
 
 
-def _build_psisgd_1lr(model: nn.Module, ctx: BuildContext) -> Setup:
+def _build_psisgd_constant(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
-    return Setup(model, psiopt.PSISGD(_psi_groups(model, ctx), lr=ctx.lr, momentum=MOMENTUM))
+    # PSISGD's constant angular step. Today's PSISGD takes exactly that step, so this
+    # method equals `psisgd` until PSISGD gains its invariant angular rate; then this
+    # line gets the option that keeps the constant step, and the cpu suite runs it.
+    return _swap(psiopt.PSISGD, model, ctx, momentum=MOMENTUM)
 
 
 class _RowsAsWeight(nn.Module):
@@ -306,12 +340,16 @@ class _RowsAsWeight(nn.Module):
 def _to_sphere_rows(layer: nn.Module, grouping: str) -> torch.Tensor:
     """Store ``layer.weight`` as a geoopt sphere parameter, one unit row per group.
 
-    ``geoopt.Sphere`` normalizes the last dimension, so a conv weight ``(C, Cin, k, k)``
-    with ``"channel"`` grouping is stored as its ``(C, Cin*k*k)`` matrix of output-filter
-    rows, with ``"tensor"`` grouping as one ``(1, C*Cin*k*k)`` row, and reshaped back in
-    the forward pass. Normalizing each group keeps the function of the network.
+    ``geoopt.Sphere`` normalizes the last dimension, so a weight is stored as the matrix
+    of its groups, one row each (groups are consecutive output channels): a conv weight
+    ``(C, Cin, k, k)`` with ``"channel"`` grouping as its ``(C, Cin*k*k)`` filter rows,
+    with ``"tensor"`` grouping as one ``(1, C*Cin*k*k)`` row, a ``(heads*head_dim, d)``
+    projection with ``"block(head_dim)"`` as ``(heads, head_dim*d)``; it is reshaped
+    back in the forward pass. Normalizing each group keeps the function of the network.
     """
-    rows = layer.weight.shape[0] if grouping == "channel" else 1
+    import psiopt
+
+    rows = psiopt.as_grouping(grouping).num_groups(layer.weight.shape)
     parametrize.register_parametrization(layer, "weight", _RowsAsWeight(layer.weight.shape, rows), unsafe=True)
     rows = layer.parametrizations.weight.original.detach()
     unit = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
@@ -322,14 +360,14 @@ def _to_sphere_rows(layer: nn.Module, grouping: str) -> torch.Tensor:
 
 def _build_rsgd_sphere(model: nn.Module, ctx: BuildContext) -> Setup:
     si = [_to_sphere_rows(layer, grouping) for layer, grouping in zoo_scale_invariant_groupings(model)]
-    opt = geoopt.optim.RiemannianSGD(_lr_groups(model, si, ctx), lr=ctx.lr, momentum=MOMENTUM)
+    opt = geoopt.optim.RiemannianSGD(_own_lr_groups(model, si, ctx), lr=ctx.lr, momentum=MOMENTUM)
     return Setup(model, opt)
 
 
 def _build_sgdp(model: nn.Module, ctx: BuildContext) -> Setup:
     from adamp import SGDP
 
-    return Setup(model, SGDP(model.parameters(), lr=ctx.lr, momentum=MOMENTUM))
+    return Setup(model, SGDP(model.parameters(), lr=ctx.lr, momentum=MOMENTUM, weight_decay=ctx.weight_decay))
 
 
 def _mark_zoo(model: nn.Module) -> list[torch.Tensor]:
@@ -347,7 +385,7 @@ def _build_sgdg(model: nn.Module, ctx: BuildContext) -> Setup:
     from psiopt.baselines import SGDG
 
     # sphere=None: the marked weights go on the sphere group by group, with their grouping
-    groups = _lr_groups(model, _mark_zoo(model), ctx, sphere=None)
+    groups = _own_lr_groups(model, _mark_zoo(model), ctx, sphere=None)
     for group in groups[1:]:
         group["sphere"] = False
     return Setup(model, SGDG(groups, lr=ctx.lr, momentum=MOMENTUM))
@@ -356,45 +394,40 @@ def _build_sgdg(model: nn.Module, ctx: BuildContext) -> Setup:
 def _build_psiadasgd(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
-    return Setup(model, psiopt.PSIAdaSGD(_own_lr_psi_groups(model, ctx), lr=ctx.lr, momentum=MOMENTUM))
+    return _swap(psiopt.PSIAdaSGD, model, ctx, momentum=MOMENTUM)
 
 
 def _build_adam(model: nn.Module, ctx: BuildContext) -> Setup:
-    return Setup(model, torch.optim.Adam(model.parameters(), lr=ctx.lr))
+    return Setup(model, torch.optim.Adam(model.parameters(), lr=ctx.lr, weight_decay=ctx.weight_decay))
 
 
 def _build_adamw(model: nn.Module, ctx: BuildContext) -> Setup:
-    return Setup(model, torch.optim.AdamW(model.parameters(), lr=ctx.lr))
+    return Setup(model, torch.optim.AdamW(model.parameters(), lr=ctx.lr, weight_decay=ctx.weight_decay))
 
 
 def _build_adamp(model: nn.Module, ctx: BuildContext) -> Setup:
     from adamp import AdamP
 
-    return Setup(model, AdamP(model.parameters(), lr=ctx.lr))
+    return Setup(model, AdamP(model.parameters(), lr=ctx.lr, weight_decay=ctx.weight_decay))
 
 
 def _build_radam_sphere(model: nn.Module, ctx: BuildContext) -> Setup:
     for layer, grouping in zoo_scale_invariant_groupings(model):
         _to_sphere_rows(layer, grouping)
-    return Setup(model, geoopt.optim.RiemannianAdam(model.parameters(), lr=ctx.lr))
+    opt = geoopt.optim.RiemannianAdam(model.parameters(), lr=ctx.lr, weight_decay=ctx.weight_decay)
+    return Setup(model, opt)
 
 
 def _build_psiadam(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
-    return Setup(model, psiopt.PSIAdam(_own_lr_psi_groups(model, ctx), lr=ctx.lr))
-
-
-def _build_psiadam_1lr(model: nn.Module, ctx: BuildContext) -> Setup:
-    import psiopt
-
-    return Setup(model, psiopt.PSIAdam(_psi_groups(model, ctx), lr=ctx.lr))
+    return _swap(psiopt.PSIAdam, model, ctx)
 
 
 def _build_psiadamw(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
-    return Setup(model, psiopt.PSIAdamW(_own_lr_psi_groups(model, ctx), lr=ctx.lr))
+    return _swap(psiopt.PSIAdamW, model, ctx)
 
 
 def _replace_batch_norms(model: nn.Module) -> None:
@@ -409,6 +442,10 @@ def _replace_batch_norms(model: nn.Module) -> None:
                 setattr(module, child_name, MeanOnlyBatchNorm1d(child.num_features))
 
 
+def _sgd(model: nn.Module, ctx: BuildContext) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=MOMENTUM, weight_decay=ctx.weight_decay)
+
+
 def _build_wn(model: nn.Module, ctx: BuildContext) -> Setup:
     from torch.nn.utils.parametrizations import weight_norm
 
@@ -418,14 +455,14 @@ def _build_wn(model: nn.Module, ctx: BuildContext) -> Setup:
         weight_norm(layer)
     _replace_batch_norms(model)
     data_dependent_init_(model, ctx.example)
-    return Setup(model, torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=MOMENTUM))
+    return Setup(model, _sgd(model, ctx))
 
 
 def _build_enorm(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
     _replace_batch_norms(model)
-    opt = torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=MOMENTUM)
+    opt = _sgd(model, ctx)
     try:
         enorm = psiopt.ENorm(model, opt, c=1.0)
     except TypeError as exc:
@@ -436,7 +473,7 @@ def _build_enorm(model: nn.Module, ctx: BuildContext) -> Setup:
 def _build_sbwn(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
-    opt = torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=MOMENTUM)
+    opt = _sgd(model, ctx)
     # chains (nn.Sequential) are read from their order; other models from a traced example
     example = None if isinstance(model, nn.Sequential) else (ctx.example,)
     try:
@@ -447,32 +484,37 @@ def _build_sbwn(model: nn.Module, ctx: BuildContext) -> Setup:
     return Setup(model, opt, sbwn.step)
 
 
-register(Method("sgd", "SGD", "torch.optim.SGD, momentum 0.9 (the Euclidean baseline)", _build_sgd))
+_PSI = ("psiopt:param_groups",)
+register(Method("sgd", "SGD", "torch.optim.SGD, momentum 0.9 (the Euclidean baseline)", _build_sgd, SGD_WEIGHT_DECAY))
 register(
     Method(
         "psisgd",
         "PSI-SGD",
-        "psiopt.PSISGD, momentum 0.9; own (angular) lr for scale-invariant groups, SGD's tuned lr elsewhere",
+        "psiopt.PSISGD(psiopt.param_groups(model, x), lr, momentum=0.9): the drop-in swap, one lr on SGD's grid",
         _build_psisgd,
-        requires=("psiopt:PSISGD", "psiopt:param_groups"),
-        own_si_lr=True,
+        SGD_WEIGHT_DECAY,
+        requires=("psiopt:PSISGD", *_PSI),
     )
 )
 register(
     Method(
-        "psisgd-1lr",
-        "PSI-SGD (1 lr)",
-        "psiopt.PSISGD, momentum 0.9, one lr for every parameter (the naive prototype set-up)",
-        _build_psisgd_1lr,
-        requires=("psiopt:PSISGD", "psiopt:param_groups"),
+        "psisgd-constant",
+        "PSI-SGD (constant angle)",
+        "psiopt.PSISGD with its constant angular step, as psisgd otherwise (equal to psisgd until PSISGD's "
+        "invariant angular rate lands)",
+        _build_psisgd_constant,
+        SGD_WEIGHT_DECAY,
+        requires=("psiopt:PSISGD", *_PSI),
     )
 )
 register(
     Method(
         "rsgd-sphere",
         "RSGD sphere",
-        "geoopt.optim.RiemannianSGD, momentum 0.9, each output channel on geoopt.Sphere; own lr as PSI-SGD",
+        "geoopt.optim.RiemannianSGD, momentum 0.9, each scale-invariant group on geoopt.Sphere; own angular lr "
+        "there, SGD's tuned lr elsewhere",
         _build_rsgd_sphere,
+        SGD_WEIGHT_DECAY,
         own_si_lr=True,
     )
 )
@@ -480,8 +522,10 @@ register(
     Method(
         "sgdp",
         "SGDP",
-        "adamp.SGDP, momentum 0.9 (projects out the radial part of scale-invariant updates)",
+        "adamp.SGDP, momentum 0.9 (projects out the radial part of scale-invariant updates; decoupled decay "
+        "divided by 1 - momentum, x0.1 on scale-invariant weights)",
         _build_sgdp,
+        SGD_WEIGHT_DECAY,
         requires=("adamp:SGDP",),
     )
 )
@@ -489,8 +533,10 @@ register(
     Method(
         "sgdg",
         "SGD-G",
-        "psiopt.baselines.SGDG (Cho & Lee 2017), momentum 0.9, clipping 0.1; own lr as PSI-SGD",
+        "psiopt.baselines.SGDG (Cho & Lee 2017), momentum 0.9, clipping 0.1; own angular lr on the sphere, "
+        "SGD's tuned lr elsewhere",
         _build_sgdg,
+        SGD_WEIGHT_DECAY,
         requires=("psiopt.baselines:SGDG",),
         own_si_lr=True,
     )
@@ -499,8 +545,9 @@ register(
     Method(
         "wn",
         "WN + mean-only BN",
-        "weight normalization (torch weight_norm) with data-dependent init, BN -> mean-only BN, SGD",
+        "weight normalization (torch weight_norm) with data-dependent init, BN -> mean-only BN, SGD momentum 0.9",
         _build_wn,
+        SGD_WEIGHT_DECAY,
         requires=("psiopt.nn:data_dependent_init_", "psiopt.nn:MeanOnlyBatchNorm2d"),
     )
 )
@@ -508,8 +555,9 @@ register(
     Method(
         "enorm",
         "ENorm",
-        "SGD + one ENorm cycle (c=1) after every step, BN -> mean-only BN (ENorm cannot cross BN)",
+        "SGD momentum 0.9 + one ENorm cycle (c=1) after every step, BN -> mean-only BN (ENorm cannot cross BN)",
         _build_enorm,
+        SGD_WEIGHT_DECAY,
         requires=("psiopt:ENorm", "psiopt.nn:MeanOnlyBatchNorm2d"),
     )
 )
@@ -517,8 +565,9 @@ register(
     Method(
         "sbwn",
         "SBWN",
-        "SGD + SBWN rescaling (unit-norm incoming weights, BN absorbs the scale) after every step",
+        "SGD momentum 0.9 + SBWN rescaling (unit-norm incoming weights, BN absorbs the scale) after every step",
         _build_sbwn,
+        SGD_WEIGHT_DECAY,
         requires=("psiopt:SBWN",),
     )
 )
@@ -526,18 +575,15 @@ register(
     Method(
         "psiadasgd",
         "PSI-AdaSGD",
-        "psiopt.PSIAdaSGD (AdaGrad-norm angular steps), momentum 0.9; own (angular) lr as PSI-SGD",
+        "psiopt.PSIAdaSGD (AdaGrad-norm angular steps), momentum 0.9, one lr on SGD's grid",
         _build_psiadasgd,
-        requires=("psiopt:PSIAdaSGD", "psiopt:param_groups"),
-        own_si_lr=True,
+        SGD_WEIGHT_DECAY,
+        requires=("psiopt:PSIAdaSGD", *_PSI),
     )
 )
 register(
     Method(
-        "adam",
-        "Adam",
-        "torch.optim.Adam, default betas; lr = grid value x 0.1",
-        _build_adam,
+        "adam", "Adam", "torch.optim.Adam, default betas; lr = grid value x 0.1", _build_adam, 0.0,
         lr_unit=ADAM_LR_UNIT,
     )
 )
@@ -545,8 +591,9 @@ register(
     Method(
         "adamw",
         "AdamW",
-        "torch.optim.AdamW, weight decay 1e-2 (its default); lr = grid value x 0.1",
+        "torch.optim.AdamW, default betas (decoupled decay, its default); lr = grid value x 0.1",
         _build_adamw,
+        ADAMW_WEIGHT_DECAY,
         lr_unit=ADAM_LR_UNIT,
     )
 )
@@ -554,8 +601,10 @@ register(
     Method(
         "adamp",
         "AdamP",
-        "adamp.AdamP (projects out the radial part of scale-invariant updates); lr = grid value x 0.1",
+        "adamp.AdamP (projects out the radial part of scale-invariant updates; decoupled decay as its README "
+        "recommends, x0.1 on scale-invariant weights); lr = grid value x 0.1",
         _build_adamp,
+        ADAMW_WEIGHT_DECAY,
         requires=("adamp:AdamP",),
         lr_unit=ADAM_LR_UNIT,
     )
@@ -566,6 +615,7 @@ register(
         "RAdam sphere",
         "geoopt.optim.RiemannianAdam, each scale-invariant group on geoopt.Sphere; lr = grid value x 0.1",
         _build_radam_sphere,
+        0.0,
         lr_unit=ADAM_LR_UNIT,
     )
 )
@@ -573,23 +623,11 @@ register(
     Method(
         "psiadam",
         "PSI-Adam",
-        "psiopt.PSIAdam, default betas and Nesterov look-ahead; own (angular) lr = grid value x 0.1, "
-        "Adam's tuned lr elsewhere",
+        "psiopt.PSIAdam(psiopt.param_groups(model, x), lr), default betas and Nesterov look-ahead: the drop-in "
+        "swap for Adam; lr = grid value x 0.1",
         _build_psiadam,
-        requires=("psiopt:PSIAdam", "psiopt:param_groups"),
-        own_si_lr=True,
-        lr_unit=ADAM_LR_UNIT,
-        base_method="adam",
-    )
-)
-register(
-    Method(
-        "psiadam-1lr",
-        "PSI-Adam (1 lr)",
-        "psiopt.PSIAdam, default betas and Nesterov look-ahead, one lr for every parameter (the drop-in set-up); "
-        "lr = grid value x 0.1",
-        _build_psiadam_1lr,
-        requires=("psiopt:PSIAdam", "psiopt:param_groups"),
+        0.0,
+        requires=("psiopt:PSIAdam", *_PSI),
         lr_unit=ADAM_LR_UNIT,
     )
 )
@@ -597,12 +635,11 @@ register(
     Method(
         "psiadamw",
         "PSI-AdamW",
-        "psiopt.PSIAdamW, Nesterov look-ahead, weight decay 1e-2 on the other parameters; "
-        "own (angular) lr = grid value x 0.1, AdamW's tuned lr elsewhere",
+        "psiopt.PSIAdamW(psiopt.param_groups(model, x), lr), Nesterov look-ahead: the drop-in swap for AdamW; "
+        "lr = grid value x 0.1",
         _build_psiadamw,
-        requires=("psiopt:PSIAdamW", "psiopt:param_groups"),
-        own_si_lr=True,
+        ADAMW_WEIGHT_DECAY,
+        requires=("psiopt:PSIAdamW", *_PSI),
         lr_unit=ADAM_LR_UNIT,
-        base_method="adamw",
     )
 )

@@ -18,7 +18,14 @@ builder             architecture
 :func:`vgg16_bn`    CIFAR-style VGG-16 with batch normalization
 :func:`vit_ln`      a small Vision Transformer whose every projection feeds a LayerNorm
                     (QKV-norm and res-post-norm): scale invariant with one group per tensor
+:func:`qknorm_lm`   a small causal byte-level Transformer language model with QK-norm
+                    (Qwen3-style: RMSNorm over each head's queries and keys)
 ==================  ====================================================================
+
+A model whose scale-invariant weights are not "every conv / linear weight but the head,
+one group per output channel" (the BatchNorm models) says which they are with a
+``scale_invariant_groupings()`` method: the benchmark's contract, checked against
+:func:`psiopt.find_scale_invariant` by the tests.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ __all__ = [
     "vgg16_bn",
     "PostNormViT",
     "vit_ln",
+    "QKNormLM",
+    "qknorm_lm",
 ]
 
 
@@ -449,12 +458,10 @@ class _PostNormBlock(nn.Module):
 class PostNormViT(nn.Module):
     """A small Vision Transformer whose weights, but for the head, feed LayerNorms.
 
-    See :func:`vit_ln`. ``norm_grouping = "tensor"`` tells the benchmark's methods that
-    each scale-invariant weight is one group (LayerNorm normalizes over all of a
-    projection's outputs), where the BN models of the zoo have one group per channel.
+    See :func:`vit_ln`. Each scale-invariant weight is one group (LayerNorm normalizes
+    over all of a projection's outputs), where the BN models of the zoo have one group
+    per channel: :meth:`scale_invariant_groupings` says so.
     """
-
-    norm_grouping = "tensor"
 
     def __init__(
         self, image_size: int, patch_size: int, in_channels: int, dim: int, depth: int, heads: int, mlp_ratio: int,
@@ -469,6 +476,10 @@ class PostNormViT(nn.Module):
         self.blocks = nn.Sequential(*(_PostNormBlock(dim, heads, mlp_ratio) for _ in range(depth)))
         self.final_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)  # registered last: the zoo's head rule
+
+    def scale_invariant_groupings(self) -> list[tuple[nn.Module, str]]:
+        """Every ``nn.Linear`` but the head, each one group (``"tensor"``)."""
+        return [(m, "tensor") for m in self.modules() if isinstance(m, nn.Linear) and m is not self.head]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches = F.unfold(x, self.patch_size, stride=self.patch_size).transpose(1, 2)
@@ -524,3 +535,120 @@ def vit_ln(
     if dim % heads:
         raise ValueError(f"dim {dim} must be a multiple of heads {heads}")
     return PostNormViT(image_size, patch_size, in_channels, dim, depth, heads, mlp_ratio, num_classes)
+
+
+class _QKNormAttention(nn.Module):
+    """Causal multi-head self-attention with QK-norm, as in Qwen3.
+
+    ``q = RMSNorm(q_proj(x).view(B, T, heads, head_dim))`` and the same for ``k``: one
+    RMSNorm over ``head_dim``, its gain shared by the heads, applied to each head's
+    query and key. Scaling the ``head_dim`` rows of ``q_proj`` (or ``k_proj``) that make
+    one head by ``a > 0`` scales that head's query, which its RMSNorm undoes: each head's
+    block of rows is scale invariant (grouping ``block(head_dim)``). ``v_proj`` and
+    ``o_proj`` feed no normalization.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim)
+        self.k_norm = nn.RMSNorm(self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, dim = x.shape
+        shape = (n, t, self.heads, self.head_dim)
+        q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(n, t, dim))
+
+
+class _PreNormBlock(nn.Module):
+    """``x + attn(RMSNorm(x))``, then ``x + W_2 GELU(W_1 RMSNorm(x))``; no biases."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(dim)
+        self.attn = _QKNormAttention(dim, heads)
+        self.mlp_norm = nn.RMSNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim, bias=False)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
+
+
+class QKNormLM(nn.Module):
+    """A small causal Transformer language model with QK-norm. See :func:`qknorm_lm`."""
+
+    def __init__(self, vocab: int, context: int, dim: int, depth: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(0.02 * torch.randn(context, dim))
+        self.blocks = nn.Sequential(*(_PreNormBlock(dim, heads, mlp_ratio) for _ in range(depth)))
+        self.final_norm = nn.RMSNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)  # untied from the embedding
+
+    def scale_invariant_groupings(self) -> list[tuple[nn.Module, str]]:
+        """Each block's ``q_proj`` and ``k_proj``, one group per head (``block(head_dim)``)."""
+        out = []
+        for block in self.blocks:
+            grouping = f"block({block.attn.head_dim})"
+            out += [(block.attn.q_proj, grouping), (block.attn.k_proj, grouping)]
+        return out
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # no Python check of the length: it would stop torch.fx from tracing the model
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        return self.head(self.final_norm(self.blocks(x)))
+
+
+def qknorm_lm(
+    num_classes: int = 256,
+    context: int = 64,
+    dim: int = 64,
+    depth: int = 2,
+    heads: int = 4,
+    mlp_ratio: int = 4,
+) -> QKNormLM:
+    """A small causal Transformer language model with QK-norm (Qwen3-style).
+
+    A token embedding plus a learned position embedding, ``depth`` pre-norm blocks
+    (RMSNorm, then causal attention whose per-head queries and keys go through an
+    RMSNorm over ``head_dim``; RMSNorm, then a GELU MLP), a final RMSNorm and an
+    untied linear head. No biases anywhere. Untied, so that the embedding and the head
+    are two ordinary (not scale-invariant) weights; tying them would make one weight
+    both the input and the output layer.
+
+    Parameters
+    ----------
+    num_classes : int, default 256
+        The vocabulary (256 for bytes): the embedding's rows and the head's outputs.
+    context : int, default 64
+        Longest sequence (the position embedding's length).
+    dim : int, default 64
+        Model width; a multiple of ``heads``.
+    depth, heads, mlp_ratio : int
+        Number of blocks, attention heads, and MLP width / ``dim``.
+
+    Returns
+    -------
+    QKNormLM
+        Maps int64 tokens ``(N, T)``, ``T <= context``, to logits ``(N, T, num_classes)``;
+        the output at position ``t`` depends only on the tokens up to ``t``. Its
+        scale-invariant weights are the blocks' ``q_proj`` and ``k_proj``, one group
+        per head.
+    """
+    for name, value in (("num_classes", num_classes), ("context", context), ("dim", dim), ("depth", depth),
+                        ("heads", heads), ("mlp_ratio", mlp_ratio)):
+        _check_positive(name, value)
+    if dim % heads:
+        raise ValueError(f"dim {dim} must be a multiple of heads {heads}")
+    return QKNormLM(num_classes, context, dim, depth, heads, mlp_ratio)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 
-from .records import BenchResults, ScalingPoint, TrainRun
+from .records import BenchResults, ScalingPoint, TaskResult, TrainRun
 
 __all__ = ["make_plots"]
 
@@ -19,10 +19,18 @@ def _pyplot():
     return plt
 
 
-def _mean_curve(runs: list[TrainRun], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _mean_curve(runs: list[TrainRun], key: str, target_on: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The mean over the runs of the quantity the target applies to: the smoothed train
+    loss against steps or training time (``key``), or the validation loss at the
+    evaluation steps (``target_on="val_loss"``, against steps only)."""
     full = [r for r in runs if not r.diverged and r.curve.step]
     if not full:
         return None
+    if target_on == "val_loss":
+        if key != "step":
+            return None
+        n = min(len(r.eval.step) for r in full)
+        return np.asarray(full[0].eval.step[:n]), np.mean([r.eval.val_loss[:n] for r in full], axis=0)
     n = min(len(r.curve.step) for r in full)
     x = np.mean([getattr(r.curve, key)[:n] for r in full], axis=0)
     y = np.mean([r.curve.loss[:n] for r in full], axis=0)
@@ -46,7 +54,7 @@ def make_plots(results: BenchResults, out_dir: Path) -> list[str]:
             fig, ax = plt.subplots(figsize=(7, 4.5))
             drawn = False
             for e in task.methods:
-                curve = _mean_curve(e.runs, key) if e.status == "ok" else None
+                curve = _mean_curve(e.runs, key, task.target_on) if e.status == "ok" else None
                 if curve is None:
                     continue
                 ax.plot(*curve, label=f"{e.label} (lr {e.best_lr:g})", lw=1.4)
@@ -57,11 +65,15 @@ def make_plots(results: BenchResults, out_dir: Path) -> list[str]:
             ax.axhline(task.target_loss, color="gray", ls=":", lw=1, label="target")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"train loss (mean of last {results.config.smoothing_window} steps)")
+            ax.set_ylabel(
+                "validation loss" if task.target_on == "val_loss"
+                else f"train loss (mean of last {results.config.smoothing_window} steps)"
+            )
             ax.set_title(f"{task.task}: mean over {len(results.config.seeds)} seed(s)")
             ax.legend(fontsize=7)
             _save(fig, out_dir, f"{task.task}-{suffix}.png", names)
             plt.close(fig)
+        _sensitivity_plot(plt, task, out_dir, names)
     for sweep in results.scale_sweep:
         methods = [e for e in sweep.methods if e.runs]
         if not methods:
@@ -184,4 +196,31 @@ def _scaling_plot(plt, points: list[ScalingPoint], out_dir: Path, name: str, nam
     ax.set_title(f"optimizer step time against size on {points[0].device}, {points[0].threads} thread(s)", fontsize=10)
     ax.legend(fontsize=7)
     _save(fig, out_dir, name, names)
+    plt.close(fig)
+
+
+def _sensitivity_plot(plt, task: TaskResult, out_dir: Path, names: list[str]) -> None:
+    """Steps to target against the grid lr (the tuning runs), one line per method; a grid
+    lr whose run did not reach the target (or diverged) is an x at the top of the plot."""
+    methods = [e for e in task.methods if e.tuning]
+    if not methods:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ceiling = task.steps * 1.08
+    for i, e in enumerate(methods):
+        color = f"C{i % 10}"
+        points = sorted((t.lr, t.steps_to_target) for t in e.tuning if not t.diverged and t.steps_to_target)
+        if points:
+            ax.plot(*zip(*points), marker="o", lw=1.4, color=color, label=e.label)
+        missed = [t.lr for t in e.tuning if t.diverged or not t.steps_to_target]
+        if missed:
+            ax.plot(missed, [ceiling] * len(missed), ls="", marker="x", color=color, label=None if points else e.label)
+    ax.axhline(task.steps, color="gray", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_ylim(0, ceiling * 1.05)
+    ax.set_xlabel("learning rate (grid value; the Adam family uses 0.1x)")
+    ax.set_ylabel("steps to target (x: not reached or diverged)")
+    ax.set_title(f"{task.task}: learning-rate sensitivity (tuning seed)")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, out_dir, f"{task.task}-lr-sensitivity.png", names)
     plt.close(fig)

@@ -12,6 +12,7 @@ holds, naming the record, so a producer and this module cannot drift apart silen
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -27,7 +28,9 @@ __all__ = [
     "Evaluation",
     "TrainRun",
     "Summary",
+    "TextSource",
     "TuningPoint",
+    "Verdict",
     "MethodTraining",
     "TaskResult",
     "SweepMethod",
@@ -42,10 +45,13 @@ __all__ = [
     "BenchResults",
     "to_json",
     "from_json",
+    "upgrade",
 ]
 
-SCHEMA_VERSION = 2
-"""Version of ``results.json``'s layout (2: typed records, step-time scaling curve, discovery time)."""
+SCHEMA_VERSION = 3
+"""Version of ``results.json``'s layout (2: typed records, step-time scaling curve, discovery
+time; 3: the validation split, tuning on it, standard errors, lr sensitivity, weight
+decays, verdicts, the language-model task)."""
 
 MethodStatus = Literal["ok", "not_applicable", "diverged", "skipped"]
 PathStatus = Literal["ok", "unavailable", "failed"]
@@ -73,7 +79,10 @@ class Environment:
 class RunConfig:
     """What was run. ``train``, ``sweeps``, ``full_batch``, ``step_time``, ``step_time_scaling``
     and ``discovery_time`` are the suite's specs as JSON; ``methods`` and
-    ``full_batch_methods`` describe the registered methods."""
+    ``full_batch_methods`` describe the registered methods (label, summary, weight decay,
+    lr unit, own_si_lr). ``validation_fraction``, ``basin_factor`` and
+    ``steps_ratio_target`` are the protocol's constants (see :mod:`psiopt.bench.training`
+    and :mod:`psiopt.bench.verdicts`)."""
 
     suite: str
     description: str
@@ -85,6 +94,9 @@ class RunConfig:
     smoothing_window: int
     diverged_loss: float
     momentum: float
+    validation_fraction: float | None
+    basin_factor: float | None
+    steps_ratio_target: float | None
     train: list[dict[str, Any]]
     sweeps: list[dict[str, Any]]
     full_batch: dict[str, Any] | None
@@ -100,14 +112,36 @@ class RunConfig:
 
 
 @dataclass
+class TextSource:
+    """Where a language-modelling dataset's bytes come from: the Python version whose
+    standard library they are, the selection rule, and per part (train, validation,
+    test) its number of files and bytes and the SHA-256 of its bytes."""
+
+    python_version: str
+    selection: str
+    train_files: int
+    train_bytes: int
+    train_sha256: str
+    val_files: int
+    val_bytes: int
+    val_sha256: str
+    test_files: int
+    test_bytes: int
+    test_sha256: str
+
+
+@dataclass
 class DatasetInfo:
-    """A dataset's name, sizes, input shape and number of classes."""
+    """A dataset's name, the sizes of its three parts, input shape and number of classes
+    (for text: training bytes, validation and test windows, and where the text is from)."""
 
     name: str
     train_size: int
+    val_size: int | None
     test_size: int
     input_shape: list[int]
     num_classes: int
+    text: TextSource | None = None
 
 
 @dataclass
@@ -121,15 +155,22 @@ class Curve:
 
 @dataclass
 class Evaluation:
-    """Test accuracy (evaluation mode) at the evaluation steps."""
+    """Validation loss and accuracy (evaluation mode) at the evaluation steps."""
 
     step: list[int]
-    test_acc: list[float]
+    val_loss: list[float]
+    val_acc: list[float]
 
 
 @dataclass
 class TrainRun:
-    """One training run: one method, learning rate, seed and initial scale."""
+    """One training run: one method, learning rate, seed and initial scale.
+
+    ``final_loss`` is the smoothed training loss at the end; ``final_val_*`` the
+    validation metrics at the end; ``final_test_*`` the test metrics, measured once at
+    the end (for a tuning run only once its lr was chosen; ``None`` for runs that no
+    result reads, such as the other grid points and the init-scale sweep).
+    """
 
     seed: int
     lr: float
@@ -138,7 +179,10 @@ class TrainRun:
     diverged: bool
     steps_done: int
     final_loss: float | None
+    final_val_acc: float | None
+    final_val_loss: float | None
     final_test_acc: float | None
+    final_test_loss: float | None
     steps_to_target: int | None
     seconds_to_target: float | None
     train_seconds: float
@@ -148,47 +192,67 @@ class TrainRun:
 
 @dataclass
 class Summary:
-    """Mean (and sample std) over the seeds of a method's runs at its tuned lr."""
+    """Mean, sample std and standard error (std / sqrt(n)) over the seeds of a method's
+    runs at its tuned lr; steps and seconds to target over the seeds that reached it."""
 
     seeds: int
     diverged: int
     final_loss_mean: float | None
     final_loss_std: float | None
+    final_loss_se: float | None
     test_acc_mean: float | None
     test_acc_std: float | None
+    test_acc_se: float | None
+    test_loss_mean: float | None
+    test_loss_std: float | None
+    test_loss_se: float | None
     reached_target: int
     steps_to_target_mean: float | None
+    steps_to_target_se: float | None
     seconds_to_target_mean: float | None
     train_seconds_mean: float | None
 
 
 @dataclass
 class TuningPoint:
-    """Final loss of the tuning run at one grid learning rate."""
+    """The tuning run at one grid learning rate: what picks the lr (the final validation
+    metrics) and the lr sensitivity (steps to target)."""
 
     lr: float
-    final_loss: float | None
     diverged: bool
+    final_loss: float | None
+    final_val_acc: float | None
+    final_val_loss: float | None
+    steps_to_target: int | None
 
 
 @dataclass
 class MethodTraining:
-    """One method on one task: its tuning, its runs at the tuned lr, their summary."""
+    """One method on one task: its tuning, its runs at the tuned lr, their summary.
+
+    ``basin`` is the grid lrs whose tuning run reached the target within
+    ``basin_factor`` times the fewest steps any grid lr took (see
+    :func:`psiopt.bench.training.lr_basin`)."""
 
     method: str
     label: str
+    weight_decay: float | None = None
     status: MethodStatus = "ok"
     reason: str | None = None
     best_lr: float | None = None
     base_lr: float | None = None
     tuning: list[TuningPoint] = field(default_factory=list)
+    basin: list[float] = field(default_factory=list)
     runs: list[TrainRun] = field(default_factory=list)
     summary: Summary | None = None
 
 
 @dataclass
 class TaskResult:
-    """A training task and every method's result on it."""
+    """A training task and every method's result on it (``metric`` and ``target_on`` as
+    in :class:`psiopt.bench.suites.TrainTask`). ``scale_invariant`` names the weights
+    discovery put in scale-invariant groups for psiopt's optimizers (``None`` when none
+    of them ran)."""
 
     task: str
     dataset: DatasetInfo
@@ -199,6 +263,10 @@ class TaskResult:
     lr_grid: list[float]
     target_loss: float
     schedule: str
+    metric: Literal["accuracy", "loss"]
+    target_on: Literal["train_loss", "val_loss"]
+    eval_every: int | None
+    scale_invariant: list[str] | None = None
     methods: list[MethodTraining] = field(default_factory=list)
 
 
@@ -360,6 +428,37 @@ class DiscoveryTime:
     target_s: float
 
 
+# -- verdicts ---------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """One target of one task, checked on the results (:mod:`psiopt.bench.verdicts`).
+
+    ``ours`` and ``peer`` are the two methods compared; ``steps_ratio`` is ours' mean
+    steps to target over the peer's; ``difference`` is ours' mean held-out metric
+    minus the peer's (test accuracy, or test loss where ``metric`` is ``"loss"``:
+    there a negative difference is better), ``difference_se`` its standard error
+    (Welch). ``status`` is ``"met"``, ``"not met"``, or ``"no verdict"`` (with the
+    reason: a side without a method that reached the target on every seed, fewer than 2
+    seeds).
+    """
+
+    task: str
+    target: str
+    description: str
+    status: Literal["met", "not met", "no verdict"]
+    metric: Literal["accuracy", "loss"]
+    ours: str | None = None
+    peer: str | None = None
+    ours_steps: float | None = None
+    peer_steps: float | None = None
+    steps_ratio: float | None = None
+    difference: float | None = None
+    difference_se: float | None = None
+    reason: str | None = None
+
+
 # -- the whole run ----------------------------------------------------------------------
 
 
@@ -385,6 +484,7 @@ class BenchResults:
     step_time: list[StepTimeResult] = field(default_factory=list)
     step_time_scaling: list[ScalingPoint] = field(default_factory=list)
     discovery_time: list[DiscoveryTime] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
 
 
@@ -450,3 +550,48 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: {tp.__name__} lacks {', '.join(map(repr, missing))}")
         return tp(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in value.items()})
     return value
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``results.json`` content of an older layout in this version's (a new dict).
+
+    Version 2 (the protocol before the validation split: learning rates picked by the
+    final training loss) had no validation metrics, standard errors, lr sensitivity,
+    recorded weight decays or verdicts: they come out ``null`` (empty lists), not
+    measured. Its test accuracy along training (which version 3 never reads before a
+    run's end) is dropped. Version 3 comes back as it is.
+
+    Raises
+    ------
+    ValueError
+        For a version this module does not know.
+    """
+    version = data.get("schema_version")
+    if version == SCHEMA_VERSION:
+        return data
+    if version != 2:
+        raise ValueError(f"results of schema version {version!r}: this psiopt reads versions 2 and {SCHEMA_VERSION}")
+    out = copy.deepcopy(data)
+    out["schema_version"] = SCHEMA_VERSION
+    out["verdicts"] = []
+    out["config"].update(validation_fraction=None, basin_factor=None, steps_ratio_target=None)
+    runs = []
+    for task in out["training"]:
+        task.update(metric="accuracy", target_on="train_loss", eval_every=None, scale_invariant=None)
+        task["dataset"]["val_size"] = None
+        for method in task["methods"]:
+            method.update(weight_decay=None, basin=[])
+            method["tuning"] = [
+                {**t, "final_val_acc": None, "final_val_loss": None, "steps_to_target": None} for t in method["tuning"]
+            ]
+            if method["summary"] is not None:
+                method["summary"].update(
+                    final_loss_se=None, test_acc_se=None, test_loss_mean=None, test_loss_std=None, test_loss_se=None,
+                    steps_to_target_se=None,
+                )
+            runs += method["runs"]
+    runs += [run for sweep in out["scale_sweep"] for method in sweep["methods"] for run in method["runs"]]
+    for run in runs:
+        run.update(final_val_acc=None, final_val_loss=None, final_test_loss=None)
+        run["eval"] = {"step": [], "val_loss": [], "val_acc": []}
+    return out

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .methods import PEER_OPTIMIZERS, PSIOPT_OPTIMIZERS
-from .records import BenchResults, MethodTraining, ScalingPoint, StepTimeResult, from_json, to_json
+from .records import BenchResults, MethodTraining, ScalingPoint, StepTimeResult, TaskResult, Verdict, from_json, to_json, upgrade
 
 __all__ = [
     "SCHEMA_FILE",
@@ -68,8 +66,10 @@ def json_ready(results: BenchResults) -> BenchResults:
 
 
 def load_results(path: Path) -> BenchResults:
-    """Read a ``results.json``: validated against the schema, then as typed records."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a ``results.json``: brought to this version's layout
+    (:func:`~psiopt.bench.records.upgrade`), validated against the schema, then as
+    typed records."""
+    data = upgrade(json.loads(Path(path).read_text(encoding="utf-8")))
     validate_results(data)
     return from_json(BenchResults, data)
 
@@ -105,10 +105,11 @@ def fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
-def _pm(mean: float | None, std: float | None) -> str:
+def _pm(mean: float | None, se: float | None) -> str:
+    """``mean ± standard error`` (``-`` for what was not measured)."""
     if mean is None:
         return "-"
-    return f"{fmt(mean)} ± {fmt(std)}"
+    return f"{fmt(mean)} ± {fmt(se)}"
 
 
 def _lr_text(entry: MethodTraining) -> str:
@@ -141,6 +142,15 @@ def _millions(n: int) -> str:
 Table = tuple[str, list[str], list[list[str]]]
 
 
+def _held_out_name(task: TaskResult) -> str:
+    return "test accuracy" if task.metric == "accuracy" else "test loss"
+
+
+def _target_text(task: TaskResult) -> str:
+    quantity = "train loss" if task.target_on == "train_loss" else "validation loss"
+    return f"target {quantity} {fmt(task.target_loss)}"
+
+
 def _training_tables(results: BenchResults) -> list[Table]:
     out: list[Table] = []
     for task in results.training:
@@ -148,36 +158,44 @@ def _training_tables(results: BenchResults) -> list[Table]:
         for e in task.methods:
             s = e.summary
             if e.status != "ok" or s is None:
-                rows.append([e.label, e.status, "-", "-", "-", "-", "-", "-"])
+                rows.append([e.label, e.status, fmt(e.weight_decay), "-", "-", "-", "-", "-", "-"])
                 continue
+            held_out = _pm(s.test_acc_mean, s.test_acc_se) if task.metric == "accuracy" else _pm(
+                s.test_loss_mean, s.test_loss_se
+            )
             rows.append(
                 [
                     e.label,
                     _lr_text(e),
-                    _pm(s.final_loss_mean, s.final_loss_std),
-                    _pm(s.test_acc_mean, s.test_acc_std),
-                    f"{fmt(s.steps_to_target_mean)} ({s.reached_target}/{s.seeds})",
+                    fmt(e.weight_decay),
+                    _pm(s.final_loss_mean, s.final_loss_se),
+                    held_out,
+                    f"{_pm(s.steps_to_target_mean, s.steps_to_target_se)} ({s.reached_target}/{s.seeds})",
                     fmt(s.seconds_to_target_mean),
                     fmt(s.train_seconds_mean),
                     f"{s.diverged}/{s.seeds}",
                 ]
             )
         ds = task.dataset
+        found = "" if task.scale_invariant is None else f"; discovery: {len(task.scale_invariant)} scale-invariant weights"
         title = (
-            f"{task.task}: {task.model} on {ds.name} ({ds.train_size} train / {ds.test_size} test), "
-            f"{task.steps} steps, batch {task.batch_size}, target loss {fmt(task.target_loss)}"
+            f"{task.task}: {task.model} on {ds.name} ({ds.train_size} train / {fmt(ds.val_size)} validation / "
+            f"{ds.test_size} test), {task.steps} steps, batch {task.batch_size}, {_target_text(task)}{found}; "
+            "mean ± standard error over the seeds"
         )
         headers = [
             "method",
-            "best lr",
+            "lr (validation-best)",
+            "weight decay",
             "final train loss",
-            "test accuracy",
+            _held_out_name(task),
             "steps to target (reached)",
             "s to target",
             "train s/run",
             "diverged",
         ]
         out.append((title, headers, rows))
+        out += _sensitivity_table(task, results)
     for sweep in results.scale_sweep:
         rows = []
         for e in sweep.methods:
@@ -194,6 +212,74 @@ def _training_tables(results: BenchResults) -> list[Table]:
             )
         )
     return out
+
+
+def _basin_text(entry: MethodTraining, grid: list[float]) -> str:
+    if not entry.basin:
+        return f"0/{len(grid)}"
+    low, high = min(entry.basin), max(entry.basin)
+    if low == high:
+        return f"{len(entry.basin)}/{len(grid)} ({fmt(low)})"
+    return f"{len(entry.basin)}/{len(grid)} ({fmt(low)}..{fmt(high)}, {math.log10(high / low):.3g} decades)"
+
+
+def _sensitivity_table(task: TaskResult, results: BenchResults) -> list[Table]:
+    """Steps to target at every grid lr of the tuning seed, with the final validation
+    metric that chose the lr (marked ``*``), and each method's basin."""
+    grid = task.lr_grid
+    rows = []
+    for e in task.methods:
+        if not e.tuning:
+            continue
+        by = {t.lr: t for t in e.tuning}
+        cells = []
+        for lr in grid:
+            t = by.get(lr)
+            if t is None:
+                cells.append("-")
+            elif t.diverged:
+                cells.append("diverged")
+            else:
+                steps = fmt(t.steps_to_target) if t.steps_to_target is not None else "not reached"
+                metric = t.final_val_acc if task.metric == "accuracy" else t.final_val_loss
+                cells.append(f"{steps} ({fmt(metric, 3)}){' *' if lr == e.best_lr else ''}")
+        rows.append([e.label, *cells, _basin_text(e, grid)])
+    if not rows:
+        return []
+    seed = results.config.seeds[0]
+    metric = "validation accuracy" if task.metric == "accuracy" else "validation loss"
+    title = (
+        f"{task.task}: learning-rate sensitivity (seed {seed}): steps to target at each grid lr (final {metric}; "
+        f"* the chosen lr); basin: the lrs within {fmt(results.config.basin_factor)}x the method's fewest steps"
+    )
+    return [(title, ["method", *[fmt(g) for g in grid], "basin"], rows)]
+
+
+def _verdict_table(results: BenchResults) -> list[Table]:
+    if not results.verdicts:
+        return []
+    rows = [
+        [
+            v.task,
+            v.target,
+            v.status,
+            v.ours or "-",
+            v.peer or "-",
+            fmt(v.steps_ratio, 3),
+            _difference_text(v),
+        ]
+        for v in results.verdicts
+    ]
+    title = "verdicts (see the findings for each target and the reasons)"
+    return [(title, ["task", "target", "verdict", "ours", "peer", "steps ratio", "test metric difference ± SE"], rows)]
+
+
+def _difference_text(v: Verdict) -> str:
+    if v.difference is None:
+        return "-"
+    if v.metric == "accuracy":
+        return f"{100 * v.difference:+.2f} ± {100 * v.difference_se:.2f} points"
+    return f"{v.difference:+.4f} ± {v.difference_se:.4f} loss"
 
 
 def _full_batch_tables(results: BenchResults) -> list[Table]:
@@ -321,7 +407,7 @@ def _step_time_tables(results: BenchResults) -> list[Table]:
 
 def tables(results: BenchResults) -> list[Table]:
     """The report's tables as ``(title, headers, rows)``, rendered by both outputs."""
-    return _training_tables(results) + _full_batch_tables(results) + _step_time_tables(results)
+    return _verdict_table(results) + _training_tables(results) + _full_batch_tables(results) + _step_time_tables(results)
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -330,113 +416,36 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _training_findings(results: BenchResults) -> list[str]:
-    lines = []
-    for task in results.training:
-        by = {e.method: e for e in task.methods if e.status == "ok" and e.summary is not None}
-        if "sgd" not in by or "psisgd" not in by:
-            continue
-        s, p = by["sgd"].summary, by["psisgd"].summary
-        if s.steps_to_target_mean is not None and p.steps_to_target_mean is not None:
-            sgd_steps, psi_steps = s.steps_to_target_mean, p.steps_to_target_mean
-            verdict = "faster than" if psi_steps < sgd_steps else ("as fast as" if psi_steps == sgd_steps else "slower than")
-            speed = f"reached the target loss in {fmt(psi_steps)} steps on average, {verdict} tuned SGD ({fmt(sgd_steps)})"
-        else:
-            speed = (
-                f"reached the target loss in {p.reached_target}/{p.seeds} seeds "
-                f"(SGD: {s.reached_target}/{s.seeds})"
-            )
-        seconds = ""
-        if s.seconds_to_target_mean is not None and p.seconds_to_target_mean is not None:
-            seconds = f", in {fmt(p.seconds_to_target_mean)} s vs {fmt(s.seconds_to_target_mean)} s of training time"
-        lines.append(
-            f"- **{task.task}**: PSI-SGD {speed}{seconds}; final train loss {fmt(p.final_loss_mean)} vs "
-            f"{fmt(s.final_loss_mean)}, test accuracy {fmt(p.test_acc_mean)} vs {fmt(s.test_acc_mean)}."
-        )
-        if "psisgd-1lr" in by:
-            q = by["psisgd-1lr"].summary
-            lines.append(
-                f"  With one lr for every parameter (psisgd-1lr) it reached the target in "
-                f"{fmt(q.steps_to_target_mean)} steps ({q.reached_target}/{q.seeds} seeds), final loss "
-                f"{fmt(q.final_loss_mean)}."
-            )
-    return lines
-
-
-def _reached_on_every_seed(entry: MethodTraining) -> bool:
-    s = entry.summary
-    return s.steps_to_target_mean is not None and s.reached_target == s.seeds > 0
-
-
-def _fastest(entries: list[MethodTraining]) -> MethodTraining | None:
-    """The entry with the fewest mean steps to the target among those that reached it on every seed."""
-    full = [e for e in entries if _reached_on_every_seed(e)]
-    return min(full, key=lambda e: e.summary.steps_to_target_mean, default=None)
-
-
-def _accuracy_difference(entry: MethodTraining, peer: MethodTraining) -> tuple[float, float] | None:
-    """The difference of mean final test accuracy (``entry`` minus ``peer``) and its standard
-    error (Welch: the two samples' variances, each over its number of seeds)."""
-    a = [r.final_test_acc for r in entry.runs if r.final_test_acc is not None]
-    b = [r.final_test_acc for r in peer.runs if r.final_test_acc is not None]
-    if len(a) < 2 or len(b) < 2:
-        return None
-    return statistics.fmean(a) - statistics.fmean(b), math.sqrt(
-        statistics.variance(a) / len(a) + statistics.variance(b) / len(b)
-    )
-
-
-NOISE_STANDARD_ERRORS = 2.0
-"""A mean test accuracy below the peer's by less than this many standard errors of the
-difference is a difference the seeds cannot tell from noise."""
-
-
 def _verdict_findings(results: BenchResults) -> list[str]:
-    """Per task, the target of psiopt's adaptive steps: some psiopt optimizer reaches the
-    target loss (on every seed) in no more steps than the fastest peer, with a mean test
-    accuracy no lower than that peer's (**met**), or lower by less than
-    :data:`NOISE_STANDARD_ERRORS` standard errors (**met within noise**); else **not met**.
-    Names that optimizer, or else the fastest one, with the difference of test accuracy
-    and its standard error."""
+    """One sentence per verdict, with its numbers."""
+    labels = {name: m.get("label", name) for name, m in results.config.methods.items()}
     lines = []
-    for task in results.training:
-        ok = [e for e in task.methods if e.status == "ok" and e.summary is not None]
-        peer = _fastest([e for e in ok if e.method in PEER_OPTIMIZERS])
-        ours = [e for e in ok if e.method in PSIOPT_OPTIMIZERS]
-        fastest = _fastest(ours)
-        if peer is None or fastest is None:
-            continue
-        if _accuracy_difference(fastest, peer) is None:
-            lines.append(f"- **verdict, {task.task}**: none (a verdict needs at least 2 seeds).")
-            continue
-        # The accuracy difference of each psiopt optimizer as fast as the peer (None: too few seeds).
-        differences = {
-            e.method: _accuracy_difference(e, peer)
-            for e in ours
-            if _reached_on_every_seed(e) and e.summary.steps_to_target_mean <= peer.summary.steps_to_target_mean
-        }
-        as_fast = [e for e in ours if differences.get(e.method) is not None]
-        # (accuracies are fractions of the test set: equal means may differ by rounding only)
-        met = [e for e in as_fast if differences[e.method][0] > -1e-9]
-        noise = [e for e in as_fast if differences[e.method][0] > -NOISE_STANDARD_ERRORS * differences[e.method][1]]
-        verdict = "met" if met else "met within noise" if noise else "not met"
-        shown = _fastest(met) or _fastest(noise) or fastest
-        difference = differences.get(shown.method) or _accuracy_difference(shown, peer)
-        accuracy = ""
-        if difference is not None:
-            d, se = difference
-            below = f", {abs(d) / se:.1f} standard errors below" if d < -1e-9 and se > 0 else ""
-            accuracy = (
-                f"; test accuracy {fmt(shown.summary.test_acc_mean)} vs {fmt(peer.summary.test_acc_mean)} "
-                f"({100 * d:+.2f} points, standard error {100 * se:.2f}{below})"
+    for v in results.verdicts:
+        text = f"- **verdict {v.target}, {v.task}**: {v.status}"
+        if v.ours is not None and v.peer is not None and v.steps_ratio is not None:
+            text += (
+                f": {labels.get(v.ours, v.ours)} reached the target in {fmt(v.ours_steps)} steps, "
+                f"{labels.get(v.peer, v.peer)} in {fmt(v.peer_steps)} ({fmt(v.steps_ratio, 3)}x)"
             )
-        who = f"psiopt's fastest, {shown.label}," if verdict == "not met" else f"psiopt's {shown.label}"
-        lines.append(
-            f"- **verdict, {task.task}**: {verdict}: {who} reached the target in "
-            f"{fmt(shown.summary.steps_to_target_mean)} steps, the fastest peer, {peer.label}, in "
-            f"{fmt(peer.summary.steps_to_target_mean)}{accuracy}."
-        )
-    return lines
+            if v.difference is not None:
+                se_units = f", {v.difference / v.difference_se:+.1f} standard errors" if v.difference_se else ""
+                text += f"; test {v.metric} difference {_difference_text(v)}{se_units}"
+        if v.reason:
+            text += f" ({v.reason})"
+        lines.append(text + ".")
+    targets = dict.fromkeys(f"- target **{v.target}** ({v.metric}): {v.description}." for v in results.verdicts)
+    return lines + list(targets)
+
+
+def _discovery_findings(results: BenchResults) -> list[str]:
+    """A warning for each task on which discovery found no scale-invariant weight (there
+    psiopt's optimizers step every parameter as torch's optimizers do)."""
+    return [
+        f"- **{task.task}**: discovery found no scale-invariant weight in `{task.model}`, so psiopt's optimizers "
+        "stepped every parameter as torch's would (PSI-Adam as Adam, PSI-AdamW as AdamW, PSI-SGD as SGD)."
+        for task in results.training
+        if task.scale_invariant == []
+    ]
 
 
 def _step_time_findings(results: BenchResults) -> list[str]:
@@ -467,8 +476,8 @@ def _step_time_findings(results: BenchResults) -> list[str]:
 
 
 def _findings(results: BenchResults) -> list[str]:
-    """Sentences comparing PSI-SGD with SGD, computed from the results."""
-    lines = _training_findings(results) + _verdict_findings(results) + _step_time_findings(results)
+    """The verdicts, step time and the init-scale sweep in sentences, computed from the results."""
+    lines = _verdict_findings(results) + _discovery_findings(results) + _step_time_findings(results)
     for sweep in results.scale_sweep:
         by = {e.method: e for e in sweep.methods}
         if "sgd" in by and "psisgd" in by:
@@ -483,19 +492,41 @@ def _findings(results: BenchResults) -> list[str]:
 _PROTOCOL = """\
 ## Protocol
 
-- Every method of a task is tuned over the task's learning-rate grid with the first seed
-  (lowest final train loss wins), then run with that lr on every seed; same initial weights
-  and same minibatches for every method at a given seed; cosine decay to 0; momentum 0.9.
-- PSI-SGD, RiemannianSGD on the sphere and SGD-G take an *angular* step on scale-invariant
-  groups, which is not on SGD's scale (SGD turns a group by lr/||w||², a step that decays by
-  itself as norms grow). They tune the grid value as the lr of the scale-invariant groups only;
-  their other parameters (head, BN affine) use SGD's tuned lr on the task (shown as
-  "others"). `PSI-SGD (1 lr)` is the naive set-up with one lr for everything.
-- Train loss: minibatch loss averaged over the last {window} steps; steps / seconds to target:
-  first step where it falls to the task's target (training time only, evaluation excluded);
-  test accuracy in evaluation mode at the end. Mean ± sample std over the seeds that did
-  not diverge (a loss above 1e3 or not finite stops a run; the "diverged" column counts
-  them); steps / seconds to target: mean over the seeds that reached it.
+- Data: every dataset in three disjoint parts. Training reads the training part; the
+  validation part ({val_fraction} of the training data, stratified by class; the language
+  model's text split by file) chooses each method's learning rate; the test part is read
+  once per reported run, at its end, after the lr was chosen.
+- Tuning: every method runs every lr of the task's grid with the first seed; the chosen lr
+  has the highest final validation accuracy, ties broken by the lower validation loss (the
+  language model: the lowest final validation loss); a diverged run is never chosen. Then
+  every seed runs with it (the first seed's tuning run is its result); same initial weights
+  and same minibatches for every method at a given seed; cosine decay to 0; momentum 0.9 in
+  the SGD family.
+- The swap: PSI-SGD, PSI-AdaSGD, PSI-Adam and PSI-AdamW run as the one-line replacement of
+  SGD / Adam / AdamW, `psiopt.PSISGD(psiopt.param_groups(model, x), lr=lr, momentum=0.9,
+  weight_decay=5e-4)`, with one lr from the same grid. RiemannianSGD on the sphere and SGD-G
+  keep their own angular lr on the scale-invariant groups and SGD's tuned lr elsewhere (shown
+  as "others"). The Adam family's lr is 0.1 x the grid value.
+- Weight decay (column "weight decay"; one value per method on every task): 5e-4 for SGD and
+  the SGD family (PSI-SGD, PSI-AdaSGD, SGDP, SGD-G and RSGD on their other parameters, the SGD
+  of WN, ENorm and SBWN), 0 for Adam, PSI-Adam and RAdam on the sphere, 1e-2 (decoupled) for
+  AdamW, PSI-AdamW and AdamP. psiopt's optimizers decay only the parameters that are not
+  scale invariant.
+- Train loss: minibatch loss averaged over the last {window} steps. Steps / seconds to target:
+  the first step where the task's target quantity (the smoothed train loss, or the
+  validation loss at an evaluation step) falls to the target (training time only,
+  evaluation excluded). Mean ± standard error (sample std / sqrt(n)) over the seeds that
+  did not diverge (a loss above 1e3 or not finite stops a run; the "diverged" column counts
+  them); steps / seconds to target over the seeds that reached it.
+- Learning-rate sensitivity: the tuning runs at every grid lr; a method's basin is the grid
+  lrs at which it reached the target within {basin}x its fewest steps on the grid.
+- Verdicts (psiopt.bench.verdicts): (a) PSI-SGD against the fastest of SGD, SGDP, SGD-G that
+  reached the target on every seed: met if it reaches it on every seed in at most {ratio}x
+  the peer's mean steps with a mean test accuracy at least the peer's minus one standard
+  error of the difference (Welch); (b) the best of PSI-AdaSGD, PSI-Adam, PSI-AdamW against
+  the fastest of Adam, AdamW, AdamP: at most {ratio}x the steps and a mean test accuracy no
+  lower; on the language model the test loss replaces the accuracy (lower is better), and
+  (c) PSI-AdamW must take no more steps than tuned AdamW.
 - Init-scale sweep: the scale-invariant weights (every conv / hidden linear weight) are
   multiplied by each scale before the method builds its optimizer; same seed and batches;
   each method keeps its tuned lr. Spread = max - min over scales. The swept models' BatchNorm
@@ -545,26 +576,16 @@ def _unavailable_paths(results: BenchResults) -> list[str]:
     return [f"- step path `{label}` on {device}: {text}" for (label, device), text in reasons.items()]
 
 
-def _tuning_tables(results: BenchResults) -> list[str]:
-    lines: list[str] = []
-    for task in results.training:
-        grid = task.lr_grid
-        rows = []
-        for e in task.methods:
-            if not e.tuning:
-                continue
-            by = {t.lr: t for t in e.tuning}
-            rows.append(
-                [e.label] + ["diverged" if by[g].diverged else fmt(by[g].final_loss) if g in by else "-" for g in grid]
-            )
-        if rows:
-            lines += [
-                "",
-                f"### {task.task}: tuning (final train loss per lr, seed {results.config.seeds[0]})",
-                "",
-                _md_table(["method", *[fmt(g) for g in grid]], rows),
-            ]
-    return lines
+def _methods_section(results: BenchResults) -> list[str]:
+    """The methods of the run's tasks with their summary line and weight decay."""
+    run = dict.fromkeys(e.method for task in results.training for e in task.methods)
+    lines = []
+    for name in run:
+        m = results.config.methods.get(name, {})
+        decay = m.get("weight_decay")
+        decay_text = f"; weight decay {fmt(decay)}" if decay is not None else ""
+        lines.append(f"- **{m.get('label', name)}** (`{name}`): {m.get('summary', '')}{decay_text}")
+    return ["## Methods", "", *lines, ""] if lines else []
 
 
 def render_markdown(results: BenchResults) -> str:
@@ -595,11 +616,20 @@ def render_markdown(results: BenchResults) -> str:
         for e in task.methods:
             if e.status not in ("ok", "diverged") and e.reason:
                 lines.append(f"- {task.task} / {e.label}: {e.status}: {e.reason.splitlines()[0]}")
-    lines += _tuning_tables(results)
+    lines += ["", *_methods_section(results)]
     if results.plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p}]({p})" for p in results.plots]
-    lines += ["", _PROTOCOL.format(window=results.config.smoothing_window)]
+    config = results.config
+    lines += [
+        "",
+        _PROTOCOL.format(
+            window=config.smoothing_window,
+            val_fraction="-" if config.validation_fraction is None else f"{config.validation_fraction:.3g}",
+            basin=fmt(config.basin_factor),
+            ratio=fmt(config.steps_ratio_target),
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 

