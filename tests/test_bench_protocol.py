@@ -102,7 +102,7 @@ def test_run_task_reads_the_test_part_once_per_reported_run(digits):
     assert guarded.reads == 2 * 3 * 2  # (x_test, y_test) x 3 seeds x 2 methods
     for entry in record.methods:
         assert [r.seed for r in entry.runs] == [0, 1, 2] and all(r.final_test_acc is not None for r in entry.runs)
-        assert entry.runs[0] is not None and entry.best_lr == choose_lr(entry.tuning, "accuracy")
+        assert entry.runs[0] is not None and entry.best_lr == choose_lr(entry.tuning)
         assert entry.weight_decay == METHODS[entry.method].weight_decay
     assert record.dataset.val_size == digits.x_val.shape[0] and record.metric == "accuracy"
     assert record.methods[1].base_lr == record.methods[0].best_lr  # the sphere's others take SGD's tuned lr
@@ -122,17 +122,14 @@ def _point(lr, acc=None, loss=None, diverged=False, steps=None) -> TuningPoint:
 
 
 def test_choose_lr_rules():
-    points = [_point(0.1, 0.90, 0.30), _point(0.3, 0.95, 0.25), _point(1.0, 0.95, 0.20), _point(3.0, 0.99, 0.1, True)]
-    assert choose_lr(points, "accuracy") == 1.0  # the tie at 0.95 goes to the lower loss; diverged never
-    assert choose_lr(points, "loss") == 1.0
-    tie = [_point(0.3, 0.95, 0.2), _point(0.1, 0.95, 0.2)]
-    assert choose_lr(tie, "accuracy") == 0.1 and choose_lr(tie, "loss") == 0.1  # then the smaller lr
+    # The lowest validation loss wins, whatever the accuracies; a diverged run never does.
+    points = [_point(0.1, 0.99, 0.30), _point(0.3, 0.95, 0.25), _point(1.0, 0.90, 0.20), _point(3.0, 0.99, 0.1, True)]
+    assert choose_lr(points) == 1.0
+    tie = [_point(0.3, 0.95, 0.2), _point(0.1, 0.90, 0.2)]
+    assert choose_lr(tie) == 0.1  # then the smaller lr
     lm = [_point(0.1, None, 2.3), _point(0.3, None, 2.1), _point(1.0, None, float("nan"))]
-    assert choose_lr(lm, "loss") == 0.3  # no accuracy needed; a non-finite loss is never chosen
-    assert choose_lr(lm, "accuracy") is None
-    assert choose_lr([_point(0.1, 0.9, 0.3, diverged=True)], "accuracy") is None
-    with pytest.raises(ValueError, match="metric must be"):
-        choose_lr(points, "f1")
+    assert choose_lr(lm) == 0.3  # no accuracy needed; a non-finite loss is never chosen
+    assert choose_lr([_point(0.1, 0.9, 0.3, diverged=True)]) is None
 
 
 def test_lr_basin_is_within_the_factor_of_the_fewest_steps():

@@ -241,15 +241,13 @@ def _sensitivity_table(task: TaskResult, results: BenchResults) -> list[Table]:
                 cells.append("diverged")
             else:
                 steps = fmt(t.steps_to_target) if t.steps_to_target is not None else "not reached"
-                metric = t.final_val_acc if task.metric == "accuracy" else t.final_val_loss
-                cells.append(f"{steps} ({fmt(metric, 3)}){' *' if lr == e.best_lr else ''}")
+                cells.append(f"{steps} ({fmt(t.final_val_loss, 3)}){' *' if lr == e.best_lr else ''}")
         rows.append([e.label, *cells, _basin_text(e, grid)])
     if not rows:
         return []
     seed = results.config.seeds[0]
-    metric = "validation accuracy" if task.metric == "accuracy" else "validation loss"
     title = (
-        f"{task.task}: learning-rate sensitivity (seed {seed}): steps to target at each grid lr (final {metric}; "
+        f"{task.task}: learning-rate sensitivity (seed {seed}): steps to target at each grid lr (final validation loss; "
         f"* the chosen lr); basin: the lrs within {fmt(results.config.basin_factor)}x the method's fewest steps"
     )
     return [(title, ["method", *[fmt(g) for g in grid], "basin"], rows)]
@@ -497,8 +495,7 @@ _PROTOCOL = """\
   model's text split by file) chooses each method's learning rate; the test part is read
   once per reported run, at its end, after the lr was chosen.
 - Tuning: every method runs every lr of the task's grid with the first seed; the chosen lr
-  has the highest final validation accuracy, ties broken by the lower validation loss (the
-  language model: the lowest final validation loss); a diverged run is never chosen. Then
+  has the lowest final validation loss; a diverged run is never chosen. Then
   every seed runs with it (the first seed's tuning run is its result); same initial weights
   and same minibatches for every method at a given seed; cosine decay to 0; momentum 0.9 in
   the SGD family.

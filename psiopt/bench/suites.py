@@ -74,9 +74,9 @@ class TrainTask:
 
     ``data`` and ``model`` name a loader of :mod:`psiopt.bench.data` and a builder of
     :mod:`psiopt.bench.models` with their keyword arguments. ``metric`` is the held-out
-    metric that picks each method's learning rate (on the validation split) and that the
-    verdicts compare (on the test split): ``"accuracy"`` (classification; ties broken by
-    the lower loss) or ``"loss"`` (the language model). ``target_on`` is what
+    metric that the verdicts compare (on the test split): ``"accuracy"`` (classification)
+    or ``"loss"`` (the language model); every learning rate is chosen by the validation
+    loss. ``target_on`` is what
     ``target_loss`` applies to: the smoothed training loss (``"train_loss"``) or the
     validation loss at the evaluation steps (``"val_loss"``). The validation split is
     evaluated every ``eval_every`` steps.
