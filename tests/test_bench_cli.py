@@ -57,15 +57,17 @@ def test_quick_run_writes_valid_outputs(quick_runs, capsys):
     assert {"digits-mlp-loss-vs-steps.png", "digits-mlp-loss-vs-time.png", "digits-mlp-scale-sweep.png",
             "full-batch.png"} <= set(results["plots"])
     assert any(p.startswith("step-time-") for p in results["plots"])
-    assert "step-time-scaling-cpu.png" in results["plots"]
+    assert {"step-time-scaling-cpu.png", "step-time-scaling-adam-cpu.png"} <= set(results["plots"])
     assert (out / "report.md").is_file()
     # the step-time curve covers every path at every size of the suite, and discovery ran
     sizes = [p["num_params"] for p in results["step_time_scaling"]]
     assert len(sizes) == 2 and sizes[0] < sizes[1]
     for point in results["step_time_scaling"]:
         assert [e["path"] for e in point["paths"]] == [
-            "sgd-foreach", "sgd-fused", "psisgd-loop", "psisgd-foreach", "psisgd-fused"
+            "sgd-foreach", "sgd-fused", "psisgd-loop", "psisgd-foreach", "psisgd-fused", "psiadasgd-fused",
+            "adamw-foreach", "adamw-fused", "psiadamw-foreach", "psiadamw-fused", "psiadam-fused",
         ]
+        assert all(e["status"] == "ok" and e["step_peak_extra_bytes"] is not None for e in point["paths"])
     (discovery,) = results["discovery_time"]
     assert discovery["found"] == discovery["expected"] > 0 and discovery["threads"] == 1
     # the typed records read back to exactly the JSON that was written

@@ -399,7 +399,7 @@ def test_non_finite_lr_or_eps_is_refused_at_construction(make, value) -> None:
         make(_psi((2, 2)), value)
 
 
-@pytest.mark.parametrize("option", [dict(fused=True), dict(capturable=True), dict(differentiable=True)], ids=str)
+@pytest.mark.parametrize("option", [dict(capturable=True), dict(differentiable=True)], ids=str)
 def test_unsupported_torch_options_raise_clearly(option) -> None:
     with pytest.raises(ValueError, match=f"PSIAdam does not support {next(iter(option))}=True"):
         psiopt.PSIAdam([_psi((2, 2))], **option)

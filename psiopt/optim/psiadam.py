@@ -11,7 +11,8 @@ from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _to_scalar
 
 from ..manifold import PSIManifold
-from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows
+from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows, psiadam_bias_corrections
+from ._adaptive_step import _AdaptiveKernelsMixin
 from ._params import _check_finite, _PSIParamsMixin
 
 __all__ = ["PSIAdam", "PSIAdamW"]
@@ -54,7 +55,7 @@ def _validate_adam_hyperparameters(
                 raise ValueError(f"Tensor betas[{index}] must be 1-element")
 
 
-class PSIAdam(_PSIParamsMixin, Optimizer):
+class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
     r"""Adam on the PSI manifold: a drop-in replacement for :class:`torch.optim.Adam`.
 
     Parameters are split as by :class:`psiopt.PSISGD`: scale-invariant ones (in a param
@@ -166,13 +167,11 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
                     f"{name} does not support {option}={value!r}: the PSI step synchronizes with the host "
                     f"(its checks) and is not differentiable; use {option}={default!r}, or torch.optim.Adam"
                 )
-        if fused:
-            raise ValueError(
-                f"{name} does not support fused=True: there is no fused kernel for the PSI step; use "
-                "foreach=True (or None) for the batched implementation"
-            )
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's message
         _validate_adam_hyperparameters(lr, betas, eps, weight_decay, foreach, nesterov)
         self._psi_manifolds = {}
+        self._row_plans = {}
         defaults = {
             "lr": lr,
             "betas": tuple(map(_to_scalar, betas)),
@@ -183,7 +182,7 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
             "foreach": foreach,
             "capturable": False,
             "differentiable": False,
-            "fused": None,
+            "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
             "nesterov": nesterov,
             "grouping": None,
@@ -194,6 +193,7 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_psi_manifolds", {})
+        self.__dict__.setdefault("_row_plans", {})
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -228,24 +228,21 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        plan = self._collect()
-        for _, _, euclid in plan:
-            for p, name in euclid:
-                if p.grad.is_sparse:
-                    # torch's message, raised before any parameter is modified
-                    raise RuntimeError(
-                        f"{name}: Adam does not support sparse gradients, please consider SparseAdam instead"
-                    )
-        for group, psi, euclid in plan:
-            if euclid:
-                self._euclidean_step(group, [p for p, _ in euclid])
-            if psi:
-                self._psi_step(group, psi)
+        self._adaptive_step()
         return loss
 
-    def _euclidean_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        # torch.optim.Adam's own state initialization and step on these tensors.
+    # -- the hooks of the adaptive step (psiopt.optim._adaptive_step) ----------------------
+    _RULE = "adam"
+
+    def _check_euclidean(self, group: dict[str, Any], euclid: list[tuple[Tensor, Any]]) -> None:
+        for p, name in euclid:
+            if p.grad.is_sparse:
+                # torch's message, raised before any parameter is modified
+                raise RuntimeError(f"{name}: Adam does not support sparse gradients, please consider SparseAdam instead")
+
+    def _euclidean_update(self, group: dict[str, Any], params: list[Tensor], torch_fused: bool) -> None:
+        # torch.optim.Adam's own state initialization and step on these tensors, with the
+        # group's fused and foreach; by default torch's fused step where torch has one.
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], []
         for p in params:
             state = self.state[p]
@@ -260,6 +257,9 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
             if group["amsgrad"]:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(state["step"])
+        fused, foreach = group["fused"], group["foreach"]
+        if fused is None and foreach is None:
+            fused = torch_fused or None
         beta1, beta2 = group["betas"]
         adam(
             params,
@@ -276,31 +276,50 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             maximize=group["maximize"],
-            foreach=group["foreach"],
+            foreach=foreach,
             capturable=False,
             differentiable=False,
-            fused=None,
+            fused=fused,
             grad_scale=None,
             found_inf=None,
             decoupled_weight_decay=group["decoupled_weight_decay"],
         )
 
-    def _psi_step(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
+    def _new_state(self, group: dict[str, Any], p: Tensor, manifold: PSIManifold) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        # one second moment per group, in the invariant units of ||grad f(u_j)||^2
+        for key in self._group_state_keys(group):
+            if key not in state:
+                state[key] = p.new_zeros(manifold.num_groups(p))
+
+    def _first_moment_key(self, group: dict[str, Any]) -> str | None:
+        return "exp_avg"
+
+    def _group_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg_sq",)
+
+    def _tensor_scalars(self, group: dict[str, Any], params: list[Tensor], first: list[bool]) -> list[tuple]:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return [psiadam_bias_corrections(float(self.state[p]["step"]) + 1.0, beta1, beta2) for p in params]
+
+    def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
+        beta1, beta2 = group["betas"]
+        return (group["lr"], beta1, beta2, group["eps"], group["amsgrad"], group["nesterov"])
+
+    def _count_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if params:
+            torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
+
+    def _reference_update(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
         params = [p for p, _, _ in psi]
-        amsgrad = group["amsgrad"]
         for p, _, manifold in psi:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                # one second moment per group, in the invariant units of ||grad f(u_j)||^2
-                state["exp_avg_sq"] = p.new_zeros(manifold.num_groups(p))
-                if amsgrad:
-                    state["max_exp_avg_sq"] = p.new_zeros(manifold.num_groups(p))
+            self._new_state(group, p, manifold)
         states = [self.state[p] for p in params]
-        group_states = [[s["exp_avg_sq"] for s in states]]
-        if amsgrad:
-            group_states.append([s["max_exp_avg_sq"] for s in states])
+        group_states = [[s[key] for s in states] for key in self._group_state_keys(group)]
         foreach = group["foreach"]
         if foreach is None:
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
