@@ -6,17 +6,19 @@ float64 tensors is two compiled calls, each over every tensor of the group, read
 the rows in place from a table of their addresses (:class:`AdaptiveRows`, kept by the
 optimizer from one step to the next):
 
-1. the **check pass** (PSISGD's, :func:`._cpu_kernels._make_guard`): per row, reading
-   the weights and the gradient only, :math:`a = w\cdot w`, :math:`b = g\cdot w`,
-   :math:`gg = g\cdot g`, and whether the row can be stepped (every sum finite, a
-   nonzero norm, a finite record of the last written first moment);
-2. the **write pass**, row-resident: per row, the group's invariant squared gradient
-   norm :math:`sq = a\,gg - b^2` (:func:`psiopt.manifold.grad_metric_sq_from_sums`),
-   the rule's coefficients and new per-group state from it
-   (:func:`._adaptive.psiadam_coefficients`, :func:`._adaptive.psiadasgd_coefficients`),
-   then the row of weights, gradient and first moment read once for
-   :math:`m\cdot g, m\cdot w, m\cdot m`, the step's scalars
-   (:func:`psiopt.manifold.one_pass_row_scalars`) and the row written while in cache:
+1. the **check pass**: per row, :math:`gg = g\cdot g`, reading the gradient only, and
+   whether the row can be stepped (a finite sum, a finite record of the last written
+   first moment); where a weight may have been written by anything but the write pass
+   (the first step, or an in-place operation that torch's version counter saw), also
+   :math:`a = w\cdot w` and :math:`b = g\cdot w` and a nonzero, finite norm (the loops
+   of PSISGD's kernels). The call also checks the group's other gradients;
+2. the **write pass**, row-resident: per row, the weights, gradient and first moment
+   read once for the six sums :math:`a, b, gg, m\cdot g, m\cdot w, m\cdot m`, the
+   invariant squared gradient norm :math:`sq = a\,gg - b^2`
+   (:func:`psiopt.manifold.grad_metric_sq_from_sums`), the rule's coefficients and new
+   per-group state from it (:func:`._adaptive.psiadam_coefficients`,
+   :func:`._adaptive.psiadasgd_coefficients`), the step's scalars
+   (:func:`psiopt.manifold.one_pass_row_scalars`), and the row written while in cache:
 
    .. math::
 
@@ -24,14 +26,16 @@ optimizer from one step to the next):
        w' = s\bigl((1 + c_r b) w - c_r a\, g - c_m m'\bigr), \quad
        m \leftarrow m' - s q\, w' .
 
-So a step moves 7 tensor-sized streams (2 + 3 read, 2 written), as torch's fused Adam
-(4 read, 3 written). Every formula is compiled from its one Python definition; the
+So a step moves 6 tensor-sized streams (1 + 3 read, 2 written); torch's fused Adam moves
+7 (4 read, 3 written). Every formula is compiled from its one Python definition; the
 rules' ``sqrt`` and ``maximum`` are bound to numba's here (a CUDA module binds
-Triton's). The first moment is checked without a read: the write pass records each
-written row's squared norm (column 5 of the kept sums) and the next check pass refuses
-a row whose record is not finite; a new :class:`AdaptiveRows` has its state checked
-once by the caller (:func:`all_finite`). A row whose state gives no finite step (a NaN
-put into the state from outside the optimizer) is left as it is and reported.
+Triton's). The first moment and the state are checked without a read: the write pass
+records each written row's squared norm (column 5 of the kept sums) and the next check
+pass refuses a row whose record is not finite; the caller checks a new
+:class:`AdaptiveRows`'s state once (:func:`all_finite`). A row that the write pass
+cannot step (a zero or non-finite weight norm, or a first moment or state that gives no
+finite step: values written from outside the optimizer, behind the version counter) is
+left as it is and reported.
 """
 
 from __future__ import annotations

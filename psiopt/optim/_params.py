@@ -16,7 +16,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from ..grouping import as_grouping
 from ..manifold import PSIManifold, any_zero_groups
-from ._functional import _local, _row_plan, _RowPlan
+from ._functional import _PLAIN, _local, _row_plan, _RowPlan
 
 __all__: list[str] = []
 
@@ -244,10 +244,15 @@ def _plan_signature(group: dict[str, Any], grads: list[Tensor | None], *extra: A
 
 def _torch_has_fused(params: list[Tensor]) -> bool:
     """Whether torch's fused optimizer kernels take ``params`` (plain floating-point tensors
-    on a device they support): where they do, ``fused=None`` gives the Euclidean
-    parameters torch's fused step. Depends only on the tensors' class, device and dtype, so
-    the optimizers keep the answer with their step plans."""
-    return bool(params) and _default_to_fused_or_foreach(params, differentiable=False, use_fused=True)[0]
+    on a device they support; not DTensors, for which torch's fused SGD has no sharding
+    rule): where they do, ``fused=None`` gives the Euclidean parameters torch's fused
+    step. Depends only on the tensors' class, device and dtype, so the optimizers keep the
+    answer with their step plans."""
+    return (
+        bool(params)
+        and all(type(p) in _PLAIN for p in params)
+        and _default_to_fused_or_foreach(params, differentiable=False, use_fused=True)[0]
+    )
 
 
 def _check_finite(name: str, value: Any) -> None:

@@ -101,12 +101,23 @@ class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
         carry ``"grouping"`` and ``"param_names"`` as for :class:`psiopt.PSISGD`.
     lr : float or Tensor, default 1e-3
         Learning rate; on scale-invariant groups an angle (radians per step, roughly).
-    betas, eps, amsgrad, maximize, foreach
+    betas, eps, amsgrad, maximize
         As in :class:`torch.optim.Adam`, for both kinds of parameters.
     weight_decay : float, default 0
         L2 penalty (decoupled with ``decoupled_weight_decay=True``, as
         :class:`PSIAdamW`), applied to the Euclidean parameters only (see Notes).
-    capturable, differentiable, fused
+    foreach, fused : bool, optional
+        As in torch. On the scale-invariant groups ``foreach=False`` is the reference
+        loop (each tensor's ``(k, d)`` group matrix through the formulas of
+        :mod:`psiopt.manifold`), ``foreach=True`` the same as multi-tensor torch
+        operations, ``fused=True`` the one-pass compiled kernels (numba on the CPU for
+        float32 and float64 tensors; an error where there are none), and the default
+        (both ``None``) the kernels where they exist, else torch's default choice of the
+        other two. The Euclidean parameters get :func:`torch.optim.adam.adam` with the
+        same options, so they follow :class:`torch.optim.Adam` built with them bit for
+        bit; with both ``None``, torch's fused step where torch has one (bit for bit
+        ``Adam(fused=True)``; torch's own default on the CPU is its per-tensor loop).
+    capturable, differentiable
         Only their defaults are supported; other values raise ``ValueError``.
     decoupled_weight_decay : bool, default False
         Use AdamW's decoupled weight decay on the Euclidean parameters.
@@ -129,7 +140,17 @@ class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
       group keeps the direction of :math:`m_j` (as geoopt's ``RiemannianAdam`` does on
       a sphere, whose ``inner`` sums over a row).
     * The checks before a step (non-finite gradients, zero groups, sparse gradients)
-      are :class:`psiopt.PSISGD`'s: a refused step changes nothing.
+      are :class:`psiopt.PSISGD`'s: a refused step changes nothing. (One exception, on
+      the compiled kernels: a NaN put into the first moment or the per-group state from
+      outside the optimizer, which only the write pass reads, leaves the rows that hold
+      it unchanged, and the step raises naming the parameter after the other groups
+      were stepped.)
+    * **One pass over memory.** The compiled step reads the gradients for the checks,
+      then each row of weights, gradient and first moment once, forms the row's six
+      sums, its coefficients (:func:`psiopt.optim._adaptive.psiadam_coefficients`) and
+      the step's scalars (:func:`psiopt.manifold.one_pass_row_scalars`), and writes the
+      row while it is in cache: 6 tensor-sized streams, torch's fused Adam's 7 (the
+      docs' algorithms page has the algebra).
 
     Examples
     --------

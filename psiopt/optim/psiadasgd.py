@@ -68,9 +68,16 @@ class PSIAdaSGD(_AdaptiveKernelsMixin, PSISGD):
 
     Parameters
     ----------
-    params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach
+    params, lr, momentum, dampening, weight_decay, nesterov, maximize
         As in :class:`psiopt.PSISGD`; ``lr`` on a scale-invariant group is the angle of
         the first step.
+    foreach, fused : bool, optional
+        As in torch, and as in :class:`psiopt.PSIAdam`: on the scale-invariant groups
+        ``foreach=False`` is the reference loop, ``foreach=True`` multi-tensor torch
+        operations, ``fused=True`` the one-pass compiled kernels, and the default the
+        kernels where they exist; the other parameters get
+        :func:`torch.optim.sgd.sgd` with the same options (by default torch's fused step
+        where it has one).
     eps : float, default 1e-10
         Added to :math:`\sqrt{S_j}` (invariant units, as :class:`torch.optim.Adagrad`'s).
     initial_accumulator_value : float, default 0

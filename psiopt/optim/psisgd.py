@@ -109,7 +109,10 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         ``False``: the reference loop, tensor by tensor, chaining the formulas of
         :mod:`psiopt.manifold`. ``True``: the one-pass step as multi-tensor torch
         operations. ``None`` (default): the fused kernels where they exist, else the
-        one-pass torch step. The Euclidean parameters use torch's own choice.
+        one-pass torch step. The Euclidean parameters get :func:`torch.optim.sgd.sgd`
+        with the same ``foreach`` and ``fused`` (bit for bit
+        :class:`torch.optim.SGD` built with them); with both ``None``, torch's fused
+        step where torch has one (bit for bit ``SGD(fused=True)``).
     fused : bool, optional
         ``True``: the one-pass step as compiled row kernels, Triton on CUDA, numba on the
         CPU (float32 and float64); an error where there is
