@@ -399,3 +399,43 @@ def test_rescaled_starts_stay_rescaled_on_every_path(path, rule) -> None:
         torch.testing.assert_close(
             m.rows(opts[1].state[q][key]), f.unsqueeze(1) * m.rows(opts[0].state[p][key]), rtol=1e-8, atol=1e-14
         )
+
+
+# -- state dicts saved before the compiled kernels ---------------------------------------------
+
+V0_STATES = "data/adaptive_states_v0.pt"  # by psiopt at 599b86d: see data/make_adaptive_states_v0.py
+V0_SHAPES = [((4, 3, 3, 3), "channel"), ((6, 4), "tensor"), ((5,), None)]
+V0_CONFIGS = {
+    "psiadam": lambda groups, **kw: psiopt.PSIAdam(groups, lr=0.05, betas=(0.8, 0.95), **kw),
+    "psiadamw-amsgrad": lambda groups, **kw: psiopt.PSIAdamW(groups, lr=0.05, amsgrad=True, weight_decay=0.1, **kw),
+    "psiadasgd": lambda groups, **kw: psiopt.PSIAdaSGD(groups, lr=0.2, momentum=0.9, nesterov=True, weight_decay=0.01, **kw),
+}
+
+
+@pytest.mark.parametrize("config", list(V0_CONFIGS))
+@pytest.mark.parametrize("path", [dict(foreach=False), *PATHS.values()], ids=["loop", *PATHS.keys()])
+def test_a_state_dict_saved_before_the_kernels_resumes_as_that_code_went_on(path, config) -> None:
+    """A state dict written by the code before the compiled kernels (3 steps), loaded with
+    ``weights_only=True`` on every path, takes the next 3 steps as that code did (its own
+    continuation is in the file), to float64 rounding."""
+    import pathlib
+
+    saved = torch.load(pathlib.Path(__file__).parent / V0_STATES, weights_only=True)[config]
+    params = [nn.Parameter(w.clone()) for w in saved["weights"]]
+    groups = [{"params": [p], "grouping": g} if g else {"params": [p]} for p, (_, g) in zip(params, V0_SHAPES)]
+    opt = V0_CONFIGS[config](groups, **path)
+    opt.load_state_dict(saved["state_dict"])
+    for k in range(3, 6):
+        gen = torch.Generator().manual_seed(100 + k)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+    for p, expected in zip(params, saved["final_weights"]):
+        _close(p.detach(), expected, 1e-12)
+    state = opt.state_dict()["state"]
+    assert state.keys() == saved["final_state"].keys()
+    for index, expected in saved["final_state"].items():
+        assert state[index].keys() == expected.keys()
+        for key, value in expected.items():
+            assert state[index][key].dtype == value.dtype and state[index][key].shape == value.shape
+            _close(state[index][key], value, 1e-12)
