@@ -439,3 +439,21 @@ def test_a_state_dict_saved_before_the_kernels_resumes_as_that_code_went_on(path
         for key, value in expected.items():
             assert state[index][key].dtype == value.dtype and state[index][key].shape == value.shape
             _close(state[index][key], value, 1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize("counter_dtype", [torch.float32, torch.float64])
+def test_the_kernels_count_steps_in_torchs_step_tensors(counter_dtype) -> None:
+    """PSIAdam keeps torch's ``"step"`` (a 0-d tensor of torch's scalar dtype: float64 under
+    a float64 default dtype); the kernels read each tensor's bias corrections from it and
+    increment it, as the reference loop does."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(counter_dtype)
+    try:
+        reference, params = _params(torch.float64), _params(torch.float64)
+        ref_opt, opt = _run("adam", reference, steps=5, foreach=False), _run("adam", params, steps=5, fused=True)
+    finally:
+        torch.set_default_dtype(previous)
+    for p, q in zip(params, reference):
+        assert opt.state[p]["step"].dtype == counter_dtype and float(opt.state[p]["step"]) == 5.0
+        _close(p.detach(), q.detach(), 1e-12)

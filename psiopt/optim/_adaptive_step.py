@@ -113,16 +113,20 @@ class _AdaptiveKernelsMixin:
         """The state keys of the per-group states (``(k,)`` tensors), in the rule's order."""
         raise NotImplementedError
 
-    def _tensor_scalars(self, group: dict[str, Any], params: list[Tensor], first: list[bool]) -> list[tuple]:
-        """Each tensor's scalars for this step (see :data:`._cpu_adaptive_kernels.RULES`)."""
-        raise NotImplementedError
+    def _counter_key(self, group: dict[str, Any]) -> str | None:
+        """The state key of each tensor's step counter (a 0-d tensor that the kernels read
+        and increment, from which the rule computes the tensor's scalars), or ``None``."""
+        return None
+
+    def _tensor_scalars(self, group: dict[str, Any], params: list[Tensor], first: list[bool]) -> list[tuple] | None:
+        """Without step counters, each tensor's scalars for this step (see
+        :data:`._cpu_adaptive_kernels.RULES`; ``first``: whether its first moment is new),
+        or ``None`` for zeros."""
+        return None
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         """The group's hyperparameters as the rule takes them."""
         raise NotImplementedError
-
-    def _count_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Bookkeeping after the kernels stepped ``params`` (PSIAdam's step counts)."""
 
     # -- which tensors the kernels step ------------------------------------------------------
     def _adaptive_kernels(self, group: dict[str, Any], p: Tensor):
@@ -193,15 +197,19 @@ class _AdaptiveKernelsMixin:
             self._general_step(plans, grads)
 
     def _moments_and_states(self, group: dict[str, Any], kernel_set: _KernelSet) -> tuple | None:
-        """The first moments (``None`` without) and per-group states of ``kernel_set``'s
-        tensors, or ``None`` where one of them is missing."""
-        moment_key, state_keys = self._first_moment_key(group), self._group_state_keys(group)
-        keys = state_keys if moment_key is None else (moment_key, *state_keys)
+        """The first moments, per-group states and step counters of ``kernel_set``'s
+        tensors (``None`` for the first moments or counters of a rule without them), or
+        ``None`` where one of them is missing."""
+        moment_key, state_keys, counter_key = (
+            self._first_moment_key(group), self._group_state_keys(group), self._counter_key(group)
+        )  # fmt: skip
+        keys = state_keys + tuple(k for k in (moment_key, counter_key) if k is not None)
         states = [self.state[p] for p in kernel_set.params]
         if not all(key in state for state in states for key in keys):
             return None
         moments = None if moment_key is None else [state[moment_key] for state in states]
-        return moments, [tuple(state[key] for key in state_keys) for state in states]
+        counters = None if counter_key is None else [state[counter_key] for state in states]
+        return moments, [tuple(state[key] for key in state_keys) for state in states], counters
 
     def _kept_step(self, plans: list[_AdaptivePlan], grads: list[list[Tensor | None]]) -> bool:
         """The whole step on the kept row batches, when every group has them and they all
@@ -228,7 +236,7 @@ class _AdaptiveKernelsMixin:
             if plan.euclid:
                 self._euclidean_update(group, plan.euclid, plan.euclid_fused)
             for ks in plan.kernel_sets:
-                tampered += self._kernel_update(group, ks, [False] * len(ks.entries))
+                tampered += self._kernel_update(group, ks, None)
         self._raise_if_tampered(tampered)
         return True
 
@@ -257,8 +265,8 @@ class _AdaptiveKernelsMixin:
                 for p, _, manifold in ks.entries:
                     self._new_state(group, p, manifold)
                     self._lay_out_like(p, ks)
-                moments, states = self._moments_and_states(group, ks)
-                ks.batch = ks.kernels.AdaptiveRows(self._RULE, ks.params, moments, states, ks.rows)
+                moments, states, counters = self._moments_and_states(group, ks)
+                ks.batch = ks.kernels.AdaptiveRows(self._RULE, ks.params, moments, states, ks.rows, counters)
                 # The gradients and norms are finite (checked above): a flagged tensor had sums that
                 # overflowed its precision, and takes the reference step, which does not form them.
                 flagged = ks.batch.check([group_grads[i] for i in ks.positions])
@@ -287,12 +295,11 @@ class _AdaptiveKernelsMixin:
             elif value.dim() == 1 and value.shape != p.shape and (value.dtype != p.dtype or not value.is_contiguous()):
                 state[key] = value.to(p.dtype).contiguous()
 
-    def _kernel_update(self, group: dict[str, Any], ks: _KernelSet, first: list[bool], skip: list[int] = ()) -> list:
-        stepped = [p for i, p in enumerate(ks.params) if i not in skip]
-        left = ks.batch.update(
-            self._tensor_scalars(group, ks.params, first), self._hyper(group), maximize=group["maximize"], skip=skip
-        )
-        self._count_step(group, stepped)
+    def _kernel_update(self, group: dict[str, Any], ks: _KernelSet, first: list[bool] | None, skip: list[int] = ()) -> list:
+        """The write pass; returns the names of the tensors with a row left as it was.
+        ``first``: whether each tensor's first moment is new (``None``: none is)."""
+        xs = None if first is None else self._tensor_scalars(group, ks.params, first)
+        left = ks.batch.update(xs, self._hyper(group), maximize=group["maximize"], skip=skip)
         return [ks.entries[i][1] for i in left]
 
     @staticmethod

@@ -59,7 +59,6 @@ from ._cpu_kernels import (
     _all_finite,
     _any_bad_row,
     _float64_momentum_sums,
-    _make_momentum_sums,
     _make_weight_gradient_sums,
     _pointer,
     all_finite,
@@ -83,29 +82,45 @@ _adam = _compiled(_adaptive.psiadam_coefficients)
 _adasgd = _compiled(_adaptive.psiadasgd_coefficients)
 
 
-# Each rule as the write pass calls it: (sq, state0, state1, x0, x1, x2, hyper) ->
-# (mu, alpha, c_m, c_r, new state0, new state1), with x the tensor's scalars and hyper
-# the param group's hyperparameters as a tuple of floats (AdaptiveRows.update).
+_adam_bias_corrections = numba.njit(_adaptive.psiadam_bias_corrections, fastmath=_FASTMATH)
+
+
+# Each rule as the write pass calls it. Per row: (sq, state0, state1, x0, x1, x2, hyper) ->
+# (mu, alpha, c_m, c_r, new state0, new state1), with x the tensor's scalars and hyper the
+# param group's hyperparameters as a tuple of floats (AdaptiveRows.update). Per tensor,
+# where the tensor has a step counter: (count, hyper) -> its scalars (x0, x1, x2).
 
 
 @numba.njit(fastmath=_FASTMATH, nogil=True)
-def _adam_rule(sq, v, v_max, bc1, bc1_next, bc2_sqrt, hyper):  # pragma: no cover - compiled
+def _adam_rows(sq, v, v_max, bc1, bc1_next, bc2_sqrt, hyper):  # pragma: no cover - compiled
     lr, beta1, beta2, eps, amsgrad, nesterov = hyper
     return _adam(sq, v, v_max, bc1, bc1_next, bc2_sqrt, lr, beta1, beta2, eps, amsgrad != 0.0, nesterov != 0.0)
 
 
 @numba.njit(fastmath=_FASTMATH, nogil=True)
-def _adasgd_rule(sq, total, unused, first, x1, x2, hyper):  # pragma: no cover - compiled
+def _adam_tensor(step, hyper):  # pragma: no cover - compiled
+    return _adam_bias_corrections(step, hyper[1], hyper[2])
+
+
+@numba.njit(fastmath=_FASTMATH, nogil=True)
+def _adasgd_rows(sq, total, unused, first, x1, x2, hyper):  # pragma: no cover - compiled
     lr, momentum, dampening, nesterov, eps = hyper
     mu, alpha, c_m, c_r, total = _adasgd(sq, total, first != 0.0, lr, momentum, dampening, nesterov != 0.0, eps)
     return mu, alpha, c_m, c_r, total, total
 
 
-RULES = {"adam": _adam_rule, "adasgd": _adasgd_rule}
-"""The rules by name: ``"adam"`` (hyper ``(lr, beta1, beta2, eps, amsgrad, nesterov)``,
-tensor scalars :func:`._adaptive.psiadam_bias_corrections`, states ``exp_avg_sq`` and,
-with amsgrad, ``max_exp_avg_sq``) and ``"adasgd"`` (hyper ``(lr, momentum, dampening,
-nesterov, eps)``, tensor scalars ``(first, 0, 0)``, state ``sum``)."""
+@numba.njit(fastmath=_FASTMATH, nogil=True)
+def _no_counter(step, hyper):  # pragma: no cover - compiled
+    return 0.0, 0.0, 0.0  # never called: an AdaSGD tensor has no step counter
+
+
+RULES = {"adam": (_adam_rows, _adam_tensor), "adasgd": (_adasgd_rows, _no_counter)}
+"""The rules by name, each a pair (per-row coefficients, per-tensor scalars from a step
+counter): ``"adam"`` (hyper ``(lr, beta1, beta2, eps, amsgrad, nesterov)``; the tensor's
+scalars :func:`._adaptive.psiadam_bias_corrections` of its step counter, ``"step"``, which
+the write pass increments; states ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``)
+and ``"adasgd"`` (hyper ``(lr, momentum, dampening, nesterov, eps)``; no counter, the
+tensor's scalars ``(first, 0, 0)`` from the caller; state ``sum``)."""
 
 
 @functools.cache  # one compiled function per dtype
@@ -134,6 +149,36 @@ def _make_write_rows(cast):
         return written
 
     return write_rows
+
+
+@functools.cache  # one compiled function per dtype
+def _make_six_sums(cast):
+    r"""The six sums of row ``j``, :math:`w\cdot w, g\cdot w, g\cdot g, m\cdot g, m\cdot w,
+    m\cdot m`, in one loop, accumulated in the rows' dtype: three rows read from memory at
+    once (the write pass's only read of them; two loops, one per three sums, measured
+    slower with cold caches, where more streams at once bring more bandwidth)."""
+
+    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    def six_sums(w, g, m, j):  # pragma: no cover - compiled
+        a = cast(0.0)
+        b = cast(0.0)
+        gg = cast(0.0)
+        mg = cast(0.0)
+        mw = cast(0.0)
+        mm = cast(0.0)
+        for i in range(w.shape[1]):
+            wi = w[j, i]
+            gi = g[j, i]
+            mi = m[j, i]
+            a += wi * wi
+            b += gi * wi
+            gg += gi * gi
+            mg += mi * gi
+            mw += mi * wi
+            mm += mi * mi
+        return a, b, gg, mg, mw, mm
+
+    return six_sums
 
 
 @functools.cache  # one compiled function per dtype
@@ -178,23 +223,24 @@ def _make_update(cast, rule):
     was left as it was (a zero or non-finite weight row, or a first moment or state that
     gives no finite step)."""
     tiny = float(np.finfo(cast).tiny)
-    write_rows = _make_write_rows(cast)
-    weight_gradient_sums, momentum_sums = _make_weight_gradient_sums(cast), _make_momentum_sums(cast)
+    write_rows, six_sums = _make_write_rows(cast), _make_six_sums(cast)
+    weight_gradient_sums = _make_weight_gradient_sums(cast)
 
     @numba.njit(fastmath=_FASTMATH, nogil=True)
     def update(w, g, m, has_m, sums, s0, s1, n_states, x0, x1, x2, hyper, sign):  # pragma: no cover - compiled
         inv = cast(1.0)
         bad = False
         for j in range(w.shape[0]):
-            a32, b32, gg32 = weight_gradient_sums(w, g, j, inv)
-            a, b, gg = np.float64(a32), sign * np.float64(b32), np.float64(gg32)
             mg = mw = mm = 0.0
             if has_m:
-                mg32, mw32, mm32 = momentum_sums(w, g, m, j, inv)  # the row's w and g are in cache now
+                a32, b32, gg32, mg32, mw32, mm32 = six_sums(w, g, m, j)
                 mg, mw, mm = np.float64(mg32), np.float64(mw32), np.float64(mm32)
                 if not (math.isfinite(mg) and math.isfinite(mw) and math.isfinite(mm)):
                     mg, mw, mm = _float64_momentum_sums(w, g, m, j)  # float32 sums that overflowed
                 mg = sign * mg
+            else:
+                a32, b32, gg32 = weight_gradient_sums(w, g, j, inv)
+            a, b, gg = np.float64(a32), sign * np.float64(b32), np.float64(gg32)
             mu, alpha, c_m, c_r, new0, new1 = rule(_grad_sq(a, b, gg), s0[j], s1[j], x0, x1, x2, hyper)
             s2, q = _row_scalars(a, b, gg, mg, mw, mm, mu, alpha, c_m, c_r)
             s = math.sqrt(s2)
@@ -218,9 +264,10 @@ def _make_update(cast, rule):
 
 # Columns of the int64 table of one batched call, one row per tensor: the addresses of the
 # rows of weights, gradient, first moment (the weights' without one) and sums, the rows
-# and entries per row, whether the check pass reads the weights, and the addresses of up
-# to two per-group states (the sums' where there are fewer: never read).
-_W, _G, _M, _S, _ROWS, _COLS, _READ_W, _STATE0, _STATE1 = range(9)
+# and entries per row, whether the check pass reads the weights, the addresses of up to
+# two per-group states (the sums' where there are fewer: never read), and the address of
+# the tensor's step counter (0: none) with its itemsize (4: float32, 8: float64).
+_W, _G, _M, _S, _ROWS, _COLS, _READ_W, _STATE0, _STATE1, _COUNTER, _COUNTER_SIZE = range(11)
 
 
 class _Passes(NamedTuple):
@@ -231,7 +278,8 @@ class _Passes(NamedTuple):
 @functools.cache  # compiled on first use, per dtype and rule
 def _make_batched(dtype: torch.dtype, rule_name: str) -> _Passes:
     cast = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
-    check_kernel, update_kernel = _make_check(cast), _make_update(cast, RULES[rule_name])
+    rows_rule, tensor_rule = RULES[rule_name]
+    check_kernel, update_kernel = _make_check(cast), _make_update(cast, rows_rule)
 
     @numba.njit(nogil=True)
     def views(table, t):  # pragma: no cover - compiled
@@ -256,15 +304,29 @@ def _make_batched(dtype: torch.dtype, rule_name: str) -> _Passes:
     def update(table, xs, hyper, has_m, n_states, sign, skip, bad):  # pragma: no cover - compiled
         for t in range(table.shape[0]):
             k = table[t, _ROWS]
-            if k == 0 or skip[t]:
+            if skip[t]:
                 continue
-            w, g, m, sums = views(table, t)
-            bad[t] = update_kernel(
-                w, g, m, has_m, sums,
-                numba.carray(_pointer(table[t, _STATE0]), (k,), cast),
-                numba.carray(_pointer(table[t, _STATE1]), (k,), cast),
-                n_states, xs[t, 0], xs[t, 1], xs[t, 2], hyper, sign,
-            )  # fmt: skip
+            x0, x1, x2 = xs[t, 0], xs[t, 1], xs[t, 2]
+            count = 0.0
+            if table[t, _COUNTER] != 0:  # this step is the counter's next
+                if table[t, _COUNTER_SIZE] == 4:
+                    count = np.float64(numba.carray(_pointer(table[t, _COUNTER]), (1,), np.float32)[0]) + 1.0
+                else:
+                    count = numba.carray(_pointer(table[t, _COUNTER]), (1,), np.float64)[0] + 1.0
+                x0, x1, x2 = tensor_rule(count, hyper)
+            if k > 0:
+                w, g, m, sums = views(table, t)
+                bad[t] = update_kernel(
+                    w, g, m, has_m, sums,
+                    numba.carray(_pointer(table[t, _STATE0]), (k,), cast),
+                    numba.carray(_pointer(table[t, _STATE1]), (k,), cast),
+                    n_states, x0, x1, x2, hyper, sign,
+                )  # fmt: skip
+            if table[t, _COUNTER] != 0:
+                if table[t, _COUNTER_SIZE] == 4:
+                    numba.carray(_pointer(table[t, _COUNTER]), (1,), np.float32)[0] = count
+                else:
+                    numba.carray(_pointer(table[t, _COUNTER]), (1,), np.float64)[0] = count
 
     return _Passes(check, update)
 
@@ -279,8 +341,10 @@ class AdaptiveRows:
     ``moments[i]`` is the first moment of ``params[i]``, laid out like it, or
     ``moments=None`` for a rule without one; ``states[i]`` a tuple of 0 to 2 contiguous
     ``(k,)`` tensors of the weights' dtype, the per-group state that the rule reads and
-    writes. The caller checks the first moments and states once (:func:`all_finite`)
-    before it makes a batch: afterwards only what the kernels wrote is read.
+    writes; ``counters[i]`` (``None``: none) a 0-d float32 or float64 CPU tensor, the step
+    count from which the rule computes the tensor's scalars, incremented by each update.
+    The caller checks the first moments and states once (:func:`all_finite`) before it
+    makes a batch: afterwards only what the kernels wrote is read.
 
     A step is :meth:`check`, then, if no row is bad, :meth:`update`. Both hold while the
     weights stay where they were and the first moments and states are the same tensors
@@ -288,9 +352,14 @@ class AdaptiveRows:
     """
 
     def __init__(self, rule: str, params: list[Tensor], moments: list[Tensor] | None,
-                 states: list[tuple[Tensor, ...]], rows: list) -> None:  # fmt: skip
+                 states: list[tuple[Tensor, ...]], rows: list, counters: list[Tensor] | None = None) -> None:  # fmt: skip
         self.rule, self.params, self.moments, self.has_m = rule, params, moments, moments is not None
         self.states = [tuple(s) for s in states]
+        self.counters = counters
+        if counters is not None and not all(
+            c.dim() == 0 and c.is_cpu and c.dtype in (torch.float32, torch.float64) for c in counters
+        ):
+            raise ValueError("a step counter must be a 0-d float32 or float64 CPU tensor")
         self.dtype = params[0].dtype if params else torch.float32
         self.n_states = len(self.states[0]) if params else 0
         ws = [r(p) for r, p in zip(rows, params)]
@@ -309,9 +378,10 @@ class AdaptiveRows:
                 raise ValueError("each per-group state must be a contiguous (rows,) tensor of the weights' dtype")
             unused = [rows_sums.data_ptr()] * (2 - len(state))  # a valid address, never read
             m = w if ms is None else ms[i]
+            counter = (0, 0) if counters is None else (counters[i].data_ptr(), counters[i].element_size())
             table.append((w.data_ptr(), w.data_ptr(), m.data_ptr(), rows_sums.data_ptr(), *w.shape, 0,
-                          *(s.data_ptr() for s in state), *unused))  # fmt: skip
-        self.table = np.array(table, dtype=np.int64).reshape(-1, 9)
+                          *(s.data_ptr() for s in state), *unused, *counter))  # fmt: skip
+        self.table = np.array(table, dtype=np.int64).reshape(-1, 11)
         self.flags = np.zeros(len(params), dtype=np.bool_)
         self.skip = np.zeros(len(params), dtype=np.bool_)
         self.xs = np.zeros((len(params), 3), dtype=np.float64)
@@ -319,14 +389,20 @@ class AdaptiveRows:
         self._views = (ws, ms)  # the table points into them
         self._grads: list[Tensor] | None = None
 
-    def matches(self, moments: list[Tensor] | None, states: list[tuple[Tensor, ...]]) -> bool:
+    def matches(
+        self, moments: list[Tensor] | None, states: list[tuple[Tensor, ...]], counters: list[Tensor] | None = None
+    ) -> bool:
         """Whether every weight is where it was, with the same shape and strides, and
-        ``moments`` and ``states`` (the optimizer's current ones) are the kept tensors."""
-        if (moments is None) != (self.moments is None) or len(states) != len(self.states):
+        ``moments``, ``states`` and ``counters`` (the optimizer's current ones) are the kept
+        tensors."""
+        if (moments is None) != (self.moments is None) or (counters is None) != (self.counters is None):
+            return False
+        if len(states) != len(self.states):
             return False
         return (
             all(len(s) == len(kept) and all(x is y for x, y in zip(s, kept)) for s, kept in zip(states, self.states))
             and (moments is None or all(m is kept for m, kept in zip(moments, self.moments)))
+            and (counters is None or all(c is kept for c, kept in zip(counters, self.counters)))
             and all((p.data_ptr(), p.shape, p.stride()) == layout for p, layout in zip(self.params, self.layouts))
         )
 
@@ -354,17 +430,22 @@ class AdaptiveRows:
             return None
         return np.flatnonzero(self.flags).tolist() if self.flags.any() else []
 
-    def update(self, xs: list[tuple[float, float, float]], hyper: tuple[float, ...], *, maximize: bool,
+    def update(self, xs: list[tuple[float, float, float]] | None, hyper: tuple[float, ...], *, maximize: bool,
                skip: list[int] = ()) -> list[int]:  # fmt: skip
         """The write pass after :meth:`check`, in place, but on the tensors at the positions
-        ``skip``. ``xs[i]``: tensor ``i``'s scalars, ``hyper``: the group's hyperparameters
-        (see :data:`RULES`). Returns the positions of the tensors with a row left as it was:
+        ``skip``. ``xs[i]``: tensor ``i``'s scalars where it has no step counter (``None``:
+        zeros), ``hyper``: the group's hyperparameters (see
+        :data:`RULES`). Each counter of a tensor stepped is incremented. Returns the
+        positions of the tensors with a row left as it was:
         a weight row with a zero, underflowing or non-finite squared norm, or a first
         moment or state that gives no finite step (values that this batch did not write:
         changed from outside the optimizer, behind the version counter)."""
         if not self.params:
             return []
-        self.xs[:] = xs
+        if xs is not None:
+            self.xs[:] = xs
+        elif self.xs.any():
+            self.xs[:] = 0.0
         self.skip[:] = False
         if skip:
             self.skip[list(skip)] = True

@@ -11,7 +11,7 @@ from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _to_scalar
 
 from ..manifold import PSIManifold
-from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows, psiadam_bias_corrections
+from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows
 from ._adaptive_step import _AdaptiveKernelsMixin
 from ._params import _check_finite, _PSIParamsMixin
 
@@ -323,17 +323,12 @@ class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
     def _group_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg_sq",)
 
-    def _tensor_scalars(self, group: dict[str, Any], params: list[Tensor], first: list[bool]) -> list[tuple]:
-        beta1, beta2 = (float(b) for b in group["betas"])
-        return [psiadam_bias_corrections(float(self.state[p]["step"]) + 1.0, beta1, beta2) for p in params]
+    def _counter_key(self, group: dict[str, Any]) -> str | None:
+        return "step"  # the kernels take each tensor's bias corrections from it, and increment it
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]
         return (group["lr"], beta1, beta2, group["eps"], group["amsgrad"], group["nesterov"])
-
-    def _count_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        if params:
-            torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
 
     def _reference_update(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
         params = [p for p, _, _ in psi]
