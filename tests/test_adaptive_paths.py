@@ -457,3 +457,24 @@ def test_the_kernels_count_steps_in_torchs_step_tensors(counter_dtype) -> None:
     for p, q in zip(params, reference):
         assert opt.state[p]["step"].dtype == counter_dtype and float(opt.state[p]["step"]) == 5.0
         _close(p.detach(), q.detach(), 1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+def test_the_check_pass_finds_a_non_finite_gradient_in_any_row(rows) -> None:
+    """The check pass reads the gradient rows two at a time (the first half with the second):
+    a NaN or infinity in any row, of an even or odd count, is found; the others pass."""
+    from psiopt.optim import _cpu_adaptive_kernels
+
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(rows, 7, generator=gen, dtype=torch.float64)
+    batch = _cpu_adaptive_kernels.AdaptiveRows("adasgd", [w], None, [(torch.zeros(rows, dtype=torch.float64),)], [lambda x: x])
+    g = torch.randn(rows, 7, generator=gen, dtype=torch.float64)
+    assert batch.check([g]) == []
+    batch.update(None, (0.1, 0.0, 0.0, 0.0, 1e-10), maximize=False)  # the next check reads the gradients only
+    for row in range(rows):
+        for bad in (float("nan"), float("inf")):
+            g_bad = g.clone()
+            g_bad[row, 6] = bad
+            assert batch.check([g_bad]) == [0], (row, bad)
+        assert batch.check([g]) == []
