@@ -478,3 +478,26 @@ def test_the_check_pass_finds_a_non_finite_gradient_in_any_row(rows) -> None:
             g_bad[row, 6] = bad
             assert batch.check([g_bad]) == [0], (row, bad)
         assert batch.check([g]) == []
+
+
+@needs_numba
+@pytest.mark.parametrize("rule", ["adam", "adasgd"])
+def test_kept_batches_serve_param_groups_with_only_euclidean_parameters(rule) -> None:
+    """psiopt.param_groups gives the Euclidean parameters a param group of their own: the
+    kept batches still take every step from the second on (the first batch's check pass
+    checks their gradients), and the result is the reference loop's."""
+    reference, params = _params(torch.float64), _params(torch.float64)
+    extra = [nn.Parameter(torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)) for _ in range(2)]
+    opts = [RULES[rule]([*_groups(ps), {"params": [e]}], **path)
+            for ps, e, path in ((reference, extra[0], dict(foreach=False)), (params, extra[1], {}))]  # fmt: skip
+    batches = []
+    for k in range(4):
+        _grads([*reference, extra[0]], k)
+        for p, q in zip([*params, extra[1]], [*reference, extra[0]]):
+            p.grad = q.grad.clone()
+        for opt in opts:
+            opt.step()
+        batches.append([ks.batch for plan in opts[1]._adaptive_plans.values() for ks in plan.kernel_sets])
+    assert all(b is c for b, c in zip(batches[1], batches[3]))  # made by the first step, kept since
+    for p, q in zip([*params, extra[1]], [*reference, extra[0]]):
+        _close(p.detach(), q.detach(), 1e-12)

@@ -16,15 +16,25 @@ the same entry points is looked up under :data:`CUDA_KERNELS`) provides:
 * ``supports(t) -> bool``: whether it steps tensor ``t`` (device and dtype);
 * ``all_finite(tensors) -> bool | None``: whether every entry is finite (``None``: it
   cannot tell, the caller checks);
-* ``AdaptiveRows(rule, params, moments, states, rows)``, one param group's tensors kept
-  from step to step, with ``matches(moments, states) -> bool``,
-  ``check(grads, others=()) -> list[int] | None`` (the positions of tensors with a bad
-  row; ``None`` where an entry of the tensors ``others`` is not finite, or it cannot
-  tell) and
-  ``update(xs, hyper, *, maximize, skip=()) -> list[int]`` (the positions of tensors
-  with a row left as it was); see :class:`._cpu_adaptive_kernels.AdaptiveRows`.
+* ``AdaptiveRows(rule, params, moments, states, rows, counters)``: one param group's
+  tensors of one dtype, kept from step to step (``rule``: ``"adam"`` or ``"adasgd"``;
+  ``moments``: the first moments, or ``None``; ``states``: per tensor, the tuple of its
+  ``(k,)`` per-group states; ``rows``: per tensor, the map to its ``(k, d)`` row view;
+  ``counters``: PSIAdam's ``"step"`` tensors, which the update reads and increments, or
+  ``None``), with
 
-The step's algebra is on the docs' algorithms page (*One pass for the adaptive steps*):
+  * ``matches(moments, states, counters) -> bool``: whether the kept batch still holds;
+  * ``check(grads, others=()) -> list[int] | None``: the check pass; the positions of
+    the tensors with a bad row, or ``None`` where an entry of the tensors ``others``
+    (the other gradients) is not finite, or it cannot tell;
+  * ``update(xs, hyper, *, maximize, skip=()) -> list[int]``: the write pass (``xs``:
+    per tensor, the rule's scalars where there is no counter, ``None`` for zeros;
+    ``hyper``: the group's hyperparameters as a tuple); the positions of the tensors
+    with a row left as it was.
+
+  See :class:`._cpu_adaptive_kernels.AdaptiveRows` and its :data:`RULES`.
+
+The step's algebra is on the docs' algorithms page (*How an adaptive step is computed*):
 :func:`psiopt.manifold.one_pass_row_scalars` with each rule's coefficients
 (:func:`._adaptive.psiadam_coefficients`, :func:`._adaptive.psiadasgd_coefficients`).
 """
@@ -212,25 +222,28 @@ class _AdaptiveKernelsMixin:
         return moments, [tuple(state[key] for key in state_keys) for state in states], counters
 
     def _kept_step(self, plans: list[_AdaptivePlan], grads: list[list[Tensor | None]]) -> bool:
-        """The whole step on the kept row batches, when every group has them and they all
-        hold: per group, a check pass, then torch's step on the Euclidean parameters and
-        a write pass. Returns ``False``, having written nothing, where the general step is
-        needed (it raises, naming the parameter, or takes the step another way)."""
+        """The whole step on the kept row batches, when every scale-invariant tensor has
+        one and they all hold: the check passes (the first also checks every Euclidean
+        gradient, in the same compiled call), then torch's step on the Euclidean
+        parameters and the write passes. Returns ``False``, having written nothing, where
+        the general step is needed (it raises, naming the parameter, or takes the step
+        another way)."""
+        kernel_sets = []
         for group, plan, group_grads in zip(self.param_groups, plans, grads):
-            if plan.loop or any(ks.batch is None for ks in plan.kernel_sets):
+            if plan.loop:
                 return False
             for ks in plan.kernel_sets:
-                current = self._moments_and_states(group, ks)
+                current = None if ks.batch is None else self._moments_and_states(group, ks)
                 if current is None or not ks.batch.matches(*current):
                     return False
-            if plan.euclid and not plan.kernel_sets:
-                return False
-            for n, ks in enumerate(plan.kernel_sets):
-                # The check pass; the first also checks the Euclidean gradients, in the same call.
-                others = [group_grads[i] for i in plan.euclid_positions] if n == 0 else ()
-                flagged = ks.batch.check([group_grads[i] for i in ks.positions], others)
-                if flagged is None or flagged:
-                    return False  # None: a Euclidean gradient not finite, or not one these kernels read
+                kernel_sets.append((ks, [group_grads[i] for i in ks.positions]))
+        if not kernel_sets:
+            return False
+        others = [g[i] for plan, g in zip(plans, grads) for i in plan.euclid_positions]
+        for n, (ks, ks_grads) in enumerate(kernel_sets):
+            flagged = ks.batch.check(ks_grads, others if n == 0 else ())
+            if flagged is None or flagged:
+                return False  # None: a Euclidean gradient not finite, or not one these kernels read
         tampered = []
         for group, plan in zip(self.param_groups, plans):
             if plan.euclid:
