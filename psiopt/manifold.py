@@ -250,14 +250,16 @@ def one_pass_step_scalars(a, b, gg, mg, mw, mm, lr, momentum, dampening, nestero
     return a / uu, (mpw - lr * md) / a
 
 
-def one_pass_row_scalars(a, b, gg, mg, mw, mm, mu, alpha, c_m, c_r):
-    r"""The per-group scalars of a PSI step with per-group coefficients, from the six sums
-    of :func:`step_row_sums`: the one-pass form of the adaptive steps
-    (:class:`psiopt.PSIAdam`, :class:`psiopt.PSIAdaSGD`).
+def one_pass_row_scalars(a, b, sq, mg, mw, mm, mu, alpha, c_m, c_r):
+    r"""The per-group scalars of a PSI step with per-group coefficients: the one-pass form
+    of the adaptive steps (:class:`psiopt.PSIAdam`, :class:`psiopt.PSIAdaSGD`).
 
-    With the Riemannian gradient :math:`r = a\,g - b\,w` and the group's coefficients
-    :math:`\mu, \alpha, c_m, c_r` (each optimizer's rule gives them from the group's
-    invariant squared gradient norm and its state), the step is
+    From the sums of :func:`step_row_sums` (:math:`a = w\cdot w`, :math:`b = g\cdot w`,
+    :math:`m\cdot g, m\cdot w, m\cdot m`) and :math:`sq = \|r\|^2/a = a\,gg - b^2`
+    (:func:`grad_metric_sq_from_sums`; the caller computes it, from :math:`r` itself where
+    the sums cancel), with the Riemannian gradient :math:`r = a\,g - b\,w` and the group's
+    coefficients :math:`\mu, \alpha, c_m, c_r` (each optimizer's rule gives them from
+    :math:`sq` and the group's state), the step is
 
     .. math::
 
@@ -269,7 +271,7 @@ def one_pass_row_scalars(a, b, gg, mg, mw, mm, mu, alpha, c_m, c_r):
 
     .. math::
 
-        r\cdot r &= a(a\,gg - b^2), \quad r\cdot m = a\,mg - b\,mw, \quad r\cdot w = 0\\
+        r\cdot r &= a\,sq, \quad r\cdot m = a\,mg - b\,mw, \quad r\cdot w = 0\\
         m'\cdot w &= \mu\,mw, \quad m'\cdot m' = \mu^2 mm + 2\mu\alpha\,r\cdot m + \alpha^2 r\cdot r,
             \quad m'\cdot r = \mu\,r\cdot m + \alpha\,r\cdot r\\
         u\cdot u &= a - 2c_m\,m'\cdot w + c_m^2\,m'\cdot m' + 2c_m c_r\,m'\cdot r + c_r^2\,r\cdot r,
@@ -283,7 +285,7 @@ def one_pass_row_scalars(a, b, gg, mg, mw, mm, mu, alpha, c_m, c_r):
     compiled kernels compile it by itself; the square root is the caller's; with
     ``maximize``, pass :math:`-g`'s sums.
     """
-    rr = a * (a * gg - b * b)
+    rr = a * sq
     rm = a * mg - b * mw
     mpw = mu * mw
     mpmp = mu * mu * mm + 2.0 * mu * alpha * rm + alpha * alpha * rr

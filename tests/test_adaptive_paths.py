@@ -501,3 +501,42 @@ def test_kept_batches_serve_param_groups_with_only_euclidean_parameters(rule) ->
     assert all(b is c for b, c in zip(batches[1], batches[3]))  # made by the first step, kept since
     for p, q in zip([*params, extra[1]], [*reference, extra[0]]):
         _close(p.detach(), q.detach(), 1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize("rule", ["adam", "adasgd"])
+def test_a_group_zeroed_behind_the_version_counter_is_named_and_left_as_it_is(rule) -> None:
+    """A write through ``.data`` does not move torch's version counter, so the check pass
+    does not read that weight: the write pass meets the zero group, leaves it as it is,
+    steps the others and raises naming the parameter."""
+    params = _params(torch.float64)
+    opt = _run(rule, params, steps=3)
+    params[1].data[2].zero_()
+    others_before = params[0].detach().clone()
+    _grads(params, 3)
+    with pytest.raises(FloatingPointError, match=r"param_groups\\[1\\]\\['params'\\]\\[0\\].*zero or non-finite group"):
+        opt.step()
+    assert not params[1].detach()[2].any() and torch.isfinite(params[1]).all()
+    assert not torch.equal(params[0].detach(), others_before)
+
+
+@needs_numba
+@pytest.mark.parametrize("rule", ["adam", "adasgd"])
+def test_a_gradient_nearly_along_the_weights_gives_the_float64_step_in_float32(rule) -> None:
+    """Where the gradient is nearly parallel to its group (a weight that is not scale
+    invariant), a·gg and b² cancel: float32 sums would leave a negative or wrong squared
+    gradient norm. The kernels then take it from r itself, and a float32 step agrees
+    with the reference loop run in float64."""
+    gen = torch.Generator().manual_seed(11)
+    w64 = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    params = {dtype: [nn.Parameter(w64.to(dtype))] for dtype in (torch.float32, torch.float64)}
+    opts = {dtype: RULES[rule]([{"params": ps, "grouping": "channel"}], **({"fused": True} if dtype == torch.float32 else {"foreach": False}))
+            for dtype, ps in params.items()}  # fmt: skip
+    for k in range(3):
+        noise = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+        for dtype, ps in params.items():
+            ps[0].grad = (-3.0 * ps[0].detach().double() + 1e-3 * noise).to(dtype)  # about 0.02 degrees from -w
+            opts[dtype].step()
+    w32, w64 = params[torch.float32][0].detach(), params[torch.float64][0].detach()
+    assert torch.isfinite(w32).all()
+    torch.testing.assert_close(w32.double(), w64, rtol=1e-4, atol=1e-4 * float(w64.abs().max()))

@@ -55,8 +55,8 @@ def _riemannian_gradient(w: Tensor, grad: Tensor, maximize: bool) -> tuple[Tenso
 
 # -- each rule's coefficients: the one home of its formula ---------------------------------
 #
-# A rule turns a group's invariant squared gradient norm ``sq`` (= a gg - b^2 from the
-# sums of psiopt.manifold.step_row_sums) and its per-group state into the coefficients
+# A rule turns a group's invariant squared gradient norm ``sq`` (= ||r||^2 / a = a gg - b^2,
+# from the sums of psiopt.manifold.step_row_sums) and its per-group state into the coefficients
 # (mu, alpha, c_m, c_r) of psiopt.manifold.one_pass_row_scalars's step and the new state.
 # Pure arithmetic plus ``sqrt`` and ``maximum``, so that one definition serves (k, 1)
 # tensors in the reference loop and scalars in compiled kernels: numba and Triton compile

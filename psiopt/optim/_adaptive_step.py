@@ -320,7 +320,8 @@ class _AdaptiveKernelsMixin:
         if names:
             raise FloatingPointError(
                 f"{', '.join(map(str, names))}: the optimizer state (first moment or per-group state) holds NaN or "
-                "infinite values that no step of this optimizer wrote (changed from outside it), or gives a step "
-                "that is not finite; the groups with such values were left unchanged and every other group was "
-                "stepped. Reset that state (optimizer.state[p]) or load a saved optimizer state"
+                "infinite values, or the weights a zero or non-finite group, that no step of this optimizer wrote "
+                "(changed from outside it, where torch's version counter does not see it), or they give a step "
+                "that is not finite; those groups were left unchanged and every other group was stepped. Reset "
+                "that state (optimizer.state[p]) or load a saved optimizer state, and re-initialize such groups"
             )

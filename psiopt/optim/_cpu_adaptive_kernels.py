@@ -68,21 +68,43 @@ from ._cpu_kernels import (
 
 __all__ = ["AdaptiveRows", "RULES", "all_finite", "supports"]
 
-_row_scalars = numba.njit(one_pass_row_scalars, fastmath=_FASTMATH)
-_grad_sq = numba.njit(grad_metric_sq_from_sums, fastmath=_FASTMATH)
+# Every compiled function of the step: fastmath as _cpu_kernels (no nnan/ninf), and numpy's
+# error model, under which a division by zero or the square root of a negative number gives
+# an infinity or a NaN (which the write pass tells apart) instead of raising.
+_ARITHMETIC = {"fastmath": _FASTMATH, "nogil": True, "error_model": "numpy"}
+
+_row_scalars = numba.njit(one_pass_row_scalars, **_ARITHMETIC)
+_grad_sq = numba.njit(grad_metric_sq_from_sums, **_ARITHMETIC)
+
+# Where a gg - b^2 < _CANCELLING a gg (the gradient within about 6 degrees of the weights,
+# which a scale-invariant weight's never is), the two terms cancel and the rows' rounding
+# of a, b, gg is amplified more than 100 times: sq is then taken from r itself.
+_CANCELLING = 1e-2
+
+
+@numba.njit(**_ARITHMETIC)
+def _exact_grad_sq(w, g, j, a, b, sign):  # pragma: no cover - compiled
+    r"""sq = \|r\|^2 / a of row ``j``, from :math:`r = a\,(\pm g) - b\,w` entry by entry, in
+    float64 (the row is in cache: it was just read for its sums)."""
+    rr = 0.0
+    ga = sign * a
+    for i in range(w.shape[1]):
+        ri = ga * np.float64(g[j, i]) - b * np.float64(w[j, i])
+        rr += ri * ri
+    return rr / a
 
 
 def _compiled(rule):
     # The rule's one definition, compiled with numba's sqrt and maximum as its globals.
     code = pytypes.FunctionType(rule.__code__, {"sqrt": math.sqrt, "maximum": max}, rule.__name__)
-    return numba.njit(code, fastmath=_FASTMATH)
+    return numba.njit(code, **_ARITHMETIC)
 
 
 _adam = _compiled(_adaptive.psiadam_coefficients)
 _adasgd = _compiled(_adaptive.psiadasgd_coefficients)
 
 
-_adam_bias_corrections = numba.njit(_adaptive.psiadam_bias_corrections, fastmath=_FASTMATH)
+_adam_bias_corrections = numba.njit(_adaptive.psiadam_bias_corrections, **_ARITHMETIC)
 
 
 # Each rule as the write pass calls it. Per row: (sq, state0, state1, x0, x1, x2, hyper) ->
@@ -91,25 +113,25 @@ _adam_bias_corrections = numba.njit(_adaptive.psiadam_bias_corrections, fastmath
 # where the tensor has a step counter: (count, hyper) -> its scalars (x0, x1, x2).
 
 
-@numba.njit(fastmath=_FASTMATH, nogil=True)
+@numba.njit(**_ARITHMETIC)
 def _adam_rows(sq, v, v_max, bc1, bc1_next, bc2_sqrt, hyper):  # pragma: no cover - compiled
     lr, beta1, beta2, eps, amsgrad, nesterov = hyper
     return _adam(sq, v, v_max, bc1, bc1_next, bc2_sqrt, lr, beta1, beta2, eps, amsgrad != 0.0, nesterov != 0.0)
 
 
-@numba.njit(fastmath=_FASTMATH, nogil=True)
+@numba.njit(**_ARITHMETIC)
 def _adam_tensor(step, hyper):  # pragma: no cover - compiled
     return _adam_bias_corrections(step, hyper[1], hyper[2])
 
 
-@numba.njit(fastmath=_FASTMATH, nogil=True)
+@numba.njit(**_ARITHMETIC)
 def _adasgd_rows(sq, total, unused, first, x1, x2, hyper):  # pragma: no cover - compiled
     lr, momentum, dampening, nesterov, eps = hyper
     mu, alpha, c_m, c_r, total = _adasgd(sq, total, first != 0.0, lr, momentum, dampening, nesterov != 0.0, eps)
     return mu, alpha, c_m, c_r, total, total
 
 
-@numba.njit(fastmath=_FASTMATH, nogil=True)
+@numba.njit(**_ARITHMETIC)
 def _no_counter(step, hyper):  # pragma: no cover - compiled
     return 0.0, 0.0, 0.0  # never called: an AdaSGD tensor has no step counter
 
@@ -130,7 +152,7 @@ def _make_write_rows(cast):
     :math:`m \leftarrow m' - s_q w'`, returning :math:`\|m_{new}\|^2` (the record the next
     check pass reads); without one, :math:`w' = n_w w + n_g g`."""
 
-    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    @numba.njit(**_ARITHMETIC)
     def write_rows(w, g, m, has_m, j, mu, ga, wa, nw, ng, nm, sq):  # pragma: no cover - compiled
         written = cast(0.0)
         if not has_m:
@@ -158,7 +180,7 @@ def _make_six_sums(cast):
     once (the write pass's only read of them; two loops, one per three sums, measured
     slower with cold caches, where more streams at once bring more bandwidth)."""
 
-    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    @numba.njit(**_ARITHMETIC)
     def six_sums(w, g, m, j):  # pragma: no cover - compiled
         a = cast(0.0)
         b = cast(0.0)
@@ -187,7 +209,7 @@ def _make_gradient_sq(cast):
     loop: two streams from memory at once (a single one brings less bandwidth; measured
     about 10% faster with cold caches)."""
 
-    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    @numba.njit(**_ARITHMETIC)
     def gradient_sq(g, j, j2):  # pragma: no cover - compiled
         gg = cast(0.0)
         gg2 = cast(0.0)
@@ -209,7 +231,7 @@ def _make_check(cast):
     tiny = float(np.finfo(cast).tiny)
     weight_gradient_sums, gradient_sq = _make_weight_gradient_sums(cast), _make_gradient_sq(cast)
 
-    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    @numba.njit(**_ARITHMETIC)
     def check(w, g, read_weights, out):  # pragma: no cover - compiled
         k = g.shape[0]
         if read_weights:
@@ -235,7 +257,7 @@ def _make_update(cast, rule):
     write_rows, six_sums = _make_write_rows(cast), _make_six_sums(cast)
     weight_gradient_sums = _make_weight_gradient_sums(cast)
 
-    @numba.njit(fastmath=_FASTMATH, nogil=True)
+    @numba.njit(**_ARITHMETIC)
     def update(w, g, m, has_m, sums, s0, s1, n_states, x0, x1, x2, hyper, sign):  # pragma: no cover - compiled
         inv = cast(1.0)
         bad = False
@@ -250,8 +272,11 @@ def _make_update(cast, rule):
             else:
                 a32, b32, gg32 = weight_gradient_sums(w, g, j, inv)
             a, b, gg = np.float64(a32), sign * np.float64(b32), np.float64(gg32)
-            mu, alpha, c_m, c_r, new0, new1 = rule(_grad_sq(a, b, gg), s0[j], s1[j], x0, x1, x2, hyper)
-            s2, q = _row_scalars(a, b, gg, mg, mw, mm, mu, alpha, c_m, c_r)
+            sq = _grad_sq(a, b, gg)
+            if not sq > _CANCELLING * a * gg:  # g nearly along w: a gg and b^2 cancel; sq from r itself
+                sq = _exact_grad_sq(w, g, j, a, b, sign)
+            mu, alpha, c_m, c_r, new0, new1 = rule(sq, s0[j], s1[j], x0, x1, x2, hyper)
+            s2, q = _row_scalars(a, b, sq, mg, mw, mm, mu, alpha, c_m, c_r)
             s = math.sqrt(s2)
             if not (a > tiny and math.isfinite(s) and math.isfinite(q) and math.isfinite(s * c_m) and math.isfinite(s * c_r)):
                 bad = True  # see AdaptiveRows.update: the row is left as it is
