@@ -176,3 +176,23 @@ def test_report_compares_each_family_of_the_curve_with_its_own_peers():
     _, columns, rows = _scaling_table("cpu", [point(paths)], "sgd")
     assert columns[3:5] == ["ratio to SGD foreach", "ratio to SGD fused"] and [r[1] for r in rows] == ["SGD"]
     assert _scaling_table("cpu", [point(paths[:1])], "adam") is None  # results without the Adam family
+
+
+def test_each_path_steps_its_own_copy_of_the_parameters():
+    """Each path's optimizer gets its own copy of the parameters (same values, classes and
+    manifolds; the gradients shared): no step sees weights another path wrote."""
+    seen = []
+
+    def recording(params):
+        seen.append(params)
+        return torch.optim.SGD(params, lr=0.0)
+
+    paths = tuple(StepPath(f"p{i}", f"p{i}", recording) for i in range(2))
+    point = ScalingPointSpec("tiny", "cnn_bn", {"in_channels": 1, "width": 2})
+    record = measure_scaling_point(point, TINY, CPU, paths)
+    assert record.own_copies and len(seen) == 2
+    for p, q in zip(*seen):
+        assert p is not q and p.data_ptr() != q.data_ptr() and torch.equal(p, q)
+        assert type(p) is type(q) and getattr(p, "manifold", None) is getattr(q, "manifold", None)
+        assert p.grad is q.grad
+    assert any(psiopt.is_scale_invariant(p) for p in seen[0])

@@ -345,6 +345,7 @@ class ScalingPoint:
     memory_method: str
     cache_eviction_bytes: int | None = None
     paths: list[PathTiming] = field(default_factory=list)
+    own_copies: bool = False  # each path stepped its own copy of the parameters (results before: shared)
 
 
 @dataclass

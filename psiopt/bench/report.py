@@ -179,9 +179,10 @@ def _scaling_table(device: str, points: list[ScalingPoint], family: str) -> tupl
         return None
     first = points[0]
     scope = "" if family == "sgd" else ", the Adam family"
+    copies = ", each path on its own copy of the parameters" if first.own_copies else ""
     return (
         f"step time against size on {device} ({first.device_name}){scope}, {first.threads} thread(s), {what}, "
-        f"interleaved rounds{_cold(first)}",
+        f"interleaved rounds{copies}{_cold(first)}",
         [
             "parameter set",
             "path",
@@ -563,7 +564,8 @@ _PROTOCOL = """\
   with `profile_memory=True`), measured on extra steps outside the timed rounds.
 - Scaling curve: the parameters of zoo models from 0.1M to 25.6M (ResNet-50's shapes), every
   conv / hidden linear weight marked with one group per output channel, fixed random
-  gradients; each path steps the same parameters. The SGD family (momentum 0.9: torch SGD,
+  gradients (each path its own copy of the parameters where the table says so; before,
+  the paths stepped the same tensors). The SGD family (momentum 0.9: torch SGD,
   PSI-SGD, PSI-AdaSGD) is compared with torch SGD foreach and fused, the Adam family (torch's
   defaults: AdamW, PSI-AdamW, PSI-Adam) with torch AdamW foreach and fused, each ratio
   measured in the same rounds. A path the installed torch or psiopt does not offer is listed

@@ -382,6 +382,24 @@ def _marked_parameters(point: ScalingPointSpec, device: torch.device) -> list[nn
     return params
 
 
+def _own_copy(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """A copy of ``params`` (same classes, manifolds, values and layouts) for one path, sharing
+    their gradients (which no step writes): each path steps weights that only it writes, as
+    in training, where an optimizer's kept state (PSIAdam's check pass reads a weight only
+    when something else wrote it) stays valid from one step to the next."""
+    copies = []
+    for p in params:
+        data = p.detach().clone()
+        q = (
+            geoopt.ManifoldParameter(data, manifold=p.manifold)
+            if isinstance(p, geoopt.ManifoldParameter)
+            else nn.Parameter(data)
+        )
+        q.grad = p.grad
+        copies.append(q)
+    return copies
+
+
 def _build_path(path: StepPath, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer | None, str | None]:
     try:
         return path.make(params), None
@@ -396,7 +414,8 @@ def measure_scaling_point(
 
     A path whose optimizer refuses its option (an installed torch or psiopt without it)
     is recorded as ``"unavailable"``; one whose first step raises as ``"failed"``;
-    both with the error as the reason. The paths share the parameters and gradients.
+    both with the error as the reason. Each path steps its own copy of the parameters
+    (:func:`_own_copy`); the gradients are shared.
     """
     import psiopt
 
@@ -415,12 +434,13 @@ def measure_scaling_point(
             warmup=spec.warmup,
             repeats=0,
             memory_method=memory_method(device),
+            own_copies=True,
         )
         steps: dict[str, Callable[[], None]] = {}
         for path in paths:
             entry = PathTiming(path=path.name, label=path.label, family=path.family)
             record.paths.append(entry)
-            opt, reason = _build_path(path, params)
+            opt, reason = _build_path(path, _own_copy(params))
             if opt is None:
                 entry.status, entry.reason = "unavailable", reason
                 continue
