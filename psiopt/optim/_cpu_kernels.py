@@ -306,6 +306,7 @@ class _Passes(NamedTuple):
     update: Callable
     guard: Callable
     resident_update: Callable
+    checked_resident_update: Callable
 
 
 def _make_batched(cast) -> _Passes:
@@ -358,7 +359,19 @@ def _make_batched(cast) -> _Passes:
                 w, g, m, sums = views(table, t)
                 bad[t] = resident_kernel(w, g, m, sums, inv_scale, lr, momentum, dampening, nesterov, sign)
 
-    return _Passes(row_sums, update, guard, resident_update)
+    @numba.njit(nogil=True)
+    def checked_resident_update(table, inv_scale, lr, momentum, dampening, nesterov, sign, bad, others):  # pragma: no cover
+        # guard, then only if no row is bad and every entry of `others` is finite,
+        # resident_update: a whole kept step in one call. Returns whether it wrote.
+        if not guard(table, inv_scale, bad, others):
+            return False
+        for t in range(table.shape[0]):
+            if bad[t]:
+                return False
+        resident_update(table, inv_scale, lr, momentum, dampening, nesterov, sign, bad)
+        return True
+
+    return _Passes(row_sums, update, guard, resident_update, checked_resident_update)
 
 
 _BATCHED = {torch.float32: _make_batched(np.float32), torch.float64: _make_batched(np.float64)}
@@ -563,6 +576,32 @@ class RowBatch:
         finite = _BATCHED[self.dtype].guard(self.table, 1.0, self.flags, others_table)
         return not finite or bool(self.flags.any())
 
+    def step(
+        self, grads: list[Tensor], others: list[Tensor], *, lr: float, momentum: float, dampening: float,
+        nesterov: bool, maximize: bool,
+    ) -> list[int] | None:  # fmt: skip
+        """:meth:`row_sums` then, only where it finds nothing, :meth:`update`, with momentum,
+        in one compiled call (a step whose other writes need not come between the two).
+        Returns ``None`` where :meth:`row_sums` would not return ``False`` (nothing is then
+        written), else what :meth:`update` returns."""
+        addresses = []
+        for g, (_, _, stride) in zip(grads, self.layouts):
+            if g.layout != torch.strided or g.dtype != self.dtype or g.stride() != stride:
+                return None
+            addresses.append(g.data_ptr())
+        others_table = finite_table(others) if others else _NO_TENSORS
+        if others_table is None:
+            return None
+        if addresses:
+            self.table[:, _G] = addresses
+        wrote = _BATCHED[self.dtype].checked_resident_update(
+            self.table, 1.0, float(lr), float(momentum), float(dampening), bool(nesterov),
+            -1.0 if maximize else 1.0, self.flags, others_table,
+        )  # fmt: skip
+        if not wrote:
+            return None
+        return np.flatnonzero(self.flags).tolist() if self.flags.any() else []
+
     def update(self, *, lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool) -> list[int]:
         """The write pass after :meth:`row_sums`, in place: row-resident with momentum,
         else :func:`update`'s. Returns the positions (in ``params``) of the tensors whose
@@ -579,4 +618,4 @@ class RowBatch:
         passes.resident_update(
             self.table, 1.0, float(lr), float(momentum), float(dampening), bool(nesterov), sign, self.flags
         )
-        return np.flatnonzero(self.flags).tolist()
+        return np.flatnonzero(self.flags).tolist() if self.flags.any() else []

@@ -387,12 +387,14 @@ class PSISGD(_PSIParamsMixin, Optimizer):
 
     def _kept_batches_step(self) -> bool:
         """The whole step on the kept row batches (:meth:`_row_batch`) where every param
-        group has one that still holds: per group, one compiled call per pass and torch's
-        SGD on the Euclidean tensors, with none of the general step's preparation. Returns
-        ``False``, having written nothing, where the general step is needed: a batch that
-        no longer holds, a gradient in another layout, or a flagged row or gradient (the
-        general step then raises, naming the parameter, or steps the tensor whose sums
-        overflowed in the reference loop)."""
+        group has one that still holds: the check passes (with the Euclidean gradients'
+        check in the same compiled call), then torch's SGD on the Euclidean tensors and
+        the write passes, with none of the general step's preparation; where one batch
+        holds every scale-invariant tensor (and has momentum), its check and write pass
+        are one compiled call. Returns ``False``, having written nothing, where the
+        general step is needed: a batch that no longer holds, a gradient in another
+        layout, or a flagged row or gradient (the general step then raises, naming the
+        parameter, or steps the tensor whose sums overflowed in the reference loop)."""
         steps = []
         for index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
@@ -402,20 +404,36 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 return False
             if not batch.matches(self._momentum_buffers(group, batch.params)):
                 return False
-            # The check pass, and in the same compiled call the check of the Euclidean gradients.
-            bad = batch.row_sums([grads[i] for i in plan.one_pass_positions], [grads[i] for i in plan.euclid_positions])
-            if bad is None or bad:
-                return False  # None: not dense float32/float64 CPU gradients; the general step checks them
-            steps.append((group, plan))
-        self.last_step_refused = None
+            steps.append((group, plan, grads))
+        writing = [st for st in steps if st[1].batch.params]
         tampered = []
-        for group, plan in steps:
+        if len(writing) == 1 and writing[0][1].batch.has_m:
+            group, plan, grads = writing[0]
+            others = [g[i] for _, pl, g in steps for i in pl.euclid_positions]
+            left = plan.batch.step(
+                [grads[i] for i in plan.one_pass_positions], others, lr=group["lr"], momentum=group["momentum"],
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+            )  # fmt: skip
+            if left is None:
+                return False  # nothing written: the general step checks, names, or steps another way
+            tampered = [str(plan.one_pass[i][1]) for i in left]
+        else:
+            for _, plan, grads in steps:
+                # The check pass, and in the same compiled call the check of the Euclidean gradients.
+                bad = plan.batch.row_sums(
+                    [grads[i] for i in plan.one_pass_positions], [grads[i] for i in plan.euclid_positions]
+                )
+                if bad is None or bad:
+                    return False  # None: not dense float32/float64 CPU gradients; the general step checks them
+            for group, plan, _ in steps:
+                tampered += [str(plan.one_pass[i][1]) for i in plan.batch.update(
+                    lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                    nesterov=group["nesterov"], maximize=group["maximize"],
+                )]  # fmt: skip
+        self.last_step_refused = None
+        for group, plan, _ in steps:
             if plan.euclid:
                 self._euclidean_step(group, [p for p, _ in plan.euclid], None, None, plan.euclid_fused)
-            tampered += [str(plan.one_pass[i][1]) for i in plan.batch.update(
-                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                nesterov=group["nesterov"], maximize=group["maximize"],
-            )]  # fmt: skip
         if tampered:
             raise FloatingPointError(
                 f"{', '.join(tampered)}: the momentum buffer holds NaN or infinite values that no step of this "
@@ -647,6 +665,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                     )
             return
         has_sparse_grad = any(g.is_sparse for g in grads)
+        new_buffers = any(b is None for b in momentum_buffers)
         fused = group["fused"]
         if on_device:
             fused = True
@@ -663,7 +682,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             grad_scale=grad_scale,
             found_inf=refused.float() if on_device else None,
         )
-        if group["momentum"] != 0:
+        if new_buffers:  # torch's step made them in the list
             for p, buf in zip(params, momentum_buffers):
                 self.state[p]["momentum_buffer"] = buf
 
