@@ -164,10 +164,11 @@ class _AdaptiveKernelsMixin:
 
     def _adaptive_plan(self, index: int, group: dict[str, Any], grads: list[Tensor | None]) -> _AdaptivePlan:
         """The :class:`_AdaptivePlan` of ``param_groups[index]``, rebuilt only when its
-        options, its parameters (identity, class, manifold) or which of them have a
-        gradient change."""
+        options, its parameters (identity, class, manifold), which of them have a gradient,
+        or whether torch.compile is tracing change."""
         params = group["params"]
-        signature = _plan_signature(group, grads)
+        # While torch.compile traces the step there are no kernels (dynamo does not trace them).
+        signature = _plan_signature(group, grads, torch.compiler.is_compiling())
         plans = self.__dict__.setdefault("_adaptive_plans", {})
         kept = plans.get(index)
         if kept is not None and kept.signature == signature:
