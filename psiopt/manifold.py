@@ -47,6 +47,7 @@ __all__ = [
     "any_zero_groups",
     "step_row_sums",
     "one_pass_step_scalars",
+    "one_pass_row_scalars",
     "grad_metric_sq_from_sums",
 ]
 
@@ -247,6 +248,50 @@ def one_pass_step_scalars(a, b, gg, mg, mw, mm, lr, momentum, dampening, nestero
             md = mpmp
     uu = a - 2.0 * lr * dw + lr * lr * dd
     return a / uu, (mpw - lr * md) / a
+
+
+def one_pass_row_scalars(a, b, sq, mg, mw, mm, mu, alpha, c_m, c_r):
+    r"""The per-group scalars of a PSI step with per-group coefficients: the one-pass form
+    of the adaptive steps (:class:`psiopt.PSIAdam`, :class:`psiopt.PSIAdaSGD`).
+
+    From the sums of :func:`step_row_sums` (:math:`a = w\cdot w`, :math:`b = g\cdot w`,
+    :math:`m\cdot g, m\cdot w, m\cdot m`) and :math:`sq = \|r\|^2/a = a\,gg - b^2`
+    (:func:`grad_metric_sq_from_sums`; the caller computes it, from :math:`r` itself where
+    the sums cancel), with the Riemannian gradient :math:`r = a\,g - b\,w` and the group's
+    coefficients :math:`\mu, \alpha, c_m, c_r` (each optimizer's rule gives them from
+    :math:`sq` and the group's state), the step is
+
+    .. math::
+
+        m' = \mu\, m + \alpha\, r, \qquad u = w - c_m m' - c_r r, \qquad
+        w' = s\,u, \qquad m_{\text{new}} = m' - s\,q\,w',
+
+    the retraction rescaled to the norm :math:`\sqrt a` the group started from, and the
+    transport (projection) of :math:`m'` to :math:`w'`. This returns :math:`(s^2, q)`:
+
+    .. math::
+
+        r\cdot r &= a\,sq, \quad r\cdot m = a\,mg - b\,mw, \quad r\cdot w = 0\\
+        m'\cdot w &= \mu\,mw, \quad m'\cdot m' = \mu^2 mm + 2\mu\alpha\,r\cdot m + \alpha^2 r\cdot r,
+            \quad m'\cdot r = \mu\,r\cdot m + \alpha\,r\cdot r\\
+        u\cdot u &= a - 2c_m\,m'\cdot w + c_m^2\,m'\cdot m' + 2c_m c_r\,m'\cdot r + c_r^2\,r\cdot r,
+            \qquad s^2 = a / u\cdot u\\
+        q &= (m'\cdot w - c_m\,m'\cdot m' - c_r\,m'\cdot r) / a .
+
+    Without a first moment (:math:`m = 0`, :math:`\mu = \alpha = c_m = 0`) it is the step
+    :math:`w' = s(w - c_r r)`. :func:`one_pass_step_scalars` (PSI-SGD) is the case
+    :math:`\mu` = momentum, :math:`\alpha = 1 - \tau`, and :math:`c_m = \eta, c_r = 0`
+    (:math:`c_m = \eta\mu, c_r = \eta` with Nesterov). Pure arithmetic, like it: the
+    compiled kernels compile it by itself; the square root is the caller's; with
+    ``maximize``, pass :math:`-g`'s sums.
+    """
+    rr = a * sq
+    rm = a * mg - b * mw
+    mpw = mu * mw
+    mpmp = mu * mu * mm + 2.0 * mu * alpha * rm + alpha * alpha * rr
+    mpr = mu * rm + alpha * rr
+    uu = a - 2.0 * c_m * mpw + c_m * c_m * mpmp + 2.0 * c_m * c_r * mpr + c_r * c_r * rr
+    return a / uu, (mpw - c_m * mpmp - c_r * mpr) / a
 
 
 def grad_metric_sq_from_sums(a, b, gg):

@@ -85,15 +85,17 @@ def test_quick_run_writes_valid_outputs(quick_runs, capsys):
             "digits-mlp-lr-sensitivity.png", "stdlib-lm-loss-vs-steps.png", "stdlib-lm-lr-sensitivity.png",
             "full-batch.png"} <= set(results["plots"])
     assert any(p.startswith("step-time-") for p in results["plots"])
-    assert "step-time-scaling-cpu.png" in results["plots"]
+    assert {"step-time-scaling-cpu.png", "step-time-scaling-adam-cpu.png"} <= set(results["plots"])
     assert (out / "report.md").is_file()
     # the step-time curve covers every path at every size of the suite, and discovery ran
     sizes = [p["num_params"] for p in results["step_time_scaling"]]
     assert len(sizes) == 2 and sizes[0] < sizes[1]
     for point in results["step_time_scaling"]:
         assert [e["path"] for e in point["paths"]] == [
-            "sgd-foreach", "sgd-fused", "psisgd-loop", "psisgd-foreach", "psisgd-fused"
+            "sgd-foreach", "sgd-fused", "psisgd-loop", "psisgd-foreach", "psisgd-fused", "psiadasgd-fused",
+            "adamw-foreach", "adamw-fused", "psiadamw-foreach", "psiadamw-fused", "psiadam-fused",
         ]
+        assert all(e["status"] == "ok" and e["step_peak_extra_bytes"] is not None for e in point["paths"])
     # on the zoo's ResNet-50 and on a transformers language model (Qwen3)
     assert [d["model"] for d in results["discovery_time"]] == ["resnet50", "Qwen3ForCausalLM"]
     for discovery in results["discovery_time"]:
@@ -158,7 +160,11 @@ def test_report_numbers_come_from_the_json(quick_runs):
         for point in results["step_time_scaling"]:
             for e in point["paths"]:
                 if e["status"] == "ok":
-                    assert f"| {e['label']} | {fmt(e['median_s'] * 1e3, 3)} | {fmt(e['ratio_to_sgd_foreach'], 3)} |" in report
+                    # each family against its own peers: SGD's, or AdamW's
+                    ratios = ("ratio_to_adamw_foreach", "ratio_to_adamw_fused") if e["family"] == "adam" else (
+                        "ratio_to_sgd_foreach", "ratio_to_sgd_fused")  # fmt: skip
+                    row = f"| {e['label']} | {fmt(e['median_s'] * 1e3, 3)} | {fmt(e[ratios[0]], 3)} | {fmt(e[ratios[1]], 3)} |"
+                    assert row in report
                 else:
                     assert f"`{e['label']}` on cpu: {e['status']}: {e['reason'].splitlines()[0]}" in report
         for d in results["discovery_time"]:

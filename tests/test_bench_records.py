@@ -30,9 +30,19 @@ def test_round_trip_keeps_nested_records():
         "path": "psisgd-fused", "label": "PSI fused", "status": "unavailable", "reason": "TypeError: fused",
         "median_s": None, "ratio_to_sgd_foreach": None, "ratio_to_sgd_fused": None,
         "step_peak_extra_bytes": None, "extra_peak_vs_sgd_foreach_bytes": None,
+        "family": "sgd", "ratio_to_adamw_foreach": None, "ratio_to_adamw_fused": None,
     }
     back = from_json(ScalingPoint, data)
     assert back == point and isinstance(back.paths[0], PathTiming)
+
+
+def test_results_written_before_the_adam_family_was_timed_still_load():
+    data = to_json(_scaling_point())
+    for path in data["paths"]:
+        for key in ("family", "ratio_to_adamw_foreach", "ratio_to_adamw_fused"):
+            del path[key]
+    back = from_json(ScalingPoint, data)
+    assert [p.family for p in back.paths] == ["sgd", "sgd"] and back.paths[0].ratio_to_adamw_fused is None
 
 
 def test_unknown_key_names_the_record_and_the_fix():

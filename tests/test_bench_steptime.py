@@ -125,6 +125,15 @@ def test_scaling_point_on_a_tiny_cnn():
         assert fused.status == "unavailable" and "fused" in fused.reason and fused.median_s is None
     if by["sgd-fused"].status == "ok":
         assert by["sgd-fused"].ratio_to_sgd_fused == 1.0
+    # The Adam family, against AdamW foreach and fused measured in the same rounds.
+    assert {e.path for e in record.paths if e.family == "adam"} == {
+        "adamw-foreach", "adamw-fused", "psiadamw-foreach", "psiadamw-fused", "psiadam-fused"
+    }
+    assert by["adamw-foreach"].ratio_to_adamw_foreach == 1.0 and by["adamw-fused"].ratio_to_adamw_fused == 1.0
+    for name in ("psiadamw-foreach", "psiadamw-fused", "psiadam-fused", "psiadasgd-fused"):
+        assert by[name].status == "ok", by[name].reason
+        assert by[name].ratio_to_adamw_fused > 0 and by[name].ratio_to_sgd_foreach > 0
+        assert by[name].step_peak_extra_bytes >= 0
 
 
 def test_a_path_whose_step_raises_is_recorded_as_failed():
@@ -173,3 +182,46 @@ def test_discovery_time_without_transformers_says_why(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
     assert measure_discovery(TINY_QWEN3, unavailable) is None
     assert "transformers is not installed" in unavailable["discovery:Qwen3ForCausalLM"]
+
+
+
+def test_report_compares_each_family_of_the_curve_with_its_own_peers():
+    from psiopt.bench.records import PathTiming, ScalingPoint
+    from psiopt.bench.report import _scaling_table
+
+    def point(paths):
+        return ScalingPoint(name="p", model="cnn_bn", model_kwargs={}, device="cpu", device_name=None, threads=1,
+                            num_params=10, num_psi_params=8, num_tensors=3, warmup=1, repeats=2, memory_method="m",
+                            paths=paths)  # fmt: skip
+
+    paths = [
+        PathTiming("sgd-foreach", "SGD", median_s=1e-3, ratio_to_sgd_foreach=1.0, ratio_to_adamw_fused=0.8),
+        PathTiming("psiadamw-fused", "PSI-AdamW", median_s=2e-3, ratio_to_sgd_foreach=2.0, ratio_to_sgd_fused=3.0,
+                   family="adam", ratio_to_adamw_foreach=0.5, ratio_to_adamw_fused=1.25),
+    ]  # fmt: skip
+    title, columns, rows = _scaling_table("cpu", [point(paths)], "adam")
+    assert "Adam family" in title and columns[3:5] == ["ratio to AdamW foreach", "ratio to AdamW fused"]
+    assert [r[1:5] for r in rows] == [["PSI-AdamW", "2", "0.5", "1.25"]]
+    _, columns, rows = _scaling_table("cpu", [point(paths)], "sgd")
+    assert columns[3:5] == ["ratio to SGD foreach", "ratio to SGD fused"] and [r[1] for r in rows] == ["SGD"]
+    assert _scaling_table("cpu", [point(paths[:1])], "adam") is None  # results without the Adam family
+
+
+def test_each_path_steps_its_own_copy_of_the_parameters():
+    """Each path's optimizer gets its own copy of the parameters (same values, classes and
+    manifolds; the gradients shared): no step sees weights another path wrote."""
+    seen = []
+
+    def recording(params):
+        seen.append(params)
+        return torch.optim.SGD(params, lr=0.0)
+
+    paths = tuple(StepPath(f"p{i}", f"p{i}", recording) for i in range(2))
+    point = ScalingPointSpec("tiny", "cnn_bn", {"in_channels": 1, "width": 2})
+    record = measure_scaling_point(point, TINY, CPU, paths)
+    assert record.own_copies and len(seen) == 2
+    for p, q in zip(*seen):
+        assert p is not q and p.data_ptr() != q.data_ptr() and torch.equal(p, q)
+        assert type(p) is type(q) and getattr(p, "manifold", None) is getattr(q, "manifold", None)
+        assert p.grad is q.grad
+    assert any(psiopt.is_scale_invariant(p) for p in seen[0])

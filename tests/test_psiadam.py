@@ -38,8 +38,10 @@ ADAPTIVE = {
 # -- Euclidean parameters: torch's optimizer bit for bit ----------------------------------
 
 ADAM_CASES = [
-    dict(amsgrad=a, weight_decay=wd, maximize=mx, foreach=fe)
-    for a, wd, mx, fe in itertools.product([False, True], [0.0, 0.05], [False, True], [False, True])
+    dict(amsgrad=a, weight_decay=wd, maximize=mx, **path)
+    for a, wd, mx, path in itertools.product(
+        [False, True], [0.0, 0.05], [False, True], [dict(foreach=False), dict(foreach=True), dict(fused=True)]
+    )
 ]
 
 
@@ -399,7 +401,7 @@ def test_non_finite_lr_or_eps_is_refused_at_construction(make, value) -> None:
         make(_psi((2, 2)), value)
 
 
-@pytest.mark.parametrize("option", [dict(fused=True), dict(capturable=True), dict(differentiable=True)], ids=str)
+@pytest.mark.parametrize("option", [dict(capturable=True), dict(differentiable=True)], ids=str)
 def test_unsupported_torch_options_raise_clearly(option) -> None:
     with pytest.raises(ValueError, match=f"PSIAdam does not support {next(iter(option))}=True"):
         psiopt.PSIAdam([_psi((2, 2))], **option)
@@ -536,14 +538,15 @@ def test_cuda_matches_cpu(name: str, foreach) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("pair", [(psiopt.PSIAdam, torch.optim.Adam), (psiopt.PSIAdamW, torch.optim.AdamW)], ids=["adam", "adamw"])
 def test_cuda_euclidean_parameters_follow_torch_bit_for_bit(pair) -> None:
-    # On CUDA both pick torch's multi-tensor Adam by default.
+    # By default psiopt gives them torch's fused step (torch's own default on CUDA is its
+    # multi-tensor one, which rounds differently).
     ours_cls, torch_cls = pair
     gen = torch.Generator().manual_seed(3)
     euclid = [nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in [(5, 3), (7,)]]
     reference = [nn.Parameter(p.detach().clone()) for p in euclid]
     si = geoopt.ManifoldParameter(torch.randn(3, 4, generator=gen).cuda(), manifold=psiopt.PSIManifold())
     ours = ours_cls([si, *euclid], lr=0.01)
-    theirs = torch_cls(reference, lr=0.01)
+    theirs = torch_cls(reference, lr=0.01, fused=True)
     for _ in range(4):
         for p, q in zip(euclid, reference):
             g = torch.randn(p.shape, generator=gen).cuda()

@@ -373,7 +373,8 @@ def test_euclidean_parameters_still_follow_torch_sgd_bit_for_bit(path) -> None:
     reference = [nn.Parameter(p.detach().clone()) for p in euclid]
     si = nn.Parameter(torch.randn(4, 3, generator=gen))
     ours = psiopt.PSISGD([{"params": euclid}, {"params": [si], "grouping": "channel"}], lr=0.1, momentum=0.9, **path)
-    theirs = torch.optim.SGD(reference, lr=0.1, momentum=0.9, foreach=path.get("foreach"))
+    # The same options in torch; psiopt's default takes torch's fused step where torch has one.
+    theirs = torch.optim.SGD(reference, lr=0.1, momentum=0.9, **(path or dict(fused=True)))
     for _ in range(3):
         for p, q in zip(euclid, reference):
             p.grad = torch.randn(p.shape, generator=gen)
@@ -438,7 +439,7 @@ def test_capturable_refuses_the_step_on_the_device_without_raising(path, problem
 def test_capturable_needs_the_one_pass_step() -> None:
     with pytest.raises(ValueError, match="capturable=True needs the one-pass step"):
         psiopt.PSISGD([{"params": [nn.Parameter(torch.ones(2, 2))], "grouping": "channel"}], capturable=True, foreach=False)
-    with pytest.raises(RuntimeError, match="cannot be both True"):
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
         psiopt.PSISGD([{"params": [nn.Parameter(torch.ones(2, 2))], "grouping": "channel"}], fused=True, foreach=True)
 
 
@@ -570,3 +571,59 @@ def test_triton_kernels_match_the_reference_loop_under_the_interpreter() -> None
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(TRITON_CHECK)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr
+
+
+@needs_numba
+@pytest.mark.parametrize("problem", ["none", "nan-gradient", "inf-euclidean-gradient", "nan-momentum"])
+def test_one_batch_steps_checks_and_writes_in_one_call(problem) -> None:
+    """With every scale-invariant tensor in one param group (as psiopt.param_groups makes
+    them, the others in their own group), a kept step's check and write passes are one
+    compiled call: it agrees with the reference loop, refuses a non-finite gradient before
+    anything is written, and names a momentum buffer changed from outside."""
+    channel = [i for i, (_, g) in enumerate(SHAPES) if g == "channel"]
+
+    def build(path):
+        params = _params(torch.float64)
+        euclid = nn.Parameter(torch.linspace(-1.0, 1.0, 5, dtype=torch.float64))
+        psi = [params[i] for i in channel]
+        opt = psiopt.PSISGD([{"params": psi, "grouping": "channel"}, {"params": [euclid]}], lr=0.1, momentum=0.9, **path)
+        return [*psi, euclid], opt
+
+    (reference, ref_opt), (params, opt) = build(dict(foreach=False)), build(dict(fused=True))
+    for k in range(4):
+        gen = torch.Generator().manual_seed(800 + k)
+        for p, q in zip(params, reference):
+            q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+            p.grad = q.grad.clone()
+        if k < 3:
+            ref_opt.step()
+            opt.step()
+            continue
+        assert len([plan for plan in opt._group_plans.values() if plan.batch is not None and plan.batch.params]) == 1
+        before = [p.detach().clone() for p in params]
+        buffers = [opt.state[p]["momentum_buffer"].clone() for p in params]
+        if problem == "nan-gradient":
+            params[1].grad[2, 0, 0, 0] = float("nan")
+            with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[1\].*NaN or infinite gradient"):
+                opt.step()
+        elif problem == "inf-euclidean-gradient":
+            params[-1].grad[3] = float("inf")
+            with pytest.raises(FloatingPointError, match=r"param_groups\[1\]\['params'\]\[0\].*NaN or infinite gradient"):
+                opt.step()
+        if problem in ("nan-gradient", "inf-euclidean-gradient"):
+            for p, w, m in zip(params, before, buffers):
+                assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], m)
+            return
+        if problem == "nan-momentum":
+            opt.state[params[0]]["momentum_buffer"][1, 0, 0, 0] = float("nan")
+            with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[0\].*momentum buffer holds NaN"):
+                opt.step()
+            assert torch.equal(params[0].detach()[1], before[0][1])  # the row with the NaN kept its weights
+            assert not torch.equal(params[1], before[1]) and not torch.equal(params[-1], before[-1])  # the rest stepped
+            return
+        kept = [plan.batch for plan in opt._group_plans.values()]
+        ref_opt.step()
+        opt.step()
+        assert all(b is plan.batch for b, plan in zip(kept, opt._group_plans.values()))  # the kept step took it
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)

@@ -170,19 +170,23 @@ def make_plots(results: BenchResults, out_dir: Path) -> list[str]:
     for point in results.step_time_scaling:
         by_device.setdefault(point.device, []).append(point)
     for device, points in by_device.items():
-        _scaling_plot(plt, points, out_dir, f"step-time-scaling-{device.replace(':', '')}.png", names)
+        device_name = device.replace(":", "")
+        _scaling_plot(plt, points, out_dir, f"step-time-scaling-{device_name}.png", names, "sgd")
+        _scaling_plot(plt, points, out_dir, f"step-time-scaling-adam-{device_name}.png", names, "adam")
     return names
 
 
-def _scaling_plot(plt, points: list[ScalingPoint], out_dir: Path, name: str, names: list[str]) -> None:
-    """Ratio to SGD foreach against the number of parameters, one line per path."""
-    labels = list(dict.fromkeys(e.label for p in points for e in p.paths if e.status == "ok"))
+def _scaling_plot(plt, points: list[ScalingPoint], out_dir: Path, name: str, names: list[str], family: str) -> None:
+    """Ratio to the family's peer (SGD foreach; for the Adam family AdamW fused, the
+    issue's target) against the number of parameters, one line per path of the family."""
+    labels = list(dict.fromkeys(e.label for p in points for e in p.paths if e.status == "ok" and e.family == family))
     if not labels:
         return
+    peer = "AdamW(fused=True)" if family == "adam" else "SGD(foreach=True)"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, label in enumerate(labels):
         pts = sorted(
-            (p.num_params, e.ratio_to_sgd_foreach)
+            (p.num_params, e.ratio_to_adamw_fused if family == "adam" else e.ratio_to_sgd_foreach)
             for p in points
             for e in p.paths
             if e.label == label and e.status == "ok"
@@ -192,7 +196,7 @@ def _scaling_plot(plt, points: list[ScalingPoint], out_dir: Path, name: str, nam
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("parameters")
-    ax.set_ylabel("median step time / SGD(foreach=True)")
+    ax.set_ylabel(f"median step time / {peer}")
     ax.set_title(f"optimizer step time against size on {points[0].device}, {points[0].threads} thread(s)", fontsize=10)
     ax.legend(fontsize=7)
     _save(fig, out_dir, name, names)

@@ -373,7 +373,9 @@ class StepTimeResult:
 
 @dataclass
 class PathTiming:
-    """One optimizer path (``sgd-fused``, ``psisgd-loop``, ...) on one parameter set.
+    """One optimizer path (``sgd-fused``, ``psisgd-loop``, ``psiadamw-fused``, ...) on one
+    parameter set. ``family`` (``"sgd"`` or ``"adam"``) names the peers the report
+    compares it with; the ratios to all four peers are recorded where they ran.
 
     ``status`` is ``"unavailable"`` when the installed torch or psiopt does not offer the
     path (its constructor refused the option), ``"failed"`` when it was built but its
@@ -389,6 +391,9 @@ class PathTiming:
     ratio_to_sgd_fused: float | None = None
     step_peak_extra_bytes: int | None = None
     extra_peak_vs_sgd_foreach_bytes: int | None = None
+    family: str = "sgd"
+    ratio_to_adamw_foreach: float | None = None
+    ratio_to_adamw_fused: float | None = None
 
 
 @dataclass
@@ -409,6 +414,7 @@ class ScalingPoint:
     memory_method: str
     cache_eviction_bytes: int | None = None
     paths: list[PathTiming] = field(default_factory=list)
+    own_copies: bool = False  # each path stepped its own copy of the parameters (results before: shared)
 
 
 @dataclass

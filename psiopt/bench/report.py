@@ -16,7 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .records import BenchResults, MethodTraining, ScalingPoint, StepTimeResult, TaskResult, Verdict, from_json, to_json, upgrade
+from .records import (
+    BenchResults, MethodTraining, PathTiming, ScalingPoint, StepTimeResult, TaskResult, Verdict, from_json, to_json, upgrade,
+)  # fmt: skip
 
 __all__ = [
     "SCHEMA_FILE",
@@ -137,6 +139,64 @@ def _cold(record: StepTimeResult | ScalingPoint) -> str:
 
 def _millions(n: int) -> str:
     return f"{n / 1e6:.3g}M"
+
+
+SCALING_FAMILIES = {
+    "sgd": ("SGD foreach", "SGD fused", "momentum 0.9"),
+    "adam": ("AdamW foreach", "AdamW fused", "the Adam family with torch's defaults"),
+}
+"""The step-time curve's tables: each family of paths against its two torch peers."""
+
+
+def _ratios(e: PathTiming, family: str) -> tuple[float | None, float | None]:
+    if family == "adam":
+        return e.ratio_to_adamw_foreach, e.ratio_to_adamw_fused
+    return e.ratio_to_sgd_foreach, e.ratio_to_sgd_fused
+
+
+def _scaling_table(device: str, points: list[ScalingPoint], family: str) -> tuple[str, list[str], list[list]] | None:
+    """The step-time curve of one family of paths on one device, or ``None`` if it has none."""
+    foreach, fused, what = SCALING_FAMILIES[family]
+    rows = []
+    for point in points:
+        for e in point.paths:
+            if e.family != family:
+                continue
+            size = f"{point.name}: {_millions(point.num_params)} ({point.num_tensors} tensors)"
+            if e.status != "ok":
+                rows.append([size, e.label, e.status, "-", "-", "-", "-"])
+                continue
+            to_foreach, to_fused = _ratios(e, family)
+            rows.append(
+                [
+                    size,
+                    e.label,
+                    fmt(_ms(e.median_s), 3),
+                    fmt(to_foreach, 3),
+                    fmt(to_fused, 3),
+                    fmt(_mib(e.step_peak_extra_bytes), 3),
+                    fmt(_mib(e.extra_peak_vs_sgd_foreach_bytes), 3),
+                ]
+            )
+    if not rows:
+        return None
+    first = points[0]
+    scope = "" if family == "sgd" else ", the Adam family"
+    copies = ", each path on its own copy of the parameters" if first.own_copies else ""
+    return (
+        f"step time against size on {device} ({first.device_name}){scope}, {first.threads} thread(s), {what}, "
+        f"interleaved rounds{copies}{_cold(first)}",
+        [
+            "parameter set",
+            "path",
+            "median ms/step",
+            f"ratio to {foreach}",
+            f"ratio to {fused}",
+            "step peak extra MiB",
+            "peak vs SGD foreach MiB",
+        ],
+        rows,
+    )
 
 
 Table = tuple[str, list[str], list[list[str]]]
@@ -345,41 +405,10 @@ def _step_time_tables(results: BenchResults) -> list[Table]:
     for point in results.step_time_scaling:
         by_device.setdefault(point.device, []).append(point)
     for device, points in by_device.items():
-        rows = []
-        for point in points:
-            for e in point.paths:
-                size = f"{point.name}: {_millions(point.num_params)} ({point.num_tensors} tensors)"
-                if e.status != "ok":
-                    rows.append([size, e.label, e.status, "-", "-", "-", "-"])
-                    continue
-                rows.append(
-                    [
-                        size,
-                        e.label,
-                        fmt(_ms(e.median_s), 3),
-                        fmt(e.ratio_to_sgd_foreach, 3),
-                        fmt(e.ratio_to_sgd_fused, 3),
-                        fmt(_mib(e.step_peak_extra_bytes), 3),
-                        fmt(_mib(e.extra_peak_vs_sgd_foreach_bytes), 3),
-                    ]
-                )
-        first = points[0]
-        out.append(
-            (
-                f"step time against size on {device} ({first.device_name}), {first.threads} thread(s), momentum 0.9, "
-                f"interleaved rounds{_cold(first)}",
-                [
-                    "parameter set",
-                    "path",
-                    "median ms/step",
-                    "ratio to SGD foreach",
-                    "ratio to SGD fused",
-                    "step peak extra MiB",
-                    "peak vs SGD foreach MiB",
-                ],
-                rows,
-            )
-        )
+        for family in SCALING_FAMILIES:
+            table = _scaling_table(device, points, family)
+            if table is not None:
+                out.append(table)
     for d in results.discovery_time:
         verdict = "within" if d.median_s <= d.target_s else "above"
         out.append(
@@ -456,12 +485,22 @@ def _step_time_findings(results: BenchResults) -> list[str]:
                 f"{fmt(by['psisgd'].ratio_to_baseline, 3)}x the time of torch SGD (foreach)."
             )
     for point in results.step_time_scaling:
-        ok = [e for e in point.paths if e.status == "ok" and e.path.startswith("psisgd")]
-        if ok:
-            ratios = ", ".join(f"{e.label} {fmt(e.ratio_to_sgd_foreach, 3)}x" for e in ok)
+        ok = [e for e in point.paths if e.status == "ok" and e.path.startswith("psi")]
+        sgd = [e for e in ok if e.family == "sgd"]
+        adam = [e for e in ok if e.family == "adam" and e.ratio_to_adamw_fused is not None]
+        if sgd:
+            ratios = ", ".join(f"{e.label} {fmt(e.ratio_to_sgd_foreach, 3)}x" for e in sgd)
             lines.append(
                 f"- **step time at {_millions(point.num_params)} parameters ({point.name}, {point.device})**: "
                 f"{ratios} the time of torch SGD (foreach)."
+            )
+        if adam:
+            ratios = ", ".join(
+                f"{e.label} {fmt(e.ratio_to_adamw_fused, 3)}x (foreach: {fmt(e.ratio_to_adamw_foreach, 3)}x)" for e in adam
+            )
+            lines.append(
+                f"- **Adam family at {_millions(point.num_params)} parameters ({point.name}, {point.device})**: "
+                f"{ratios} the time of torch AdamW fused (foreach)."
             )
     for d in results.discovery_time:
         verdict = "within" if d.median_s <= d.target_s else "above"
@@ -555,8 +594,12 @@ _PROTOCOL = """\
   with `profile_memory=True`), measured on extra steps outside the timed rounds.
 - Scaling curve: the parameters of zoo models from 0.1M to 25.6M (ResNet-50's shapes), every
   conv / hidden linear weight marked with one group per output channel, fixed random
-  gradients, momentum 0.9; each path steps the same parameters. A path the installed torch
-  or psiopt does not offer is listed as unavailable, with its error.
+  gradients (each path its own copy of the parameters where the table says so; before,
+  the paths stepped the same tensors). The SGD family (momentum 0.9: torch SGD,
+  PSI-SGD, PSI-AdaSGD) is compared with torch SGD foreach and fused, the Adam family (torch's
+  defaults: AdamW, PSI-AdamW, PSI-Adam) with torch AdamW foreach and fused, each ratio
+  measured in the same rounds. A path the installed torch or psiopt does not offer is listed
+  as unavailable, with its error.
 - Discovery time: `psiopt.find_scale_invariant(model, x)` with one torch thread (the thread
   count is restored after), median over the repeats; found = weights it marked, expected =
   the zoo model's conv / hidden linear weights.

@@ -6,7 +6,10 @@ Three measurements, all on fixed gradients (only ``optimizer.step()`` is timed):
   ENorm's or SBWN's rescaling) on one model, against ``torch.optim.SGD(foreach=True)``.
 * :func:`measure_scaling_point`: one parameter set of the scaling curve, each optimizer
   *path* of :data:`PATHS` (torch SGD foreach and fused; PSI-SGD's loop, foreach and
-  fused steps) on the same parameters, against SGD foreach and SGD fused.
+  fused steps; PSI-AdaSGD's fused step; torch AdamW foreach and fused; PSI-AdamW's
+  foreach and fused steps; PSI-Adam's fused step) on the same parameters, against SGD
+  foreach and fused and AdamW foreach and fused, and the extra peak memory of each
+  path's step.
 * :func:`measure_discovery`: the wall time of :func:`psiopt.find_scale_invariant`.
 
 Protocol
@@ -62,6 +65,8 @@ __all__ = [
     "PATHS",
     "BASELINE_PATH",
     "FUSED_BASELINE_PATH",
+    "ADAM_BASELINE_PATH",
+    "ADAM_FUSED_BASELINE_PATH",
     "memory_method",
     "step_peak_extra_bytes",
     "cache_eviction_bytes",
@@ -79,11 +84,14 @@ LR = 0.01
 
 @dataclass(frozen=True)
 class StepPath:
-    """One way to take an SGD-with-momentum step on a parameter set."""
+    """One way to take an optimizer step on a parameter set. ``family`` says which peers
+    the report compares it with: ``"sgd"`` (SGD with momentum: torch's SGD foreach and
+    fused) or ``"adam"`` (torch's AdamW foreach and fused)."""
 
     name: str
     label: str
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    family: str = "sgd"
 
 
 def _psisgd(**options) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
@@ -102,17 +110,45 @@ def _sgd(**options) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
     return make
 
 
+def _adamw(**options) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+    def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=LR, **options)
+
+    return make
+
+
+def _psiopt(name: str, **options) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+    """``psiopt.<name>`` with its defaults and lr :data:`LR`."""
+
+    def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        import psiopt
+
+        return getattr(psiopt, name)(params, lr=LR, **options)
+
+    return make
+
+
 PATHS: tuple[StepPath, ...] = (
     StepPath("sgd-foreach", "torch SGD foreach", _sgd(foreach=True)),
     StepPath("sgd-fused", "torch SGD fused", _sgd(fused=True)),
     StepPath("psisgd-loop", "PSI-SGD loop", _psisgd(foreach=False)),
     StepPath("psisgd-foreach", "PSI-SGD foreach", _psisgd(foreach=True)),
     StepPath("psisgd-fused", "PSI-SGD fused", _psisgd(fused=True)),
+    StepPath("psiadasgd-fused", "PSI-AdaSGD fused", _psiopt("PSIAdaSGD", momentum=MOMENTUM, fused=True)),
+    StepPath("adamw-foreach", "torch AdamW foreach", _adamw(foreach=True), "adam"),
+    StepPath("adamw-fused", "torch AdamW fused", _adamw(fused=True), "adam"),
+    StepPath("psiadamw-foreach", "PSI-AdamW foreach", _psiopt("PSIAdamW", foreach=True), "adam"),
+    StepPath("psiadamw-fused", "PSI-AdamW fused", _psiopt("PSIAdamW", fused=True), "adam"),
+    StepPath("psiadam-fused", "PSI-Adam fused", _psiopt("PSIAdam", fused=True), "adam"),
 )
-"""The optimizer paths of the scaling curve, momentum 0.9."""
+"""The optimizer paths of the scaling curve: SGD with momentum 0.9 (torch's and PSI-SGD's
+steps, PSI-AdaSGD's fused step) and the Adam family with its defaults (torch's AdamW,
+PSI-AdamW's foreach and fused steps, PSI-Adam's fused step)."""
 
 BASELINE_PATH = "sgd-foreach"
 FUSED_BASELINE_PATH = "sgd-fused"
+ADAM_BASELINE_PATH = "adamw-foreach"
+ADAM_FUSED_BASELINE_PATH = "adamw-fused"
 
 
 # -- measuring ----------------------------------------------------------------------------
@@ -346,6 +382,24 @@ def _marked_parameters(point: ScalingPointSpec, device: torch.device) -> list[nn
     return params
 
 
+def _own_copy(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """A copy of ``params`` (same classes, manifolds, values and layouts) for one path, sharing
+    their gradients (which no step writes): each path steps weights that only it writes, as
+    in training, where an optimizer's kept state (PSIAdam's check pass reads a weight only
+    when something else wrote it) stays valid from one step to the next."""
+    copies = []
+    for p in params:
+        data = p.detach().clone()
+        q = (
+            geoopt.ManifoldParameter(data, manifold=p.manifold)
+            if isinstance(p, geoopt.ManifoldParameter)
+            else nn.Parameter(data)
+        )
+        q.grad = p.grad
+        copies.append(q)
+    return copies
+
+
 def _build_path(path: StepPath, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer | None, str | None]:
     try:
         return path.make(params), None
@@ -360,7 +414,8 @@ def measure_scaling_point(
 
     A path whose optimizer refuses its option (an installed torch or psiopt without it)
     is recorded as ``"unavailable"``; one whose first step raises as ``"failed"``;
-    both with the error as the reason. The paths share the parameters and gradients.
+    both with the error as the reason. Each path steps its own copy of the parameters
+    (:func:`_own_copy`); the gradients are shared.
     """
     import psiopt
 
@@ -379,12 +434,13 @@ def measure_scaling_point(
             warmup=spec.warmup,
             repeats=0,
             memory_method=memory_method(device),
+            own_copies=True,
         )
         steps: dict[str, Callable[[], None]] = {}
         for path in paths:
-            entry = PathTiming(path=path.name, label=path.label)
+            entry = PathTiming(path=path.name, label=path.label, family=path.family)
             record.paths.append(entry)
-            opt, reason = _build_path(path, params)
+            opt, reason = _build_path(path, _own_copy(params))
             if opt is None:
                 entry.status, entry.reason = "unavailable", reason
                 continue
@@ -400,15 +456,18 @@ def measure_scaling_point(
         )
         record.repeats = len(next(iter(samples.values()), []))
         peaks = {name: step_peak_extra_bytes(step, device) for name, step in steps.items()}
+    def ratio(times: list[float], baseline: str) -> float | None:
+        return median_ratio(times, samples[baseline]) if baseline in samples else None
+
     for entry in record.paths:
         if entry.status != "ok":
             continue
         times = samples[entry.path]
         entry.median_s = statistics.median(times)
-        if BASELINE_PATH in samples:
-            entry.ratio_to_sgd_foreach = median_ratio(times, samples[BASELINE_PATH])
-        if FUSED_BASELINE_PATH in samples:
-            entry.ratio_to_sgd_fused = median_ratio(times, samples[FUSED_BASELINE_PATH])
+        entry.ratio_to_sgd_foreach = ratio(times, BASELINE_PATH)
+        entry.ratio_to_sgd_fused = ratio(times, FUSED_BASELINE_PATH)
+        entry.ratio_to_adamw_foreach = ratio(times, ADAM_BASELINE_PATH)
+        entry.ratio_to_adamw_fused = ratio(times, ADAM_FUSED_BASELINE_PATH)
         entry.step_peak_extra_bytes = peaks[entry.path]
         if BASELINE_PATH in peaks:
             entry.extra_peak_vs_sgd_foreach_bytes = peaks[entry.path] - peaks[BASELINE_PATH]

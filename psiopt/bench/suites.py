@@ -14,10 +14,12 @@ suite          what it runs
 ``full-batch`` only the Rayleigh problems (iterations to 1e-10 vs condition number and
                initial scale, next to the predicted rate)
 ``step-time``  the optimizer step time: every method on one CNN, the scaling curve of
-               PSI-SGD's loop / foreach / fused paths against torch SGD from 0.1M to
-               ResNet-50's 25.6M parameters, and the time of scale-invariance discovery
-               on a ResNet-50 and on a Qwen3-0.6B-sized language model (one CPU thread;
-               the second needs transformers); also part of ``cpu``
+               PSI-SGD's loop / foreach / fused paths and PSI-AdaSGD's fused path
+               against torch SGD, and of PSI-AdamW's foreach / fused and PSI-Adam's
+               fused paths against torch AdamW, from 0.1M to ResNet-50's 25.6M
+               parameters, and the time of scale-invariance discovery on a ResNet-50
+               and on a Qwen3-0.6B-sized language model (one CPU thread; the second
+               needs transformers); also part of ``cpu``
 ``gpu``        ResNet-18 and VGG-16-BN on CIFAR-10 from ``--data-dir`` (python-pickle
                layout), plus step time on those models; ``--synthetic``: step time only,
                no data needed
@@ -386,8 +388,8 @@ SUITES: dict[str, str] = {
     "cpu": "default: " + _cpu(False).description,
     "full-batch": "Rayleigh quotients: iterations to 1e-10 vs condition number and initial scale, with the predicted rate",
     "step-time": "median optimizer step time (ratio to torch SGD foreach) and memory per method, the scaling "
-    "curve of PSI-SGD's paths from 0.1M to 25.6M parameters, and discovery time on a ResNet-50 and a Qwen3-0.6B-sized "
-    "language model",
+    "curve of PSI-SGD's and the adaptive optimizers' paths (against torch SGD and AdamW, foreach and fused) "
+    "from 0.1M to 25.6M parameters, and discovery time on a ResNet-50 and a Qwen3-0.6B-sized language model",
     "gpu": _gpu(False, False).description,
 }
 """Suite names and one-line descriptions (``psiopt bench --list``)."""

@@ -25,6 +25,7 @@ on every group. Every formula is one of :mod:`psiopt.manifold`.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -52,9 +53,103 @@ def _riemannian_gradient(w: Tensor, grad: Tensor, maximize: bool) -> tuple[Tenso
     return w_sq, riem_grad, metric_inner_rows(w_sq, riem_grad)
 
 
-def _retract_keeping_norms(w: Tensor, direction: Tensor, step_size: float, w_sq: Tensor) -> Tensor:
-    r"""The retraction :math:`w - \eta d`, rescaled group by group to the norms it started from."""
-    return normalize_rows(torch.add(w.to(direction.dtype), direction, alpha=-step_size), w_sq)
+# -- each rule's coefficients: the one home of its formula ---------------------------------
+#
+# A rule turns a group's invariant squared gradient norm ``sq`` (= ||r||^2 / a = a gg - b^2,
+# from the sums of psiopt.manifold.step_row_sums) and its per-group state into the coefficients
+# (mu, alpha, c_m, c_r) of psiopt.manifold.one_pass_row_scalars's step and the new state.
+# Pure arithmetic plus ``sqrt`` and ``maximum``, so that one definition serves (k, 1)
+# tensors in the reference loop and scalars in compiled kernels: numba and Triton compile
+# the same code object with their own ``sqrt`` and ``maximum`` (see _cpu_adaptive_kernels).
+
+
+def sqrt(x):
+    """Square root of a tensor or a float (the coefficients' ``sqrt`` in Python)."""
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def maximum(x, y):
+    """Elementwise maximum of tensors or floats (the coefficients' ``maximum`` in Python)."""
+    return torch.maximum(x, y) if isinstance(x, Tensor) else max(x, y)
+
+
+def psiadam_bias_corrections(step, beta1, beta2):
+    r"""Adam's bias corrections of step ``step`` (counting this one), per tensor:
+    :math:`(1 - \beta_1^t,\ 1 - \beta_1^{t+1},\ \sqrt{1 - \beta_2^t})`."""
+    return 1.0 - beta1**step, 1.0 - beta1 ** (step + 1), (1.0 - beta2**step) ** 0.5
+
+
+def psiadam_coefficients(sq, v, v_max, bc1, bc1_next, bc2_sqrt, lr, beta1, beta2, eps, amsgrad, nesterov):
+    r"""PSIAdam's step on one group: returns :math:`(\mu, \alpha, c_m, c_r, v', v'_{max})`.
+
+    :math:`v' = \beta_2 v + (1-\beta_2)\,sq` (and :math:`v'_{max} = \max(v_{max}, v')`
+    with ``amsgrad``, which then takes its place in the denominator),
+    :math:`D = \sqrt{v'}/\sqrt{1-\beta_2^t} + \epsilon`, :math:`\mu = \beta_1`,
+    :math:`\alpha = 1 - \beta_1`, and the step :math:`w - \eta\, d` with
+    :math:`d = (m'/(1-\beta_1^t))/D`: :math:`c_m = \eta/((1-\beta_1^t) D)`,
+    :math:`c_r = 0`. With ``nesterov``, :math:`d = (\beta_1 m'/(1-\beta_1^{t+1}) +
+    (1-\beta_1) r/(1-\beta_1^t))/D`: :math:`c_m = \eta\beta_1/((1-\beta_1^{t+1}) D)`,
+    :math:`c_r = \eta(1-\beta_1)/((1-\beta_1^t) D)`. ``bc1, bc1_next, bc2_sqrt`` are
+    :func:`psiadam_bias_corrections`.
+    """
+    v = beta2 * v + (1.0 - beta2) * sq
+    second = v
+    if amsgrad:
+        v_max = maximum(v_max, v)
+        second = v_max
+    denom = sqrt(second) / bc2_sqrt + eps
+    if nesterov:
+        c_m = lr * beta1 / (bc1_next * denom)
+        c_r = lr * (1.0 - beta1) / (bc1 * denom)
+    else:
+        c_m = lr / (bc1 * denom)
+        c_r = 0.0 * denom
+    return beta1, 1.0 - beta1, c_m, c_r, v, v_max
+
+
+def psiadasgd_coefficients(sq, total, first, lr, momentum, dampening, nesterov, eps):
+    r"""PSIAdaSGD's step on one group: returns :math:`(\mu, \alpha, c_m, c_r, S')`.
+
+    :math:`S' = S + sq`, :math:`D = \sqrt{S'} + \epsilon`: the momentum runs on the
+    adaptive step :math:`r/D`, so :math:`\alpha = (1-\tau)/D` (:math:`1/D` and
+    :math:`\mu = 0` on the ``first`` step, where the buffer starts at :math:`r/D`),
+    :math:`\mu` = momentum, and :math:`c_m = \eta, c_r = 0`; with Nesterov
+    (:math:`d = r/D + \mu m'`) :math:`c_m = \eta\mu, c_r = \eta/D`. Without momentum
+    :math:`w - \eta\, r/D`: :math:`\mu = \alpha = c_m = 0, c_r = \eta/D`.
+    """
+    total = total + sq
+    inv = 1.0 / (sqrt(total) + eps)
+    if momentum == 0.0:
+        return 0.0 * inv, 0.0 * inv, 0.0 * inv, lr * inv, total
+    mu = momentum
+    alpha = (1.0 - dampening) * inv
+    if first:
+        mu = 0.0
+        alpha = inv
+    if nesterov:
+        return mu, alpha, lr * momentum + 0.0 * inv, lr * inv, total
+    return mu, alpha, lr + 0.0 * inv, 0.0 * inv, total
+
+
+# -- the reference loop's row steps --------------------------------------------------------
+
+
+def _step_rows(
+    w: Tensor, w_sq: Tensor, riem_grad: Tensor, m: Tensor | None, has_m: bool, mu, alpha, c_m, c_r
+) -> tuple[Tensor, Tensor | None]:
+    r"""The step of :func:`psiopt.manifold.one_pass_row_scalars`, chaining the manifold's
+    formulas: :math:`m' = \mu m + \alpha r` (``m=None`` with ``has_m``: a first step,
+    :math:`m' = \alpha r`), the retraction :math:`w - c_m m' - c_r r` rescaled group by
+    group to the norms it started from, and :math:`m'` transported to it. Returns the
+    new rows and the new first moment (``None`` without one), in accumulation dtype."""
+    u = torch.sub(w.to(riem_grad.dtype), c_r * riem_grad)
+    new_m = None
+    if has_m:
+        new_m = alpha * riem_grad if m is None else m.to(riem_grad.dtype) * mu + alpha * riem_grad
+        u = u.sub_(c_m * new_m)
+    w_new = normalize_rows(u, w_sq)
+    # w_new has the norms w_sq by construction: the transport's norm ratio is 1.
+    return w_new, None if new_m is None else transport_rows(w_new, new_m, w_sq, w_sq)
 
 
 def _psiadam_rows(
@@ -76,37 +171,23 @@ def _psiadam_rows(
 
     ``exp_avg`` is ``(k, d)`` and horizontal at ``w``; ``exp_avg_sq`` and
     ``max_exp_avg_sq`` (given for AMSGrad only) are ``(k, 1)``. Returns the new rows,
-    the first moment transported to them, and the new second moments, all in accumulation dtype; nothing is written.
-    The bias corrections and the placement of ``eps`` are torch's
-    (:func:`torch.optim.adam._single_tensor_adam`), with :math:`g^2` replaced by the
-    invariant :math:`\|\nabla f(u_j)\|^2`. With ``nesterov``, the numerator is NAdam's
-    look-ahead with a constant momentum (:class:`torch.optim.NAdam` with
-    :math:`\mu_t = \beta_1`): :math:`\beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1)\, r_t/(1-\beta_1^t)`.
+    the first moment transported to them, and the new second moments, all in
+    accumulation dtype; nothing is written. The coefficients are
+    :func:`psiadam_coefficients`'s: torch's bias corrections and placement of ``eps``
+    (:func:`torch.optim.adam._single_tensor_adam`) with :math:`g^2` replaced by the
+    invariant :math:`\|\nabla f(u_j)\|^2`, and with ``nesterov`` NAdam's look-ahead
+    with a constant momentum (:class:`torch.optim.NAdam` with :math:`\mu_t = \beta_1`).
     """
     w_sq, riem_grad, sq_norm = _riemannian_gradient(w, grad, maximize)
     acc = riem_grad.dtype
-    new_avg = exp_avg.to(acc, copy=True).lerp_(riem_grad, 1 - beta1)
-    new_sq = exp_avg_sq.to(acc, copy=True).mul_(beta2).add_(sq_norm, alpha=1 - beta2)
-    new_max = None
-    second = new_sq
-    if max_exp_avg_sq is not None:
-        new_max = torch.maximum(max_exp_avg_sq.to(acc), new_sq)
-        second = new_max
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
-    if nesterov:
-        # The first moment one step ahead, beta1 * m_t + (1 - beta1) * r_t, each term with
-        # the bias correction of its own step (Dozat 2016): this step's gradient weighs
-        # (1 - beta1) / (1 - beta1^t) instead of being one term of a slow average.
-        ahead = torch.add(
-            new_avg * (beta1 / (1 - beta1 ** (step + 1))), riem_grad, alpha=(1 - beta1) / bias_correction1
-        )
-        w_new = _retract_keeping_norms(w, ahead.div_(denom), lr, w_sq)
-    else:
-        w_new = _retract_keeping_norms(w, new_avg / denom, lr / bias_correction1, w_sq)
-    # w_new has the norms w_sq by construction: the transport's norm ratio is 1.
-    return w_new, transport_rows(w_new, new_avg, w_sq, w_sq), new_sq, new_max
+    amsgrad = max_exp_avg_sq is not None
+    v = exp_avg_sq.to(acc)
+    mu, alpha, c_m, c_r, new_sq, new_max = psiadam_coefficients(
+        sq_norm, v, max_exp_avg_sq.to(acc) if amsgrad else v, *psiadam_bias_corrections(step, beta1, beta2),
+        lr, beta1, beta2, eps, amsgrad, nesterov,
+    )  # fmt: skip
+    w_new, new_avg = _step_rows(w, w_sq, riem_grad, exp_avg, True, mu, alpha, c_m, c_r)
+    return w_new, new_avg, new_sq, new_max if amsgrad else None
 
 
 def _psiadasgd_rows(
@@ -127,23 +208,16 @@ def _psiadasgd_rows(
     ``sum_sq`` (``(k, 1)``) accumulates :math:`\|\nabla f(u_j)\|^2`; the Riemannian
     gradient divided by :math:`\sqrt{\text{sum}} + \epsilon` is the adaptive angular
     step, on which momentum runs as in :func:`psiopt.optim._functional._psisgd_rows`
-    (``momentum_buffer=None``: first step, the buffer starts at that step). Returns the
-    new rows, the transported buffer (``None`` without momentum) and the new sums.
+    (``momentum_buffer=None``: first step, the buffer starts at that step); the
+    coefficients are :func:`psiadasgd_coefficients`'s. Returns the new rows, the
+    transported buffer (``None`` without momentum) and the new sums.
     """
     w_sq, riem_grad, sq_norm = _riemannian_gradient(w, grad, maximize)
-    new_sum = sum_sq.to(riem_grad.dtype, copy=True).add_(sq_norm)
-    scaled = riem_grad.div_(new_sum.sqrt().add_(eps))
-    new_buf: Tensor | None = None
-    direction = scaled
-    if momentum != 0:
-        if momentum_buffer is None:
-            new_buf = scaled
-        else:
-            new_buf = momentum_buffer.to(scaled.dtype, copy=True).mul_(momentum).add_(scaled, alpha=1 - dampening)
-        direction = scaled.add(new_buf, alpha=momentum) if nesterov else new_buf
-    w_new = _retract_keeping_norms(w, direction, lr, w_sq)
-    if new_buf is not None:
-        new_buf = transport_rows(w_new, new_buf, w_sq, w_sq)
+    first = momentum_buffer is None
+    mu, alpha, c_m, c_r, new_sum = psiadasgd_coefficients(
+        sq_norm, sum_sq.to(riem_grad.dtype), first, lr, momentum, dampening, nesterov, eps
+    )
+    w_new, new_buf = _step_rows(w, w_sq, riem_grad, momentum_buffer, momentum != 0, mu, alpha, c_m, c_r)
     return w_new, new_buf, new_sum
 
 

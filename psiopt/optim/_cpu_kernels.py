@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..manifold import one_pass_step_scalars
 
-__all__ = ["row_sums", "update", "supports", "all_finite", "RowBatch"]
+__all__ = ["row_sums", "update", "supports", "all_finite", "finite_table", "RowBatch"]
 
 # Reassociation and contraction (vectorized sums, fused multiply-adds); not nnan/ninf.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -306,6 +306,7 @@ class _Passes(NamedTuple):
     update: Callable
     guard: Callable
     resident_update: Callable
+    checked_resident_update: Callable
 
 
 def _make_batched(cast) -> _Passes:
@@ -343,11 +344,13 @@ def _make_batched(cast) -> _Passes:
                 update_kernel(w, g, m, has_m, sums, inv_scale, lr, momentum, dampening, nesterov, first, sign)
 
     @numba.njit(nogil=True)
-    def guard(table, inv_scale, bad):  # pragma: no cover - compiled
+    def guard(table, inv_scale, bad, others):  # pragma: no cover - compiled
+        # Also whether every entry of the tensors of `others` (finite_table) is finite.
         for t in range(table.shape[0]):
             if table[t, _ROWS] > 0:
                 w, g, _, sums = views(table, t)
                 bad[t] = guard_kernel(w, g, inv_scale, sums)
+        return _all_finite(others)
 
     @numba.njit(nogil=True)
     def resident_update(table, inv_scale, lr, momentum, dampening, nesterov, sign, bad):  # pragma: no cover - compiled
@@ -356,20 +359,32 @@ def _make_batched(cast) -> _Passes:
                 w, g, m, sums = views(table, t)
                 bad[t] = resident_kernel(w, g, m, sums, inv_scale, lr, momentum, dampening, nesterov, sign)
 
-    return _Passes(row_sums, update, guard, resident_update)
+    @numba.njit(nogil=True)
+    def checked_resident_update(table, inv_scale, lr, momentum, dampening, nesterov, sign, bad, others):  # pragma: no cover
+        # guard, then only if no row is bad and every entry of `others` is finite,
+        # resident_update: a whole kept step in one call. Returns whether it wrote.
+        if not guard(table, inv_scale, bad, others):
+            return False
+        for t in range(table.shape[0]):
+            if bad[t]:
+                return False
+        resident_update(table, inv_scale, lr, momentum, dampening, nesterov, sign, bad)
+        return True
+
+    return _Passes(row_sums, update, guard, resident_update, checked_resident_update)
 
 
 _BATCHED = {torch.float32: _make_batched(np.float32), torch.float64: _make_batched(np.float64)}
 
 
 @numba.njit(nogil=True)
-def _all_finite(table, itemsize):  # pragma: no cover - compiled
-    # table: (address, number of entries) of dense float32 (itemsize 4) or float64 tensors.
+def _all_finite(table):  # pragma: no cover - compiled
+    # table (finite_table): address, number of entries, itemsize (4: float32, 8: float64) of dense tensors.
     for t in range(table.shape[0]):
         n = table[t, 1]
         if n == 0:
             continue
-        if itemsize == 4:
+        if table[t, 2] == 4:
             x32 = numba.carray(_pointer(table[t, 0]), (n,), np.float32)
             for i in range(n):
                 if not math.isfinite(x32[i]):
@@ -472,20 +487,27 @@ def update(
                            -1.0 if maximize else 1.0)  # fmt: skip
 
 
-def all_finite(tensors: list[Tensor]) -> bool | None:
-    """Whether every entry of ``tensors`` is finite, in one compiled call; ``None`` when a
-    tensor is not a dense CPU float32 or float64 tensor (the caller then checks them)."""
-    by_itemsize: dict[int, list[int]] = {4: [], 8: []}  # flat (address, number of entries) pairs
+def finite_table(tensors: list[Tensor]) -> np.ndarray | None:
+    """The table with which a compiled call checks that every entry of ``tensors`` is
+    finite (address, entries, itemsize per tensor), or ``None`` when a tensor is not a
+    dense CPU float32 or float64 tensor (the caller then checks them)."""
+    rows = []
     for t in tensors:
         itemsize = _ITEMSIZES.get(t.dtype)
         if itemsize is None or t.layout != torch.strided or not t.is_cpu or not t.is_contiguous():
             return None
-        by_itemsize[itemsize] += (t.data_ptr(), t.numel())
-    return all(
-        _all_finite(np.array(flat, dtype=np.int64).reshape(-1, 2), itemsize)
-        for itemsize, flat in by_itemsize.items()
-        if flat
-    )
+        rows.append((t.data_ptr(), t.numel(), itemsize))
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def all_finite(tensors: list[Tensor]) -> bool | None:
+    """Whether every entry of ``tensors`` is finite, in one compiled call; ``None`` when a
+    tensor is not a dense CPU float32 or float64 tensor (the caller then checks them)."""
+    table = finite_table(tensors)
+    return None if table is None else _all_finite(table)
+
+
+_NO_TENSORS = np.zeros((0, 3), dtype=np.int64)
 
 
 class RowBatch:
@@ -533,21 +555,52 @@ class RowBatch:
             (p.data_ptr(), p.shape, p.stride()) == layout for p, layout in zip(self.params, self.layouts)
         )
 
-    def row_sums(self, grads: list[Tensor]) -> bool | None:
-        """The check pass with these gradients: whether a row is bad (a weight or gradient
-        sum not finite, a zero or underflowing squared weight norm, or a momentum row
-        written non-finite by the last step), or ``None`` (nothing computed) when a
-        gradient is not laid out as its weight."""
+    def row_sums(self, grads: list[Tensor], others: list[Tensor] = ()) -> bool | None:
+        """The check pass with these gradients, and in the same compiled call the check that
+        every entry of ``others`` (the group's other gradients) is finite: whether a row is
+        bad (a weight or gradient sum not finite, a zero or underflowing squared weight
+        norm, or a momentum row written non-finite by the last step) or an entry of
+        ``others`` is not finite, or ``None`` (nothing computed) when a gradient is not
+        laid out as its weight or one of ``others`` is not a dense CPU float32 or float64
+        tensor."""
         addresses = []
         for g, (_, _, stride) in zip(grads, self.layouts):
             if g.layout != torch.strided or g.dtype != self.dtype or g.stride() != stride:
                 return None
             addresses.append(g.data_ptr())
-        if not addresses:
-            return False
-        self.table[:, _G] = addresses
-        _BATCHED[self.dtype].guard(self.table, 1.0, self.flags)
-        return bool(self.flags.any())
+        others_table = finite_table(others) if others else _NO_TENSORS
+        if others_table is None:
+            return None
+        if addresses:
+            self.table[:, _G] = addresses
+        finite = _BATCHED[self.dtype].guard(self.table, 1.0, self.flags, others_table)
+        return not finite or bool(self.flags.any())
+
+    def step(
+        self, grads: list[Tensor], others: list[Tensor], *, lr: float, momentum: float, dampening: float,
+        nesterov: bool, maximize: bool,
+    ) -> list[int] | None:  # fmt: skip
+        """:meth:`row_sums` then, only where it finds nothing, :meth:`update`, with momentum,
+        in one compiled call (a step whose other writes need not come between the two).
+        Returns ``None`` where :meth:`row_sums` would not return ``False`` (nothing is then
+        written), else what :meth:`update` returns."""
+        addresses = []
+        for g, (_, _, stride) in zip(grads, self.layouts):
+            if g.layout != torch.strided or g.dtype != self.dtype or g.stride() != stride:
+                return None
+            addresses.append(g.data_ptr())
+        others_table = finite_table(others) if others else _NO_TENSORS
+        if others_table is None:
+            return None
+        if addresses:
+            self.table[:, _G] = addresses
+        wrote = _BATCHED[self.dtype].checked_resident_update(
+            self.table, 1.0, float(lr), float(momentum), float(dampening), bool(nesterov),
+            -1.0 if maximize else 1.0, self.flags, others_table,
+        )  # fmt: skip
+        if not wrote:
+            return None
+        return np.flatnonzero(self.flags).tolist() if self.flags.any() else []
 
     def update(self, *, lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool) -> list[int]:
         """The write pass after :meth:`row_sums`, in place: row-resident with momentum,
@@ -565,4 +618,4 @@ class RowBatch:
         passes.resident_update(
             self.table, 1.0, float(lr), float(momentum), float(dampening), bool(nesterov), sign, self.flags
         )
-        return np.flatnonzero(self.flags).tolist()
+        return np.flatnonzero(self.flags).tolist() if self.flags.any() else []

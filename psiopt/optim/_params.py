@@ -12,10 +12,11 @@ from typing import Any
 import geoopt
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from ..grouping import as_grouping
 from ..manifold import PSIManifold, any_zero_groups
-from ._functional import _local, _row_plan, _RowPlan
+from ._functional import _PLAIN, _local, _row_plan, _RowPlan
 
 __all__: list[str] = []
 
@@ -224,6 +225,34 @@ def _non_finite_flag(grads: list[Tensor], host_kernels=None) -> Tensor | bool | 
         return not finite
     device = local[0].device
     return ~torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(local)]).isfinite().all()
+
+
+def _plan_signature(group: dict[str, Any], grads: list[Tensor | None], *extra: Any) -> tuple:
+    """What an optimizer's kept plan of the param group ``group`` depends on: the group
+    (its identity, ``foreach``, ``fused`` and ``grouping``), ``extra``, its parameters
+    (identity, class, and manifold where they carry one) and which of them have a gradient
+    (``grads``). Computed at every step: no per-parameter ``isinstance`` (a Parameter
+    subclass's is a Python-level check)."""
+    params = group["params"]
+    types = tuple(map(type, params))
+    manifolds = tuple([p.manifold for p, t in zip(params, types) if issubclass(t, geoopt.ManifoldParameter)])
+    return (
+        id(group), group["foreach"], group["fused"], group["grouping"], *extra,
+        tuple(map(id, params)), types, tuple([g is None for g in grads]), manifolds,
+    )  # fmt: skip
+
+
+def _torch_has_fused(params: list[Tensor]) -> bool:
+    """Whether torch's fused optimizer kernels take ``params`` (plain floating-point tensors
+    on a device they support; not DTensors, for which torch's fused SGD has no sharding
+    rule): where they do, ``fused=None`` gives the Euclidean parameters torch's fused
+    step. Depends only on the tensors' class, device and dtype, so the optimizers keep the
+    answer with their step plans."""
+    return (
+        bool(params)
+        and all(type(p) in _PLAIN for p in params)
+        and _default_to_fused_or_foreach(params, differentiable=False, use_fused=True)[0]
+    )
 
 
 def _check_finite(name: str, value: Any) -> None:

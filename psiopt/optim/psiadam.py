@@ -12,6 +12,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_forea
 
 from ..manifold import PSIManifold
 from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows
+from ._adaptive_step import _AdaptiveKernelsMixin
 from ._params import _check_finite, _PSIParamsMixin
 
 __all__ = ["PSIAdam", "PSIAdamW"]
@@ -54,7 +55,7 @@ def _validate_adam_hyperparameters(
                 raise ValueError(f"Tensor betas[{index}] must be 1-element")
 
 
-class PSIAdam(_PSIParamsMixin, Optimizer):
+class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
     r"""Adam on the PSI manifold: a drop-in replacement for :class:`torch.optim.Adam`.
 
     Parameters are split as by :class:`psiopt.PSISGD`: scale-invariant ones (in a param
@@ -100,12 +101,23 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
         carry ``"grouping"`` and ``"param_names"`` as for :class:`psiopt.PSISGD`.
     lr : float or Tensor, default 1e-3
         Learning rate; on scale-invariant groups an angle (radians per step, roughly).
-    betas, eps, amsgrad, maximize, foreach
+    betas, eps, amsgrad, maximize
         As in :class:`torch.optim.Adam`, for both kinds of parameters.
     weight_decay : float, default 0
         L2 penalty (decoupled with ``decoupled_weight_decay=True``, as
         :class:`PSIAdamW`), applied to the Euclidean parameters only (see Notes).
-    capturable, differentiable, fused
+    foreach, fused : bool, optional
+        As in torch. On the scale-invariant groups ``foreach=False`` is the reference
+        loop (each tensor's ``(k, d)`` group matrix through the formulas of
+        :mod:`psiopt.manifold`), ``foreach=True`` the same as multi-tensor torch
+        operations, ``fused=True`` the one-pass compiled kernels (numba on the CPU for
+        float32 and float64 tensors; an error where there are none), and the default
+        (both ``None``) the kernels where they exist, else torch's default choice of the
+        other two. The Euclidean parameters get :func:`torch.optim.adam.adam` with the
+        same options, so they follow :class:`torch.optim.Adam` built with them bit for
+        bit; with both ``None``, torch's fused step where torch has one (bit for bit
+        ``Adam(fused=True)``; torch's own default on the CPU is its per-tensor loop).
+    capturable, differentiable
         Only their defaults are supported; other values raise ``ValueError``.
     decoupled_weight_decay : bool, default False
         Use AdamW's decoupled weight decay on the Euclidean parameters.
@@ -128,7 +140,17 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
       group keeps the direction of :math:`m_j` (as geoopt's ``RiemannianAdam`` does on
       a sphere, whose ``inner`` sums over a row).
     * The checks before a step (non-finite gradients, zero groups, sparse gradients)
-      are :class:`psiopt.PSISGD`'s: a refused step changes nothing.
+      are :class:`psiopt.PSISGD`'s: a refused step changes nothing. (One exception, on
+      the compiled kernels: a NaN put into the first moment or the per-group state from
+      outside the optimizer, which only the write pass reads, leaves the rows that hold
+      it unchanged, and the step raises naming the parameter after the other groups
+      were stepped.)
+    * **One pass over memory.** The compiled step reads the gradients for the checks,
+      then each row of weights, gradient and first moment once, forms the row's six
+      sums, its coefficients (:func:`psiopt.optim._adaptive.psiadam_coefficients`) and
+      the step's scalars (:func:`psiopt.manifold.one_pass_row_scalars`), and writes the
+      row while it is in cache: 6 tensor-sized streams, torch's fused Adam's 7 (the
+      docs' algorithms page has the algebra).
 
     Examples
     --------
@@ -166,13 +188,11 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
                     f"{name} does not support {option}={value!r}: the PSI step synchronizes with the host "
                     f"(its checks) and is not differentiable; use {option}={default!r}, or torch.optim.Adam"
                 )
-        if fused:
-            raise ValueError(
-                f"{name} does not support fused=True: there is no fused kernel for the PSI step; use "
-                "foreach=True (or None) for the batched implementation"
-            )
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's message
         _validate_adam_hyperparameters(lr, betas, eps, weight_decay, foreach, nesterov)
         self._psi_manifolds = {}
+        self._row_plans = {}
         defaults = {
             "lr": lr,
             "betas": tuple(map(_to_scalar, betas)),
@@ -183,7 +203,7 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
             "foreach": foreach,
             "capturable": False,
             "differentiable": False,
-            "fused": None,
+            "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
             "nesterov": nesterov,
             "grouping": None,
@@ -194,6 +214,7 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_psi_manifolds", {})
+        self.__dict__.setdefault("_row_plans", {})
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -228,24 +249,21 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        plan = self._collect()
-        for _, _, euclid in plan:
-            for p, name in euclid:
-                if p.grad.is_sparse:
-                    # torch's message, raised before any parameter is modified
-                    raise RuntimeError(
-                        f"{name}: Adam does not support sparse gradients, please consider SparseAdam instead"
-                    )
-        for group, psi, euclid in plan:
-            if euclid:
-                self._euclidean_step(group, [p for p, _ in euclid])
-            if psi:
-                self._psi_step(group, psi)
+        self._adaptive_step()
         return loss
 
-    def _euclidean_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        # torch.optim.Adam's own state initialization and step on these tensors.
+    # -- the hooks of the adaptive step (psiopt.optim._adaptive_step) ----------------------
+    _RULE = "adam"
+
+    def _check_euclidean(self, group: dict[str, Any], euclid: list[tuple[Tensor, Any]]) -> None:
+        for p, name in euclid:
+            if p.grad.is_sparse:
+                # torch's message, raised before any parameter is modified
+                raise RuntimeError(f"{name}: Adam does not support sparse gradients, please consider SparseAdam instead")
+
+    def _euclidean_update(self, group: dict[str, Any], params: list[Tensor], torch_fused: bool) -> None:
+        # torch.optim.Adam's own state initialization and step on these tensors, with the
+        # group's fused and foreach; by default torch's fused step where torch has one.
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], []
         for p in params:
             state = self.state[p]
@@ -260,6 +278,9 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
             if group["amsgrad"]:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(state["step"])
+        fused, foreach = group["fused"], group["foreach"]
+        if fused is None and foreach is None:
+            fused = torch_fused or None
         beta1, beta2 = group["betas"]
         adam(
             params,
@@ -276,31 +297,45 @@ class PSIAdam(_PSIParamsMixin, Optimizer):
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             maximize=group["maximize"],
-            foreach=group["foreach"],
+            foreach=foreach,
             capturable=False,
             differentiable=False,
-            fused=None,
+            fused=fused,
             grad_scale=None,
             found_inf=None,
             decoupled_weight_decay=group["decoupled_weight_decay"],
         )
 
-    def _psi_step(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
+    def _new_state(self, group: dict[str, Any], p: Tensor, manifold: PSIManifold) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        # one second moment per group, in the invariant units of ||grad f(u_j)||^2
+        for key in self._group_state_keys(group):
+            if key not in state:
+                state[key] = p.new_zeros(manifold.num_groups(p))
+
+    def _first_moment_key(self, group: dict[str, Any]) -> str | None:
+        return "exp_avg"
+
+    def _group_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg_sq",)
+
+    def _counter_key(self, group: dict[str, Any]) -> str | None:
+        return "step"  # the kernels take each tensor's bias corrections from it, and increment it
+
+    def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
+        beta1, beta2 = group["betas"]
+        return (group["lr"], beta1, beta2, group["eps"], group["amsgrad"], group["nesterov"])
+
+    def _reference_update(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
         params = [p for p, _, _ in psi]
-        amsgrad = group["amsgrad"]
         for p, _, manifold in psi:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                # one second moment per group, in the invariant units of ||grad f(u_j)||^2
-                state["exp_avg_sq"] = p.new_zeros(manifold.num_groups(p))
-                if amsgrad:
-                    state["max_exp_avg_sq"] = p.new_zeros(manifold.num_groups(p))
+            self._new_state(group, p, manifold)
         states = [self.state[p] for p in params]
-        group_states = [[s["exp_avg_sq"] for s in states]]
-        if amsgrad:
-            group_states.append([s["max_exp_avg_sq"] for s in states])
+        group_states = [[s[key] for s in states] for key in self._group_state_keys(group)]
         foreach = group["foreach"]
         if foreach is None:
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)

@@ -11,6 +11,7 @@ from torch.optim.optimizer import ParamsT, _default_to_fused_or_foreach
 
 from ..manifold import PSIManifold
 from ._adaptive import _multi_tensor_rows, _psiadasgd_rows, _single_tensor_rows
+from ._adaptive_step import _AdaptiveKernelsMixin
 from ._params import _check_finite
 from .psisgd import PSISGD
 
@@ -27,7 +28,7 @@ def _validate_adaptive_options(eps: Any, initial_accumulator_value: Any) -> None
     _check_finite("initial_accumulator_value value", initial_accumulator_value)
 
 
-class PSIAdaSGD(PSISGD):
+class PSIAdaSGD(_AdaptiveKernelsMixin, PSISGD):
     r"""PSI-SGD with an adaptive angular step: AdaGrad-norm per scale-invariant group.
 
     Plain SGD on a scale-invariant group adapts its step by itself: the gradient is
@@ -67,9 +68,16 @@ class PSIAdaSGD(PSISGD):
 
     Parameters
     ----------
-    params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach
+    params, lr, momentum, dampening, weight_decay, nesterov, maximize
         As in :class:`psiopt.PSISGD`; ``lr`` on a scale-invariant group is the angle of
         the first step.
+    foreach, fused : bool, optional
+        As in torch, and as in :class:`psiopt.PSIAdam`: on the scale-invariant groups
+        ``foreach=False`` is the reference loop, ``foreach=True`` multi-tensor torch
+        operations, ``fused=True`` the one-pass compiled kernels, and the default the
+        kernels where they exist; the other parameters get
+        :func:`torch.optim.sgd.sgd` with the same options (by default torch's fused step
+        where it has one).
     eps : float, default 1e-10
         Added to :math:`\sqrt{S_j}` (invariant units, as :class:`torch.optim.Adagrad`'s).
     initial_accumulator_value : float, default 0
@@ -102,13 +110,15 @@ class PSIAdaSGD(PSISGD):
         initial_accumulator_value: float = 0.0,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         _validate_adaptive_options(eps, initial_accumulator_value)
         # read by add_param_group, which the base constructor calls for every group
         self._adaptive_defaults = {"eps": eps, "initial_accumulator_value": initial_accumulator_value}
         super().__init__(
-            params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach
+            params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach, fused=fused
         )
+        self._step_supports_amp_scaling = False  # a GradScaler unscales the gradients itself
         self.defaults.update(self._adaptive_defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -137,14 +147,35 @@ class PSIAdaSGD(PSISGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, psi, euclid in self._collect():
-            if euclid:
-                self._euclidean_step(group, [p for p, _ in euclid], None, None)
-            if psi:
-                self._psi_step(group, psi)
+        self._adaptive_step()
         return loss
 
-    def _psi_step(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
+    # -- the hooks of the adaptive step (psiopt.optim._adaptive_step) ----------------------
+    _RULE = "adasgd"
+
+    def _euclidean_update(self, group: dict[str, Any], params: list[Tensor], torch_fused: bool) -> None:
+        self._euclidean_step(group, params, None, None, torch_fused)
+
+    def _new_state(self, group: dict[str, Any], p: Tensor, manifold: PSIManifold) -> None:
+        state = self.state[p]
+        if "sum" not in state:
+            state["sum"] = p.new_full((manifold.num_groups(p),), group["initial_accumulator_value"])
+        if group["momentum"] != 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _first_moment_key(self, group: dict[str, Any]) -> str | None:
+        return "momentum_buffer" if group["momentum"] != 0 else None
+
+    def _group_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("sum",)
+
+    def _tensor_scalars(self, group: dict[str, Any], params: list[Tensor], first: list[bool]) -> list[tuple]:
+        return [(float(f), 0.0, 0.0) for f in first]
+
+    def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
+        return (group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["eps"])
+
+    def _reference_update(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
         params = [p for p, _, _ in psi]
         momentum = group["momentum"]
         for p, _, manifold in psi:

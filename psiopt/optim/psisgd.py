@@ -31,7 +31,9 @@ from ._params import (
     _check_finite,
     _check_finite_gradients,
     _non_finite_flag,
+    _plan_signature,
     _PSIParamsMixin,
+    _torch_has_fused,
 )
 
 __all__ = ["PSISGD"]
@@ -107,7 +109,10 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         ``False``: the reference loop, tensor by tensor, chaining the formulas of
         :mod:`psiopt.manifold`. ``True``: the one-pass step as multi-tensor torch
         operations. ``None`` (default): the fused kernels where they exist, else the
-        one-pass torch step. The Euclidean parameters use torch's own choice.
+        one-pass torch step. The Euclidean parameters get :func:`torch.optim.sgd.sgd`
+        with the same ``foreach`` and ``fused`` (bit for bit
+        :class:`torch.optim.SGD` built with them); with both ``None``, torch's fused
+        step where torch has one (bit for bit ``SGD(fused=True)``).
     fused : bool, optional
         ``True``: the one-pass step as compiled row kernels, Triton on CUDA, numba on the
         CPU (float32 and float64); an error where there is
@@ -224,7 +229,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
     ) -> None:
         _validate_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
         if fused and foreach:
-            raise RuntimeError("`foreach` and `fused` flags cannot be both True.")
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's message
         if capturable and foreach is False:
             raise ValueError(
                 "capturable=True needs the one-pass step, which foreach=False turns off; leave foreach at "
@@ -340,10 +345,10 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             self._check_or_raise(steps)
         self.last_step_refused = refused
 
-        for st in steps:
+        for st, plan in zip(steps, plans):
             group = st.group
             if st.euclid:
-                self._euclidean_step(group, [p for p, _ in st.euclid], refused, grad_scale)
+                self._euclidean_step(group, [p for p, _ in st.euclid], refused, grad_scale, plan.euclid_fused)
             if st.loop:
                 self._loop_step(group, st.loop)
             options = {k: group[k] for k in ("momentum", "dampening", "nesterov", "maximize")}
@@ -382,12 +387,14 @@ class PSISGD(_PSIParamsMixin, Optimizer):
 
     def _kept_batches_step(self) -> bool:
         """The whole step on the kept row batches (:meth:`_row_batch`) where every param
-        group has one that still holds: per group, one compiled call per pass and torch's
-        SGD on the Euclidean tensors, with none of the general step's preparation. Returns
-        ``False``, having written nothing, where the general step is needed: a batch that
-        no longer holds, a gradient in another layout, or a flagged row or gradient (the
-        general step then raises, naming the parameter, or steps the tensor whose sums
-        overflowed in the reference loop)."""
+        group has one that still holds: the check passes (with the Euclidean gradients'
+        check in the same compiled call), then torch's SGD on the Euclidean tensors and
+        the write passes, with none of the general step's preparation; where one batch
+        holds every scale-invariant tensor (and has momentum), its check and write pass
+        are one compiled call. Returns ``False``, having written nothing, where the
+        general step is needed: a batch that no longer holds, a gradient in another
+        layout, or a flagged row or gradient (the general step then raises, naming the
+        parameter, or steps the tensor whose sums overflowed in the reference loop)."""
         steps = []
         for index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
@@ -397,20 +404,36 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                 return False
             if not batch.matches(self._momentum_buffers(group, batch.params)):
                 return False
-            bad = batch.row_sums([grads[i] for i in plan.one_pass_positions])
-            euclid_grads = [grads[i] for i in plan.euclid_positions]
-            if bad is None or bad or not self._cpu_kernels.all_finite(euclid_grads):
-                return False  # None: not dense float32/float64 CPU gradients; the general step checks them
-            steps.append((group, plan))
-        self.last_step_refused = None
+            steps.append((group, plan, grads))
+        writing = [st for st in steps if st[1].batch.params]
         tampered = []
-        for group, plan in steps:
+        if len(writing) == 1 and writing[0][1].batch.has_m:
+            group, plan, grads = writing[0]
+            others = [g[i] for _, pl, g in steps for i in pl.euclid_positions]
+            left = plan.batch.step(
+                [grads[i] for i in plan.one_pass_positions], others, lr=group["lr"], momentum=group["momentum"],
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+            )  # fmt: skip
+            if left is None:
+                return False  # nothing written: the general step checks, names, or steps another way
+            tampered = [str(plan.one_pass[i][1]) for i in left]
+        else:
+            for _, plan, grads in steps:
+                # The check pass, and in the same compiled call the check of the Euclidean gradients.
+                bad = plan.batch.row_sums(
+                    [grads[i] for i in plan.one_pass_positions], [grads[i] for i in plan.euclid_positions]
+                )
+                if bad is None or bad:
+                    return False  # None: not dense float32/float64 CPU gradients; the general step checks them
+            for group, plan, _ in steps:
+                tampered += [str(plan.one_pass[i][1]) for i in plan.batch.update(
+                    lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                    nesterov=group["nesterov"], maximize=group["maximize"],
+                )]  # fmt: skip
+        self.last_step_refused = None
+        for group, plan, _ in steps:
             if plan.euclid:
-                self._euclidean_step(group, [p for p, _ in plan.euclid], None, None)
-            tampered += [str(plan.one_pass[i][1]) for i in plan.batch.update(
-                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                nesterov=group["nesterov"], maximize=group["maximize"],
-            )]  # fmt: skip
+                self._euclidean_step(group, [p for p, _ in plan.euclid], None, None, plan.euclid_fused)
         if tampered:
             raise FloatingPointError(
                 f"{', '.join(tampered)}: the momentum buffer holds NaN or infinite values that no step of this "
@@ -438,11 +461,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         params = group["params"]
         if grads is None:
             grads = [p.grad for p in params]
-        signature = (
-            id(group), group["foreach"], group["fused"], group["grouping"], compiling,
-            tuple(map(id, params)), tuple(map(type, params)), tuple([g is None for g in grads]),
-            tuple([p.manifold for p in params if isinstance(p, geoopt.ManifoldParameter)]),
-        )  # fmt: skip
+        signature = _plan_signature(group, grads, compiling)
         kept = self._group_plans.get(index)
         if (
             kept is not None
@@ -470,6 +489,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             signature, psi, row_plans, euclid, loop, one_pass, one_pass_row_plans, kernels,
             one_pass_positions=[position[id(p)] for p, _, _ in one_pass],
             euclid_positions=[position[id(p)] for p, _ in euclid],
+            euclid_fused=_torch_has_fused([p for p, _ in euclid]),
         )  # fmt: skip
         self._group_plans[index] = plan
         return plan
@@ -593,10 +613,17 @@ class PSISGD(_PSIParamsMixin, Optimizer):
 
     # -- the updates ----------------------------------------------------------------------
     def _euclidean_step(
-        self, group: dict[str, Any], params: list[Tensor], refused: Tensor | None, grad_scale: Tensor | None
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        refused: Tensor | None,
+        grad_scale: Tensor | None,
+        torch_fused: bool | None = None,
     ) -> None:
-        # torch.optim.SGD's own step on these tensors, argument for argument. A refused step
-        # that is only known on the device goes through torch's fused SGD, which skips on it.
+        # torch.optim.SGD's own step on these tensors, argument for argument, with the group's
+        # fused and foreach; by default torch's fused step where torch has one (torch_fused:
+        # _torch_has_fused(params), if the caller kept it). A refused step that is only known
+        # on the device goes through torch's fused SGD, which skips on it.
         grads = [p.grad for p in params]
         momentum_buffers = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
         on_device = refused is not None
@@ -637,18 +664,25 @@ class PSISGD(_PSIParamsMixin, Optimizer):
                         else new
                     )
             return
+        has_sparse_grad = any(g.is_sparse for g in grads)
+        new_buffers = any(b is None for b in momentum_buffers)
+        fused = group["fused"]
+        if on_device:
+            fused = True
+        elif fused is None and group["foreach"] is None and not has_sparse_grad and not torch.compiler.is_compiling():
+            fused = _torch_has_fused(params) if torch_fused is None else torch_fused
         sgd(
             params,
             grads,
             momentum_buffers,
             **hyperparameters,
-            has_sparse_grad=any(g.is_sparse for g in grads),
-            foreach=None if on_device else self._euclidean_foreach(group, grads),
-            fused=True if on_device else None,
+            has_sparse_grad=has_sparse_grad,
+            foreach=None if fused else self._euclidean_foreach(group, grads),
+            fused=fused or None,
             grad_scale=grad_scale,
             found_inf=refused.float() if on_device else None,
         )
-        if group["momentum"] != 0:
+        if new_buffers:  # torch's step made them in the list
             for p, buf in zip(params, momentum_buffers):
                 self.state[p]["momentum_buffer"] = buf
 
@@ -699,6 +733,7 @@ class _GroupPlan:
     kernels: list
     one_pass_positions: list[int]  # where the one-pass and Euclidean tensors are in group["params"]
     euclid_positions: list[int]
+    euclid_fused: bool = False  # whether torch's fused SGD takes the Euclidean tensors (_torch_has_fused)
     batch: Any = None  # the kept row batch of the next steps (PSISGD._row_batch), if any
 
 
