@@ -47,6 +47,7 @@ __all__ = [
     "any_zero_groups",
     "step_row_sums",
     "one_pass_step_scalars",
+    "adam_step_scalars",
     "grad_metric_sq_from_sums",
 ]
 
@@ -247,6 +248,47 @@ def one_pass_step_scalars(a, b, gg, mg, mw, mm, lr, momentum, dampening, nestero
             md = mpmp
     uu = a - 2.0 * lr * dw + lr * lr * dd
     return a / uu, (mpw - lr * md) / a
+
+
+def adam_step_scalars(a, b, gg, mg, mw, mm, beta1, step_m, step_r):
+    r"""The per-group scalars of one PSI-Adam step, from the six sums of :func:`step_row_sums`.
+
+    With :math:`r = a\,g - b\,w` (the horizontal lift of the gradient), the new first
+    moment :math:`m' = \beta_1 m + (1-\beta_1)\, r` and the step
+    :math:`d = c_m m' + c_r r`, whose coefficients hold everything else the step sizes
+    depend on (the learning rate, the bias corrections and the group's denominator
+    :math:`\sqrt{\hat v_j} + \epsilon`; :math:`c_r = 0` without the Nesterov look-ahead),
+    the new weights and first moment are
+
+    .. math::
+
+        w' = s\,(w - d), \qquad m_{\text{new}} = m' - s\,q\,w',
+
+    the retraction rescaled to the norm :math:`\sqrt a` the group started from, and the
+    transport (projection) of :math:`m'` to :math:`w'`, as in
+    :func:`one_pass_step_scalars`. This returns :math:`(s^2, q)`, from
+
+    .. math::
+
+        r\cdot w &= 0, \quad r\cdot r = a(a\,gg - b^2), \quad r\cdot m = a\,mg - b\,mw\\
+        m'\cdot w &= \beta_1 mw, \quad m'\cdot m' = \beta_1^2 mm + 2\beta_1(1-\beta_1)\,r\cdot m
+            + (1-\beta_1)^2 r\cdot r, \quad m'\cdot r = \beta_1 r\cdot m + (1-\beta_1)\,r\cdot r\\
+        d\cdot w &= c_m\, m'\cdot w, \quad d\cdot d = c_m^2\, m'\cdot m' + 2c_m c_r\, m'\cdot r + c_r^2\, r\cdot r,
+            \quad m'\cdot d = c_m\, m'\cdot m' + c_r\, m'\cdot r\\
+        s^2 &= a / (a - 2\,d\cdot w + d\cdot d), \qquad q = (m'\cdot w - m'\cdot d) / a .
+
+    Pure arithmetic, like :func:`one_pass_step_scalars` (the compiled row kernels compile
+    it by itself). With ``maximize``, pass :math:`-g`'s sums.
+    """
+    rr = a * (a * gg - b * b)
+    rm = a * mg - b * mw
+    mpw = beta1 * mw
+    mpmp = beta1 * beta1 * mm + 2.0 * beta1 * (1.0 - beta1) * rm + (1.0 - beta1) * (1.0 - beta1) * rr
+    mpr = beta1 * rm + (1.0 - beta1) * rr
+    dw = step_m * mpw
+    dd = step_m * step_m * mpmp + 2.0 * step_m * step_r * mpr + step_r * step_r * rr
+    md = step_m * mpmp + step_r * mpr
+    return a / (a - 2.0 * dw + dd), (mpw - md) / a
 
 
 def grad_metric_sq_from_sums(a, b, gg):

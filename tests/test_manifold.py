@@ -335,3 +335,25 @@ def test_tangent_check_rejects_a_radial_vector():
     x = torch.randn(3, 4, dtype=torch.float64)
     ok, reason = m.check_vector_on_tangent(x, x.clone(), explain=True)
     assert not ok and "not horizontal" in reason
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["plain", "nesterov"])
+def test_adam_step_scalars_give_the_retracted_rows_and_the_transported_moment(gen, nesterov):
+    """The one-pass scalars of a PSI-Adam step, from the six row sums alone, against the
+    step written out on the rows: the retraction w - d rescaled to the norm of w, and the
+    first moment projected onto the horizontal space of the new rows."""
+    w, g, m = _randn((5, 7), gen), _randn((5, 7), gen), _randn((5, 7), gen)
+    beta1 = 0.9
+    step_m = torch.rand(5, 1, generator=gen, dtype=torch.float64)
+    step_r = torch.rand(5, 1, generator=gen, dtype=torch.float64) if nesterov else torch.zeros(5, 1, dtype=torch.float64)
+    a, b, gg, mg, mw, mm = psiopt.manifold.step_row_sums(w, g, m).unbind(1)
+    s2, q = psiopt.manifold.adam_step_scalars(a, b, gg, mg, mw, mm, beta1, step_m.squeeze(1), step_r.squeeze(1))
+    s, q = s2.sqrt().unsqueeze(1), q.unsqueeze(1)
+
+    r = psiopt.manifold.horizontal_lift_rows(w, g)
+    new_m = beta1 * m + (1 - beta1) * r
+    u = w - (step_m * new_m + step_r * r)
+    w_new = psiopt.manifold.normalize_rows(u, psiopt.manifold.group_sq_norms(w))
+    torch.testing.assert_close(s * u, w_new, rtol=1e-12, atol=0)
+    torch.testing.assert_close(new_m - s * q * (s * u), psiopt.manifold.horizontal_projection_rows(w_new, new_m),
+                               rtol=1e-10, atol=1e-12)
