@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._triton_cases import CASES, run
+from _triton_cases import CASES, run
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(
