@@ -40,10 +40,11 @@ SHAPES = [
 ]
 STEPS = 2  # a first step and a general one (the interpreter takes about 30 ms a launch)
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-# The optimizer state: the same, except in float32, where the transported momentum of the
-# 2400-entry group differs from float64's by 3e-5 (relative) in the reference loop itself
-# (a projection that removes a radial part much larger than what remains).
-STATE_TOLERANCE = {**TOLERANCE, torch.float32: 1e-4}
+# The optimizer state: the same, except in float32, where the transported momentum differs
+# from float64's by up to 1e-4 (relative) in the reference loop itself (the projection
+# removes a radial part much larger than what remains; the kernels, which form it from
+# float64 scalars, are closer to float64 than the loop is).
+STATE_TOLERANCE = {**TOLERANCE, torch.float32: 3e-4}
 
 SGD_OPTIONS = {
     "plain": dict(momentum=0.0),

@@ -83,7 +83,7 @@ def _launches() -> dict[str, object]:
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         w, g, m = t((4, 9), dtype), t((4, 9), dtype), t((4, 9), dtype)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        sums, bad, flag, inv = t((4, 6), acc), t((), torch.int32), t((), torch.bool), t(())
+        sums, bad, flag, inv = t((4, 6), acc), t((), torch.int32), t((), torch.int32), t(())
         every = dtype == torch.float32  # every flag on in float32, off in the others
         out[f"row_sums-{dtype}"] = K._row_sums_launch(w, g, m if every else None, inv if every else None, sums, bad)
         sgd = dict(lr=0.1, momentum=0.9 if every else 0.0, dampening=0.0, nesterov=every, first=every, maximize=not every)
@@ -142,3 +142,30 @@ def test_every_kernel_launch_compiles_for_hopper_without_a_gpu(tmp_path, monkeyp
     for name, launch in _launches().items():
         compiled = triton.compile(_source(launch), target=target, options={"enable_fp_fusion": True})
         assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"], name
+
+
+@needs_triton
+def test_rows_the_kernels_would_write_wrongly_are_refused_before_any_write() -> None:
+    """The kernels write rows with unit stride and per-group states as contiguous
+    vectors; anything else is refused on the host, naming it, before any tensor is
+    written (the checks run before the first launch, so no kernel runs here)."""
+    from psiopt.optim._triton_adaptive import psiadam_update, psiadasgd_update
+
+    w = torch.randn(4, 6)
+    good = dict(exp_avgs=[torch.zeros(4, 6)] * 2, exp_avg_sqs=[torch.zeros(4)] * 2, max_exp_avg_sqs=None)
+    options = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, maximize=False, nesterov=True)
+    cases = [
+        ("weights", dict(good, ws=[w, torch.randn(6, 4).T])),
+        ("exp_avg", dict(good, ws=[w, w], exp_avgs=[torch.zeros(4, 6), torch.zeros(6, 4).T])),
+        ("exp_avg_sq", dict(good, ws=[w, w], exp_avg_sqs=[torch.zeros(4), torch.zeros(8)[::2]])),
+        ("max_exp_avg_sq", dict(good, ws=[w, w], max_exp_avg_sqs=[torch.zeros(4), torch.zeros(3)])),
+    ]
+    for name, args in cases:
+        before = [t.clone() for t in args["ws"]]
+        with pytest.raises(ValueError, match=rf"^{name}: "):
+            psiadam_update(args["ws"], args["ws"], args["exp_avgs"], args["exp_avg_sqs"], args["max_exp_avg_sqs"],
+                           [1.0, 1.0], [torch.zeros(4, 6)] * 2, **options)  # fmt: skip
+        assert all(torch.equal(a, b) for a, b in zip(args["ws"], before))
+    with pytest.raises(ValueError, match=r"^sum: a per-group state must be a contiguous \(4,\) tensor"):
+        psiadasgd_update([w], [w], [None], [torch.zeros(4, 1)], [torch.zeros(4, 6)], [True], lr=0.1, momentum=0.0,
+                         dampening=0.0, nesterov=False, eps=1e-10, maximize=False)  # fmt: skip

@@ -59,7 +59,6 @@ compile-time constants.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -76,7 +75,9 @@ from ._triton_kernels import (
     _sgd_coefficients,
     _store_row_state,
     _write_row,
+    check_rows,
     compiled,
+    device_flag,
     hi_lo,
     row_sums,
 )
@@ -159,7 +160,7 @@ def _psiadam_launch(
     return Launch(
         _psiadam_kernel, (w.shape[0],),
         (w, g, exp_avg, exp_avg_sq, exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq, sums,
-         w if refused is None else refused.to(torch.int32), w if inv_scale is None else inv_scale,
+         w if refused is None else refused, w if inv_scale is None else inv_scale,
          w.shape[1], w.stride(0), g.stride(0), exp_avg.stride(0),
          *hi_lo(step_m), *hi_lo(step_r), *hi_lo(bias_correction2_sqrt), -1.0 if maximize else 1.0),
         dict(BETA1=float(beta1), BETA2=float(beta2), EPS=float(eps), AMSGRAD=max_exp_avg_sq is not None,
@@ -208,6 +209,12 @@ def psiadam_update(
     lr, beta1, beta2, eps, maximize, nesterov
         As in :class:`psiopt.PSIAdam`.
     """
+    for i, w in enumerate(ws):  # every tensor checked before any is written
+        check_rows(
+            w, {"exp_avg": exp_avgs[i]},
+            {"exp_avg_sq": exp_avg_sqs[i], "max_exp_avg_sq": None if max_exp_avg_sqs is None else max_exp_avg_sqs[i]},
+        )  # fmt: skip
+    refused = device_flag(refused)
     for i, w in enumerate(ws):
         if w.shape[0]:
             _psiadam_launch(
@@ -265,7 +272,7 @@ def _psiadasgd_launch(
     mm = w if m is None else m
     return Launch(
         _psiadasgd_kernel, (w.shape[0],),
-        (w, g, mm, sum_sq, sums, w if refused is None else refused.to(torch.int32), w if inv_scale is None else inv_scale,
+        (w, g, mm, sum_sq, sums, w if refused is None else refused, w if inv_scale is None else inv_scale,
          w.shape[1], w.stride(0), g.stride(0), mm.stride(0), *hi_lo(float(lr)), -1.0 if maximize else 1.0),
         dict(EPS=float(eps), MOMENTUM=float(momentum), DAMPENING=float(dampening), NESTEROV=bool(nesterov),
              FIRST=bool(first), HAS_M=m is not None, HAS_REFUSED=refused is not None, HAS_INV=inv_scale is not None,
@@ -301,6 +308,9 @@ def psiadasgd_update(
     with the momentum buffers). ``lr``, ``momentum``, ``dampening``, ``nesterov``, ``eps``,
     ``maximize``: as in :class:`psiopt.PSIAdaSGD`.
     """
+    for i, w in enumerate(ws):  # every tensor checked before any is written
+        check_rows(w, {"momentum_buffer": momentum_buffers[i]}, {"sum": sum_sqs[i]})
+    refused = device_flag(refused)
     for i, w in enumerate(ws):
         if w.shape[0]:
             _psiadasgd_launch(

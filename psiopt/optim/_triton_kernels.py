@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..manifold import grad_metric_sq_from_sums, one_pass_step_scalars
 
-__all__ = ["row_sums", "update", "supports", "Launch", "hi_lo", "compiled"]
+__all__ = ["row_sums", "update", "supports", "Launch", "hi_lo", "compiled", "check_rows", "device_flag"]
 
 
 def compiled(fn) -> Any:
@@ -149,6 +149,31 @@ def _acc(t: Tensor):
 def _row_major(x: Tensor) -> Tensor:
     # Rows are read with unit stride; a gradient in another layout is copied (it is only read).
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
+
+
+def check_rows(w: Tensor, rows: dict[str, Tensor | None], states: dict[str, Tensor | None] | None = None) -> None:
+    """Refuse, before any launch, tensors the kernels would write at wrong addresses: the
+    ``(k, d)`` weights ``w`` and the other ``rows`` must have unit stride along a row (the
+    row view of a tensor in its memory order); the per-group ``states`` must be contiguous
+    ``(k,)`` vectors. Host-side: reads only shapes and strides. ``None`` entries are absent."""
+    k, d = w.shape
+    for name, x in {"weights": w, **rows}.items():
+        if x is not None and (x.shape != w.shape or (d > 1 and x.stride(1) != 1)):
+            raise ValueError(
+                f"{name}: the kernels write rows of shape {tuple(w.shape)} with unit stride along a row, got shape "
+                f"{tuple(x.shape)} and strides {x.stride()}; pass the row view of a tensor in its memory order"
+            )
+    for name, x in (states or {}).items():
+        if x is not None and (x.shape != (k,) or x.stride(0) != 1):
+            raise ValueError(
+                f"{name}: a per-group state must be a contiguous ({k},) tensor, one entry per row, got shape "
+                f"{tuple(x.shape)} and strides {x.stride()}"
+            )
+
+
+def device_flag(refused: Tensor | None) -> Tensor | None:
+    """A refusal flag as the kernels read it (int32 on the device); once per step."""
+    return None if refused is None else refused.to(torch.int32)
 
 
 def _row_sums_launch(
@@ -310,7 +335,7 @@ def _update_launch(
     mm = w if m is None else m
     return Launch(
         _update_kernel, (w.shape[0],),
-        (w, g, mm, sums, w if refused is None else refused.to(torch.int32), w if inv_scale is None else inv_scale,
+        (w, g, mm, sums, w if refused is None else refused, w if inv_scale is None else inv_scale,
          w.shape[1], w.stride(0), g.stride(0), mm.stride(0), *hi_lo(float(lr)), -1.0 if maximize else 1.0),
         dict(MOMENTUM=float(momentum), DAMPENING=float(dampening), NESTEROV=bool(nesterov), FIRST=bool(first),
              HAS_M=m is not None, HAS_REFUSED=refused is not None, HAS_INV=inv_scale is not None, ACC=_acc(w),
@@ -337,6 +362,9 @@ def update(
     ``ms`` (the operations of :func:`psiopt.optim._functional._elementwise_pass`), one
     kernel launch per tensor, one program per row; a true ``refused`` flag (read on the
     device) makes every program write nothing."""
+    for w, m in zip(ws, ms):  # every tensor checked before any is written
+        check_rows(w, {"momentum": m})
+    refused = device_flag(refused)
     for w, g, m, s, first in zip(ws, gs, ms, sums, firsts):
         if w.shape[0]:
             _update_launch(
