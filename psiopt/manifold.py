@@ -47,7 +47,7 @@ __all__ = [
     "any_zero_groups",
     "step_row_sums",
     "one_pass_step_scalars",
-    "adam_step_scalars",
+    "one_pass_row_scalars",
     "grad_metric_sq_from_sums",
 ]
 
@@ -250,45 +250,46 @@ def one_pass_step_scalars(a, b, gg, mg, mw, mm, lr, momentum, dampening, nestero
     return a / uu, (mpw - lr * md) / a
 
 
-def adam_step_scalars(a, b, gg, mg, mw, mm, beta1, step_m, step_r):
-    r"""The per-group scalars of one PSI-Adam step, from the six sums of :func:`step_row_sums`.
+def one_pass_row_scalars(a, b, gg, mg, mw, mm, mu, alpha, c_m, c_r):
+    r"""The per-group scalars of a PSI step with per-group coefficients, from the six sums
+    of :func:`step_row_sums`: the one-pass form of the adaptive steps
+    (:class:`psiopt.PSIAdam`, :class:`psiopt.PSIAdaSGD`).
 
-    With :math:`r = a\,g - b\,w` (the horizontal lift of the gradient), the new first
-    moment :math:`m' = \beta_1 m + (1-\beta_1)\, r` and the step
-    :math:`d = c_m m' + c_r r`, whose coefficients hold everything else the step sizes
-    depend on (the learning rate, the bias corrections and the group's denominator
-    :math:`\sqrt{\hat v_j} + \epsilon`; :math:`c_r = 0` without the Nesterov look-ahead),
-    the new weights and first moment are
+    With the Riemannian gradient :math:`r = a\,g - b\,w` and the group's coefficients
+    :math:`\mu, \alpha, c_m, c_r` (each optimizer's rule gives them from the group's
+    invariant squared gradient norm and its state), the step is
 
     .. math::
 
-        w' = s\,(w - d), \qquad m_{\text{new}} = m' - s\,q\,w',
+        m' = \mu\, m + \alpha\, r, \qquad u = w - c_m m' - c_r r, \qquad
+        w' = s\,u, \qquad m_{\text{new}} = m' - s\,q\,w',
 
     the retraction rescaled to the norm :math:`\sqrt a` the group started from, and the
-    transport (projection) of :math:`m'` to :math:`w'`, as in
-    :func:`one_pass_step_scalars`. This returns :math:`(s^2, q)`, from
+    transport (projection) of :math:`m'` to :math:`w'`. This returns :math:`(s^2, q)`:
 
     .. math::
 
-        r\cdot w &= 0, \quad r\cdot r = a(a\,gg - b^2), \quad r\cdot m = a\,mg - b\,mw\\
-        m'\cdot w &= \beta_1 mw, \quad m'\cdot m' = \beta_1^2 mm + 2\beta_1(1-\beta_1)\,r\cdot m
-            + (1-\beta_1)^2 r\cdot r, \quad m'\cdot r = \beta_1 r\cdot m + (1-\beta_1)\,r\cdot r\\
-        d\cdot w &= c_m\, m'\cdot w, \quad d\cdot d = c_m^2\, m'\cdot m' + 2c_m c_r\, m'\cdot r + c_r^2\, r\cdot r,
-            \quad m'\cdot d = c_m\, m'\cdot m' + c_r\, m'\cdot r\\
-        s^2 &= a / (a - 2\,d\cdot w + d\cdot d), \qquad q = (m'\cdot w - m'\cdot d) / a .
+        r\cdot r &= a(a\,gg - b^2), \quad r\cdot m = a\,mg - b\,mw, \quad r\cdot w = 0\\
+        m'\cdot w &= \mu\,mw, \quad m'\cdot m' = \mu^2 mm + 2\mu\alpha\,r\cdot m + \alpha^2 r\cdot r,
+            \quad m'\cdot r = \mu\,r\cdot m + \alpha\,r\cdot r\\
+        u\cdot u &= a - 2c_m\,m'\cdot w + c_m^2\,m'\cdot m' + 2c_m c_r\,m'\cdot r + c_r^2\,r\cdot r,
+            \qquad s^2 = a / u\cdot u\\
+        q &= (m'\cdot w - c_m\,m'\cdot m' - c_r\,m'\cdot r) / a .
 
-    Pure arithmetic, like :func:`one_pass_step_scalars` (the compiled row kernels compile
-    it by itself). With ``maximize``, pass :math:`-g`'s sums.
+    Without a first moment (:math:`m = 0`, :math:`\mu = \alpha = c_m = 0`) it is the step
+    :math:`w' = s(w - c_r r)`. :func:`one_pass_step_scalars` (PSI-SGD) is the case
+    :math:`\mu` = momentum, :math:`\alpha = 1 - \tau`, and :math:`c_m = \eta, c_r = 0`
+    (:math:`c_m = \eta\mu, c_r = \eta` with Nesterov). Pure arithmetic, like it: the
+    compiled kernels compile it by itself; the square root is the caller's; with
+    ``maximize``, pass :math:`-g`'s sums.
     """
     rr = a * (a * gg - b * b)
     rm = a * mg - b * mw
-    mpw = beta1 * mw
-    mpmp = beta1 * beta1 * mm + 2.0 * beta1 * (1.0 - beta1) * rm + (1.0 - beta1) * (1.0 - beta1) * rr
-    mpr = beta1 * rm + (1.0 - beta1) * rr
-    dw = step_m * mpw
-    dd = step_m * step_m * mpmp + 2.0 * step_m * step_r * mpr + step_r * step_r * rr
-    md = step_m * mpmp + step_r * mpr
-    return a / (a - 2.0 * dw + dd), (mpw - md) / a
+    mpw = mu * mw
+    mpmp = mu * mu * mm + 2.0 * mu * alpha * rm + alpha * alpha * rr
+    mpr = mu * rm + alpha * rr
+    uu = a - 2.0 * c_m * mpw + c_m * c_m * mpmp + 2.0 * c_m * c_r * mpr + c_r * c_r * rr
+    return a / uu, (mpw - c_m * mpmp - c_r * mpr) / a
 
 
 def grad_metric_sq_from_sums(a, b, gg):

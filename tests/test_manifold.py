@@ -337,22 +337,27 @@ def test_tangent_check_rejects_a_radial_vector():
     assert not ok and "not horizontal" in reason
 
 
-@pytest.mark.parametrize("nesterov", [False, True], ids=["plain", "nesterov"])
-def test_adam_step_scalars_give_the_retracted_rows_and_the_transported_moment(gen, nesterov):
-    """The one-pass scalars of a PSI-Adam step, from the six row sums alone, against the
-    step written out on the rows: the retraction w - d rescaled to the norm of w, and the
-    first moment projected onto the horizontal space of the new rows."""
+@pytest.mark.parametrize("look_ahead", [False, True], ids=["plain", "look-ahead"])
+def test_one_pass_row_scalars_give_the_retracted_rows_and_the_transported_moment(gen, look_ahead):
+    """The one-pass scalars of a step with per-group coefficients, from the six row sums
+    alone, against the step written out on the rows: m' = mu m + alpha r, the retraction
+    w - c_m m' - c_r r rescaled to the norm of w, and m' projected onto the horizontal
+    space of the new rows."""
     w, g, m = _randn((5, 7), gen), _randn((5, 7), gen), _randn((5, 7), gen)
-    beta1 = 0.9
-    step_m = torch.rand(5, 1, generator=gen, dtype=torch.float64)
-    step_r = torch.rand(5, 1, generator=gen, dtype=torch.float64) if nesterov else torch.zeros(5, 1, dtype=torch.float64)
+
+    def per_group(scale):
+        return scale * torch.rand(5, generator=gen, dtype=torch.float64)
+
+    mu, alpha, c_m = per_group(1.0), per_group(1.0), per_group(0.5)
+    c_r = per_group(0.5) if look_ahead else torch.zeros(5, dtype=torch.float64)
     a, b, gg, mg, mw, mm = psiopt.manifold.step_row_sums(w, g, m).unbind(1)
-    s2, q = psiopt.manifold.adam_step_scalars(a, b, gg, mg, mw, mm, beta1, step_m.squeeze(1), step_r.squeeze(1))
+    s2, q = psiopt.manifold.one_pass_row_scalars(a, b, gg, mg, mw, mm, mu, alpha, c_m, c_r)
     s, q = s2.sqrt().unsqueeze(1), q.unsqueeze(1)
+    mu, alpha, c_m, c_r = (x.unsqueeze(1) for x in (mu, alpha, c_m, c_r))
 
     r = psiopt.manifold.horizontal_lift_rows(w, g)
-    new_m = beta1 * m + (1 - beta1) * r
-    u = w - (step_m * new_m + step_r * r)
+    new_m = mu * m + alpha * r
+    u = w - c_m * new_m - c_r * r
     w_new = psiopt.manifold.normalize_rows(u, psiopt.manifold.group_sq_norms(w))
     torch.testing.assert_close(s * u, w_new, rtol=1e-12, atol=0)
     torch.testing.assert_close(new_m - s * q * (s * u), psiopt.manifold.horizontal_projection_rows(w_new, new_m),

@@ -16,10 +16,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,16 +134,30 @@ def _source(launch):
     return ASTSource(launch.kernel, signature, constexprs=constants)
 
 
+# The hyperparameters of _launches that float32 cannot hold, and the results of the
+# arithmetic on them that the kernels' float64 constants may hold (1 - beta, ...).
+_INEXACT_IN_FLOAT32 = (0.9, 0.1, 0.999, 1e-3, 1e-8, 1e-10, 0.81)
+_F64_CONSTANT = re.compile(r"arith\.constant (?:dense<)?([-+0-9.eE]+)>? : (?:tensor<[0-9x]*xf64>|f64)")
+
+
 @needs_triton
 def test_every_kernel_launch_compiles_for_hopper_without_a_gpu(tmp_path, monkeypatch) -> None:
+    """Each launch compiles to sm_90 machine code, and its float64 constants are exact:
+    none is a float32 rounding of a hyperparameter (Triton makes a Python float a float32
+    where it becomes a value of its own, e.g. returned by a jitted function; the
+    interpreter does not always, so only the compiled code shows it)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # read by Triton when it compiles
     target = GPUTarget("cuda", 90, 32)
+    rounded = {float(np.float32(x)) for x in _INEXACT_IN_FLOAT32}
+    assert all(float(np.float32(x)) != x for x in _INEXACT_IN_FLOAT32)
     for name, launch in _launches().items():
         compiled = triton.compile(_source(launch), target=target, options={"enable_fp_fusion": True})
         assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"], name
+        constants = {float(c) for c in _F64_CONSTANT.findall(compiled.asm["ttir"])}
+        assert not constants & rounded, f"{name}: float64 constants rounded to float32: {sorted(constants & rounded)}"
 
 
 @needs_triton

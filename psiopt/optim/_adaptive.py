@@ -25,6 +25,7 @@ on every group. Every formula is one of :mod:`psiopt.manifold`.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -50,6 +51,85 @@ def _riemannian_gradient(w: Tensor, grad: Tensor, maximize: bool) -> tuple[Tenso
     w_sq = group_sq_norms(w)
     riem_grad = horizontal_lift_rows(w, grad, w_sq)
     return w_sq, riem_grad, metric_inner_rows(w_sq, riem_grad)
+
+
+# -- each rule's coefficients: the one home of its formula ---------------------------------
+#
+# A rule turns a group's invariant squared gradient norm ``sq`` (= a gg - b^2 from the
+# sums of psiopt.manifold.step_row_sums) and its per-group state into the coefficients
+# (mu, alpha, c_m, c_r) of psiopt.manifold.one_pass_row_scalars's step and the new state.
+# Pure arithmetic plus ``sqrt`` and ``maximum``, so that one definition serves (k, 1)
+# tensors in the reference loop and scalars in compiled kernels: numba and Triton compile
+# the same code object with their own ``sqrt`` and ``maximum`` (see _cpu_adaptive_kernels).
+
+
+def sqrt(x):
+    """Square root of a tensor or a float (the coefficients' ``sqrt`` in Python)."""
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def maximum(x, y):
+    """Elementwise maximum of tensors or floats (the coefficients' ``maximum`` in Python)."""
+    return torch.maximum(x, y) if isinstance(x, Tensor) else max(x, y)
+
+
+def psiadam_bias_corrections(step, beta1, beta2):
+    r"""Adam's bias corrections of step ``step`` (counting this one), per tensor:
+    :math:`(1 - \beta_1^t,\ 1 - \beta_1^{t+1},\ \sqrt{1 - \beta_2^t})`."""
+    return 1.0 - beta1**step, 1.0 - beta1 ** (step + 1), (1.0 - beta2**step) ** 0.5
+
+
+def psiadam_coefficients(sq, v, v_max, bc1, bc1_next, bc2_sqrt, lr, beta1, beta2, eps, amsgrad, nesterov):
+    r"""PSIAdam's step on one group: returns :math:`(\mu, \alpha, c_m, c_r, v', v'_{max})`.
+
+    :math:`v' = \beta_2 v + (1-\beta_2)\,sq` (and :math:`v'_{max} = \max(v_{max}, v')`
+    with ``amsgrad``, which then takes its place in the denominator),
+    :math:`D = \sqrt{v'}/\sqrt{1-\beta_2^t} + \epsilon`, :math:`\mu = \beta_1`,
+    :math:`\alpha = 1 - \beta_1`, and the step :math:`w - \eta\, d` with
+    :math:`d = (m'/(1-\beta_1^t))/D`: :math:`c_m = \eta/((1-\beta_1^t) D)`,
+    :math:`c_r = 0`. With ``nesterov``, :math:`d = (\beta_1 m'/(1-\beta_1^{t+1}) +
+    (1-\beta_1) r/(1-\beta_1^t))/D`: :math:`c_m = \eta\beta_1/((1-\beta_1^{t+1}) D)`,
+    :math:`c_r = \eta(1-\beta_1)/((1-\beta_1^t) D)`. ``bc1, bc1_next, bc2_sqrt`` are
+    :func:`psiadam_bias_corrections`.
+    """
+    v = beta2 * v + (1.0 - beta2) * sq
+    second = v
+    if amsgrad:
+        v_max = maximum(v_max, v)
+        second = v_max
+    denom = sqrt(second) / bc2_sqrt + eps
+    if nesterov:
+        c_m = lr * beta1 / (bc1_next * denom)
+        c_r = lr * (1.0 - beta1) / (bc1 * denom)
+    else:
+        c_m = lr / (bc1 * denom)
+        c_r = 0.0 * denom
+    return beta1, 1.0 - beta1, c_m, c_r, v, v_max
+
+
+def psiadasgd_coefficients(sq, total, first, lr, momentum, dampening, nesterov, eps):
+    r"""PSIAdaSGD's step on one group: returns :math:`(\mu, \alpha, c_m, c_r, S')`.
+
+    :math:`S' = S + sq`, :math:`D = \sqrt{S'} + \epsilon`: the momentum runs on the
+    adaptive step :math:`r/D`, so :math:`\alpha = (1-\tau)/D` (:math:`1/D` and
+    :math:`\mu = 0` on the ``first`` step, where the buffer starts at :math:`r/D`),
+    :math:`\mu` = momentum, and :math:`c_m = \eta, c_r = 0`; with Nesterov
+    (:math:`d = r/D + \mu m'`) :math:`c_m = \eta\mu, c_r = \eta/D`. Without momentum
+    :math:`w - \eta\, r/D`: :math:`\mu = \alpha = c_m = 0, c_r = \eta/D`.
+    """
+    total = total + sq
+    inv = 1.0 / (sqrt(total) + eps)
+    if momentum == 0.0:
+        return 0.0 * inv, 0.0 * inv, 0.0 * inv, lr * inv, total
+    # Every coefficient a tensor like inv (Triton makes a returned Python float a float32).
+    mu = momentum + 0.0 * inv
+    alpha = (1.0 - dampening) * inv
+    if first:
+        mu = 0.0 * inv
+        alpha = inv
+    if nesterov:
+        return mu, alpha, lr * momentum + 0.0 * inv, lr * inv, total
+    return mu, alpha, lr + 0.0 * inv, 0.0 * inv, total
 
 
 def _retract_keeping_norms(w: Tensor, direction: Tensor, step_size: float, w_sq: Tensor) -> Tensor:

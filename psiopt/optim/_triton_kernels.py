@@ -46,14 +46,15 @@ from ..manifold import grad_metric_sq_from_sums, one_pass_step_scalars
 __all__ = ["row_sums", "update", "supports", "Launch", "hi_lo", "compiled", "check_rows", "device_flag"]
 
 
-def compiled(fn) -> Any:
-    """A pure-arithmetic function of :mod:`psiopt.manifold` as a Triton device function.
+def compiled(fn, **names: Any) -> Any:
+    """A pure-arithmetic function (of :mod:`psiopt.manifold`, or a rule's coefficients) as
+    a Triton device function, from its one definition.
 
-    Triton resolves a jitted function's globals and needs triton.language among them: the
-    same code object, with globals that hold it (the functions compiled use no other
-    global) and its module's name, which Triton's compiler reads (without it, compiling
-    fails where the interpreter does not look)."""
-    return triton.jit(types.FunctionType(fn.__code__, {"tl": tl, "__name__": fn.__module__}, fn.__name__))
+    Triton resolves a jitted function's globals: the same code object, with globals that
+    hold triton.language, the ``names`` the function calls (a rule's ``sqrt`` and
+    ``maximum``, bound to Triton's) and its module's name, which Triton's compiler reads
+    (without it, compiling fails where the interpreter does not look)."""
+    return triton.jit(types.FunctionType(fn.__code__, {"tl": tl, "__name__": fn.__module__, **names}, fn.__name__))
 
 
 _step_scalars = compiled(one_pass_step_scalars)
