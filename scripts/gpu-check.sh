@@ -27,7 +27,7 @@ out=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=${2:?--out needs a directory}; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown argument $1 (usage: scripts/gpu-check.sh [--out DIR])" >&2; exit 2 ;;
     esac
 done
@@ -66,9 +66,13 @@ export PYTHONUNBUFFERED=1
 need=(torch triton numpy scipy numba geoopt pytest mlxtend matplotlib)
 missing() { "$PY" -c 'import importlib.util, sys; print(" ".join(n for n in sys.argv[1:] if importlib.util.find_spec(n) is None))' "${need[@]}"; }
 lacking=$(missing)
-if [ -n "$lacking" ] && compgen -G ".whl/*.whl" >/dev/null; then
+wheels=()
+for name in $lacking; do  # only what is missing: a carried wheel never shadows an installed package
+    for wheel in .whl/"$name"-*.whl; do [ -f "$wheel" ] && wheels+=("$wheel"); done
+done
+if [ "${#wheels[@]}" -gt 0 ]; then
     site=$(mktemp -d)/site
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$site" .whl/*.whl \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$site" "${wheels[@]}" \
         && export PYTHONPATH="$PYTHONPATH:$site"
     lacking=$(missing)
 fi
