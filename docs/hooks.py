@@ -18,7 +18,9 @@ Benchmark results
     that :func:`psiopt.bench.report.render_markdown` makes from each committed
     ``results.json`` (the same function that wrote the run's ``report.md``), and
     :func:`on_files` publishes the PNG plots each results file lists. So every number
-    on that page is read from a committed results file when the site is built.
+    on that page is read from a committed results file when the site is built. The
+    marker ``<!-- psiopt-gpu-status -->`` becomes :func:`gpu_status`: which GPUs the
+    committed results were measured on, or that GPU figures are not yet measured.
 
     A results file of an older layout (``schema_version`` below
     :data:`psiopt.bench.records.SCHEMA_VERSION`) was measured with an older protocol
@@ -48,6 +50,7 @@ BENCH_RESULTS_DIR = "benchmarks/results"  # relative to the folder of mkdocs.yml
 BENCH_PAGE = "benchmarks.md"
 BENCH_MARKER = "<!-- psiopt-bench-results -->"
 BENCH_SITE_DIR = "benchmark-results"  # where the plots go in the site
+GPU_MARKER = "<!-- psiopt-gpu-status -->"
 
 
 def mathjax_es5_dir() -> Path:
@@ -155,9 +158,34 @@ def bench_section(config: MkDocsConfig) -> str:
     return "\n\n".join(parts)
 
 
+def gpu_status(config: MkDocsConfig) -> str:
+    """The sentence that replaces the benchmark page's GPU marker: which GPUs the committed
+    results were measured on, or that no GPU figure is measured yet."""
+    root = _results_root(config)
+    runs = [
+        (path, results)
+        for path, results in committed_results(config)
+        if str(results.get("config", {}).get("device", "")).startswith("cuda")
+    ]
+    if not runs:
+        return (
+            "**GPU figures are not yet measured.** Every figure on this page was measured on a CPU; "
+            "the CUDA kernels are so far checked only by Triton's interpreter and compiler in the tests. "
+            "They will be measured when `scripts/gpu-check.sh` has run on a GPU and its results are "
+            "committed under `benchmarks/results/gpu-*/`."
+        )
+    where = ", ".join(
+        f"{results.get('environment', {}).get('gpu_name') or 'a CUDA device'} "
+        f"(`{path.parent.relative_to(root.parent.parent).as_posix()}`)"
+        for path, results in runs
+    )
+    return f"GPU figures were measured by `scripts/gpu-check.sh` on {where}: they are among the results below."
+
+
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
     if page.file.src_uri != BENCH_PAGE:
         return markdown
-    if BENCH_MARKER not in markdown:
-        raise PluginError(f"{BENCH_PAGE} lost its marker {BENCH_MARKER}: the results have nowhere to go")
-    return markdown.replace(BENCH_MARKER, bench_section(config))
+    for marker in (BENCH_MARKER, GPU_MARKER):
+        if marker not in markdown:
+            raise PluginError(f"{BENCH_PAGE} lost its marker {marker}: what it stands for has nowhere to go")
+    return markdown.replace(GPU_MARKER, gpu_status(config)).replace(BENCH_MARKER, bench_section(config))

@@ -226,7 +226,7 @@ def test_list(capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--suite", "nope"], "unknown suite 'nope'; valid suites: cpu, full-batch, step-time, gpu"),
+        (["--suite", "nope"], "unknown suite 'nope'; valid suites: cpu, full-batch, step-time, gpu, gpu-check"),
         (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
         (["--suite", "gpu", "--device", "cpu"], "--suite gpu needs --data-dir"),
         (["--suite", "gpu", "--device", "cpu", "--data-dir", "/nonexistent/cifar"], "does not exist"),

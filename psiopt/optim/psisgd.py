@@ -340,9 +340,11 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             refused = self._refused_on_device(steps, other_flag, found_inf)
         else:
             refused = None
-            if other_flag is not None and bool(other_flag):
+            # One host synchronization reads every flag; the checks that name a culprit run only when one is set.
+            flagged = _any_flag([*(b for st in steps for b in st.bad), *(() if other_flag is None else (other_flag,))])
+            if flagged and other_flag is not None and bool(other_flag):
                 _check_finite_gradients(others)  # raises, naming the parameter (or confirms an overflow)
-            self._check_or_raise(steps)
+            self._check_or_raise(steps, flagged)
         self.last_step_refused = refused
 
         for st, plan in zip(steps, plans):
@@ -543,16 +545,18 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         return [self.state[p].get("momentum_buffer") for p in params]
 
     # -- the checks -----------------------------------------------------------------------
-    def _check_or_raise(self, steps: list[_GroupStep]) -> None:  # noqa: C901 - one check after another
+    def _check_or_raise(self, steps: list[_GroupStep], flagged: bool) -> None:  # noqa: C901 - one check after another
         """Raise, before anything is written, if a scale-invariant gradient is not finite or
-        a group cannot be stepped, naming the parameter. One host synchronization.
-        A flagged tensor whose entries are all fine had sums that overflowed: it takes the
-        reference loop, which does not form them."""
+        a group cannot be stepped, naming the parameter. ``flagged``: whether any flag of
+        the reduction pass is set (read by the caller, with one host synchronization); the
+        reference loop's tensors are checked here (one more synchronization, only where
+        there are such tensors). A flagged tensor whose entries are all fine had sums that
+        overflowed: it takes the reference loop, which does not form them."""
         loop_all = [(p, name, m) for st in steps for p, name, m in st.loop]
         if any_zero_groups([m.rows(p.detach()) for p, _, m in loop_all]):
             for p, name, m in loop_all:
                 m.check_nonzero_groups(p.detach(), name)
-        if not _any_flag([b for st in steps for b in st.bad]):
+        if not flagged:
             return None
         flagged = [(st, k) for st in steps for k, b in enumerate(st.bad) if bool(b)]
         for st, k in flagged:
