@@ -132,34 +132,51 @@ def psiadasgd_coefficients(sq, total, first, lr, momentum, dampening, nesterov, 
     return mu, alpha, lr + 0.0 * inv, 0.0 * inv, total
 
 
+def rate_factor(gain, power, nu_sq):
+    r"""The factor :math:`\gamma/\nu_j^p` of an angular rate (:mod:`._rates`) on each group's
+    step: a rule's coefficients :math:`c_m, c_r` (linear in its learning rate) times it.
+    ``power`` is 2 (SGD's law) or 1 (Adam's)."""
+    if power == 2.0:
+        return gain / nu_sq
+    return gain / sqrt(nu_sq)
+
+
+def next_virtual_sq_norm(nu_sq, s2, pull):
+    r"""The virtual squared norm after a step whose retraction grew the group's squared norm
+    by :math:`1/s^2 = \|w_j - \alpha_j d_j\|^2/\|w_j\|^2` (:func:`psiopt.manifold.one_pass_row_scalars`'s
+    :math:`s^2`), less the weight decay's ``pull``."""
+    return nu_sq * (1.0 / s2 - pull)
+
+
 # -- the reference loop's row steps --------------------------------------------------------
 
 
 def _step_rows(
     w: Tensor, w_sq: Tensor, riem_grad: Tensor, m: Tensor | None, has_m: bool, mu, alpha, c_m, c_r
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor]:
     r"""The step of :func:`psiopt.manifold.one_pass_row_scalars`, chaining the manifold's
     formulas: :math:`m' = \mu m + \alpha r` (``m=None`` with ``has_m``: a first step,
     :math:`m' = \alpha r`), the retraction :math:`w - c_m m' - c_r r` rescaled group by
     group to the norms it started from, and :math:`m'` transported to it. Returns the
-    new rows and the new first moment (``None`` without one), in accumulation dtype."""
+    new rows, the new first moment (``None`` without one) and the factor by which the
+    retraction grew each group's squared norm (:math:`1/s^2`), in accumulation dtype."""
     u = torch.sub(w.to(riem_grad.dtype), c_r * riem_grad)
     new_m = None
     if has_m:
         new_m = alpha * riem_grad if m is None else m.to(riem_grad.dtype) * mu + alpha * riem_grad
         u = u.sub_(c_m * new_m)
+    growth = group_sq_norms(u) / w_sq
     w_new = normalize_rows(u, w_sq)
     # w_new has the norms w_sq by construction: the transport's norm ratio is 1.
-    return w_new, None if new_m is None else transport_rows(w_new, new_m, w_sq, w_sq)
+    return w_new, None if new_m is None else transport_rows(w_new, new_m, w_sq, w_sq), growth
 
 
 def _psiadam_rows(
     w: Tensor,
     grad: Tensor,
-    exp_avg: Tensor,
+    exp_avg: Tensor | None,
     exp_avg_sq: Tensor,
-    max_exp_avg_sq: Tensor | None = None,
-    *,
+    *more: Tensor,
     step: float,
     lr: float,
     beta1: float,
@@ -167,28 +184,43 @@ def _psiadam_rows(
     eps: float,
     maximize: bool,
     nesterov: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    amsgrad: bool = False,
+    rate: tuple[float, float, float] | None = None,
+) -> tuple[Tensor | None, ...]:
     r"""One PSIAdam step on a ``(k, d)`` matrix of groups (``step`` counts this one).
 
-    ``exp_avg`` is ``(k, d)`` and horizontal at ``w``; ``exp_avg_sq`` and
-    ``max_exp_avg_sq`` (given for AMSGrad only) are ``(k, 1)``. Returns the new rows,
-    the first moment transported to them, and the new second moments, all in
+    ``exp_avg`` is ``(k, d)`` and horizontal at ``w`` (``None``: no first moment is kept,
+    which with ``beta1 == 0`` and ``nesterov`` is the same step: PSISGD without momentum); ``exp_avg_sq`` and the
+    group states of ``more`` are ``(k, 1)``: ``max_exp_avg_sq`` with ``amsgrad``, then the
+    virtual squared norm with an angular ``rate`` (``(gain, power, pull)`` of
+    :mod:`._rates`: the step is scaled by :func:`rate_factor`, and the virtual norm moves
+    by :func:`next_virtual_sq_norm`). Returns the new rows, the first moment transported
+    to them (``None`` without one), and the new group states in the same order, all in
     accumulation dtype; nothing is written. The coefficients are
     :func:`psiadam_coefficients`'s: torch's bias corrections and placement of ``eps``
     (:func:`torch.optim.adam._single_tensor_adam`) with :math:`g^2` replaced by the
     invariant :math:`\|\nabla f(u_j)\|^2`, and with ``nesterov`` NAdam's look-ahead
     with a constant momentum (:class:`torch.optim.NAdam` with :math:`\mu_t = \beta_1`).
     """
+    more = list(more)
+    max_exp_avg_sq = more.pop(0) if amsgrad else None
+    nu_sq = more.pop(0) if rate is not None else None
     w_sq, riem_grad, sq_norm = _riemannian_gradient(w, grad, maximize)
     acc = riem_grad.dtype
-    amsgrad = max_exp_avg_sq is not None
     v = exp_avg_sq.to(acc)
     mu, alpha, c_m, c_r, new_sq, new_max = psiadam_coefficients(
         sq_norm, v, max_exp_avg_sq.to(acc) if amsgrad else v, *psiadam_bias_corrections(step, beta1, beta2),
         lr, beta1, beta2, eps, amsgrad, nesterov,
     )  # fmt: skip
-    w_new, new_avg = _step_rows(w, w_sq, riem_grad, exp_avg, True, mu, alpha, c_m, c_r)
-    return w_new, new_avg, new_sq, new_max if amsgrad else None
+    if rate is not None:
+        gain, power, pull = rate
+        factor = rate_factor(gain, power, nu_sq.to(acc))
+        c_m, c_r = c_m * factor, c_r * factor
+    w_new, new_avg, growth = _step_rows(w, w_sq, riem_grad, exp_avg, exp_avg is not None, mu, alpha, c_m, c_r)
+    states = [new_sq, *([new_max] if amsgrad else [])]
+    if rate is not None:
+        states.append(next_virtual_sq_norm(nu_sq.to(acc), 1.0 / growth, pull))
+    return (w_new, new_avg, *states)
 
 
 def _psiadasgd_rows(
@@ -218,7 +250,7 @@ def _psiadasgd_rows(
     mu, alpha, c_m, c_r, new_sum = psiadasgd_coefficients(
         sq_norm, sum_sq.to(riem_grad.dtype), first, lr, momentum, dampening, nesterov, eps
     )
-    w_new, new_buf = _step_rows(w, w_sq, riem_grad, momentum_buffer, momentum != 0, mu, alpha, c_m, c_r)
+    w_new, new_buf, _ = _step_rows(w, w_sq, riem_grad, momentum_buffer, momentum != 0, mu, alpha, c_m, c_r)
     return w_new, new_buf, new_sum
 
 

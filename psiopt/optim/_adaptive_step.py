@@ -50,7 +50,10 @@ import geoopt
 import torch
 from torch import Tensor
 
+from torch.optim.optimizer import _default_to_fused_or_foreach, _get_scalar_dtype
+
 from ..manifold import PSIManifold
+from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows
 from ._functional import _PLAIN
 from ._params import _LazyName, _plan_signature, _torch_has_fused
 
@@ -137,6 +140,11 @@ class _AdaptiveKernelsMixin:
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         """The group's hyperparameters as the rule takes them."""
         raise NotImplementedError
+
+    def _rate(self, group: dict[str, Any]) -> tuple[float, float, float] | None:
+        """The ``(gain, power, pull)`` of the group's angular rate (:mod:`._rates`), whose
+        virtual squared norm is the last of :meth:`_group_state_keys`; ``None``: none."""
+        return None
 
     # -- which tensors the kernels step ------------------------------------------------------
     def _adaptive_kernels(self, group: dict[str, Any], p: Tensor):
@@ -280,7 +288,9 @@ class _AdaptiveKernelsMixin:
                     self._new_state(group, p, manifold)
                     self._lay_out_like(p, ks)
                 moments, states, counters = self._moments_and_states(group, ks)
-                ks.batch = ks.kernels.AdaptiveRows(self._RULE, ks.params, moments, states, ks.rows, counters)
+                ks.batch = ks.kernels.AdaptiveRows(
+                    self._RULE, ks.params, moments, states, ks.rows, counters, has_rate=self._rate(group) is not None
+                )
                 # The gradients and norms are finite (checked above): a flagged tensor had sums that
                 # overflowed its precision, and takes the reference step, which does not form them.
                 flagged = ks.batch.check([group_grads[i] for i in ks.positions])
@@ -313,7 +323,7 @@ class _AdaptiveKernelsMixin:
         """The write pass; returns the names of the tensors with a row left as it was.
         ``first``: whether each tensor's first moment is new (``None``: none is)."""
         xs = None if first is None else self._tensor_scalars(group, ks.params, first)
-        left = ks.batch.update(xs, self._hyper(group), maximize=group["maximize"], skip=skip)
+        left = ks.batch.update(xs, self._hyper(group), maximize=group["maximize"], skip=skip, rate=self._rate(group))
         return [ks.entries[i][1] for i in left]
 
     @staticmethod
@@ -326,3 +336,95 @@ class _AdaptiveKernelsMixin:
                 "that is not finite; those groups were left unchanged and every other group was stepped. Reset "
                 "that state (optimizer.state[p]) or load a saved optimizer state, and re-initialize such groups"
             )
+
+
+@dataclass(frozen=True)
+class _AdamRule:
+    """How a param group's scale-invariant tensors take PSIAdam's step
+    (:func:`._adaptive.psiadam_coefficients`): its hyperparameters, and the angular rate
+    that scales it (``(gain, power, pull)`` of :mod:`._rates`, or ``None`` for the
+    constant rate). ``first_moment``: whether a first moment is kept (without one, and
+    with ``beta1 == 0`` and the look-ahead, the direction is this step's gradient)."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    amsgrad: bool
+    nesterov: bool
+    rate: tuple[float, float, float] | None
+    first_moment: bool = True
+
+
+class _AdamRuleMixin(_AdaptiveKernelsMixin):
+    """The hooks of the adaptive step for the optimizers whose scale-invariant groups take
+    PSIAdam's step: :class:`psiopt.PSIAdam` (and PSIAdamW), and :class:`psiopt.PSISGD`
+    with its ``"sgd"`` angular rate. Each gives its :meth:`_adam_rule`; the state is
+    ``step`` (the tensor's step counter), ``exp_avg`` (the first moment, laid out like the
+    weight), ``exp_avg_sq`` (one second moment per group), ``max_exp_avg_sq`` (AMSGrad)
+    and ``virtual_sq_norm`` (with an angular rate)."""
+
+    _RULE = "adam"
+
+    def _adam_rule(self, group: dict[str, Any]) -> _AdamRule:
+        raise NotImplementedError
+
+    def _new_state(self, group: dict[str, Any], p: Tensor, manifold: PSIManifold) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+        if self._first_moment_key(group) is not None and "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for key in self._group_state_keys(group):
+            if key not in state:
+                # the second moments in the invariant units of ||grad f(u_j)||^2; nu^2 starts at 1
+                state[key] = p.new_ones(manifold.num_groups(p)) if key == "virtual_sq_norm" else p.new_zeros(
+                    manifold.num_groups(p)
+                )
+
+    def _first_moment_key(self, group: dict[str, Any]) -> str | None:
+        return "exp_avg" if self._adam_rule(group).first_moment else None
+
+    def _group_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        rule = self._adam_rule(group)
+        return ("exp_avg_sq", *(("max_exp_avg_sq",) if rule.amsgrad else ()),
+                *(("virtual_sq_norm",) if rule.rate is not None else ()))  # fmt: skip
+
+    def _counter_key(self, group: dict[str, Any]) -> str | None:
+        return "step"  # the kernels take each tensor's bias corrections from it, and increment it
+
+    def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
+        rule = self._adam_rule(group)
+        return (float(group["lr"]), rule.beta1, rule.beta2, rule.eps, rule.amsgrad, rule.nesterov)
+
+    def _rate(self, group: dict[str, Any]) -> tuple[float, float, float] | None:
+        return self._adam_rule(group).rate
+
+    def _reference_update(self, group: dict[str, Any], psi: list[tuple[Tensor, Any, PSIManifold]]) -> None:
+        rule = self._adam_rule(group)
+        params = [p for p, _, _ in psi]
+        for p, _, manifold in psi:
+            self._new_state(group, p, manifold)
+        states = [self.state[p] for p in params]
+        foreach = group["foreach"]
+        if foreach is None:
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+        update = _multi_tensor_rows if foreach else _single_tensor_rows
+        update(
+            _psiadam_rows,
+            params,
+            [p.grad for p in params],
+            [m.rows for _, _, m in psi],
+            [[s["exp_avg"] if rule.first_moment else None for s in states]],
+            [[s[key] for s in states] for key in self._group_state_keys(group)],
+            [{"step": float(s["step"]) + 1.0} for s in states],
+            lr=float(group["lr"]),
+            beta1=rule.beta1,
+            beta2=rule.beta2,
+            eps=rule.eps,
+            maximize=group["maximize"],
+            nesterov=rule.nesterov,
+            amsgrad=rule.amsgrad,
+            rate=rule.rate,
+        )
+        for s in states:
+            s["step"] += 1

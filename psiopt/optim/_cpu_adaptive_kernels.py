@@ -102,6 +102,8 @@ def _compiled(rule):
 
 _adam = _compiled(_adaptive.psiadam_coefficients)
 _adasgd = _compiled(_adaptive.psiadasgd_coefficients)
+_rate_factor = _compiled(_adaptive.rate_factor)
+_next_virtual_sq_norm = _compiled(_adaptive.next_virtual_sq_norm)
 
 
 _adam_bias_corrections = numba.njit(_adaptive.psiadam_bias_corrections, **_ARITHMETIC)
@@ -258,9 +260,10 @@ def _make_update(cast, rule):
     weight_gradient_sums = _make_weight_gradient_sums(cast)
 
     @numba.njit(**_ARITHMETIC)
-    def update(w, g, m, has_m, sums, s0, s1, n_states, x0, x1, x2, hyper, sign):  # pragma: no cover - compiled
+    def update(w, g, m, has_m, sums, s0, s1, nu_sq, n_states, x0, x1, x2, hyper, rate, sign):  # pragma: no cover
         inv = cast(1.0)
         bad = False
+        has_rate, gain, power, pull = rate
         for j in range(w.shape[0]):
             mg = mw = mm = 0.0
             if has_m:
@@ -276,6 +279,9 @@ def _make_update(cast, rule):
             if not sq > _CANCELLING * a * gg:  # g nearly along w: a gg and b^2 cancel; sq from r itself
                 sq = _exact_grad_sq(w, g, j, a, b, sign)
             mu, alpha, c_m, c_r, new0, new1 = rule(sq, s0[j], s1[j], x0, x1, x2, hyper)
+            if has_rate:
+                factor = _rate_factor(gain, power, np.float64(nu_sq[j]))
+                c_m, c_r = c_m * factor, c_r * factor
             s2, q = _row_scalars(a, b, sq, mg, mw, mm, mu, alpha, c_m, c_r)
             s = math.sqrt(s2)
             if not (a > tiny and math.isfinite(s) and math.isfinite(q) and math.isfinite(s * c_m) and math.isfinite(s * c_r)):
@@ -291,6 +297,8 @@ def _make_update(cast, rule):
                 s0[j] = new0
             if n_states > 1:
                 s1[j] = new1
+            if has_rate:
+                nu_sq[j] = _next_virtual_sq_norm(np.float64(nu_sq[j]), s2, pull)
         return bad
 
     return update
@@ -299,9 +307,10 @@ def _make_update(cast, rule):
 # Columns of the int64 table of one batched call, one row per tensor: the addresses of the
 # rows of weights, gradient, first moment (the weights' without one) and sums, the rows
 # and entries per row, whether the check pass reads the weights, the addresses of up to
-# two per-group states (the sums' where there are fewer: never read), and the address of
-# the tensor's step counter (0: none) with its itemsize (4: float32, 8: float64).
-_W, _G, _M, _S, _ROWS, _COLS, _READ_W, _STATE0, _STATE1, _COUNTER, _COUNTER_SIZE = range(11)
+# two per-group states of the rule and of the virtual squared norm of an angular rate (the
+# sums' where there are none: never read), and the address of the tensor's step counter
+# (0: none) with its itemsize (4: float32, 8: float64).
+_W, _G, _M, _S, _ROWS, _COLS, _READ_W, _STATE0, _STATE1, _NU_SQ, _COUNTER, _COUNTER_SIZE = range(12)
 
 
 class _Passes(NamedTuple):
@@ -335,7 +344,7 @@ def _make_batched(dtype: torch.dtype, rule_name: str) -> _Passes:
         return _all_finite(others)
 
     @numba.njit(nogil=True)
-    def update(table, xs, hyper, has_m, n_states, sign, skip, bad):  # pragma: no cover - compiled
+    def update(table, xs, hyper, rate, has_m, n_states, sign, skip, bad):  # pragma: no cover - compiled
         for t in range(table.shape[0]):
             k = table[t, _ROWS]
             if skip[t]:
@@ -354,7 +363,8 @@ def _make_batched(dtype: torch.dtype, rule_name: str) -> _Passes:
                     w, g, m, has_m, sums,
                     numba.carray(_pointer(table[t, _STATE0]), (k,), cast),
                     numba.carray(_pointer(table[t, _STATE1]), (k,), cast),
-                    n_states, x0, x1, x2, hyper, sign,
+                    numba.carray(_pointer(table[t, _NU_SQ]), (k,), cast),
+                    n_states, x0, x1, x2, hyper, rate, sign,
                 )  # fmt: skip
             if table[t, _COUNTER] != 0:
                 if table[t, _COUNTER_SIZE] == 4:
@@ -375,7 +385,9 @@ class AdaptiveRows:
     ``moments[i]`` is the first moment of ``params[i]``, laid out like it, or
     ``moments=None`` for a rule without one; ``states[i]`` a tuple of 0 to 2 contiguous
     ``(k,)`` tensors of the weights' dtype, the per-group state that the rule reads and
-    writes; ``counters[i]`` (``None``: none) a 0-d float32 or float64 CPU tensor, the step
+    writes, followed, with ``has_rate``, by the virtual squared norm of an angular rate
+    (:mod:`._rates`; same layout), which scales the rule's step and which the update
+    moves; ``counters[i]`` (``None``: none) a 0-d float32 or float64 CPU tensor, the step
     count from which the rule computes the tensor's scalars, incremented by each update.
     The caller checks the first moments and states once (:func:`all_finite`) before it
     makes a batch: afterwards only what the kernels wrote is read.
@@ -386,8 +398,10 @@ class AdaptiveRows:
     """
 
     def __init__(self, rule: str, params: list[Tensor], moments: list[Tensor] | None,
-                 states: list[tuple[Tensor, ...]], rows: list, counters: list[Tensor] | None = None) -> None:  # fmt: skip
+                 states: list[tuple[Tensor, ...]], rows: list, counters: list[Tensor] | None = None, *,
+                 has_rate: bool = False) -> None:  # fmt: skip
         self.rule, self.params, self.moments, self.has_m = rule, params, moments, moments is not None
+        self.has_rate = has_rate
         self.states = [tuple(s) for s in states]
         self.counters = counters
         if counters is not None and not all(
@@ -395,11 +409,18 @@ class AdaptiveRows:
         ):
             raise ValueError("a step counter must be a 0-d float32 or float64 CPU tensor")
         self.dtype = params[0].dtype if params else torch.float32
-        self.n_states = len(self.states[0]) if params else 0
+        self.n_states = len(self.states[0]) - has_rate if params else 0  # the rule's own states
         ws = [r(p) for r, p in zip(rows, params)]
         ms = None if moments is None else [r(m) for r, m in zip(rows, moments)]
-        if any(p.dtype != self.dtype for p in params) or any(len(s) != self.n_states for s in self.states) or self.n_states > 2:
-            raise ValueError("AdaptiveRows holds tensors of one dtype with the same number (0 to 2) of per-group states")
+        if (
+            any(p.dtype != self.dtype for p in params)
+            or any(len(s) != self.n_states + has_rate for s in self.states)
+            or not 0 <= self.n_states <= 2
+        ):
+            raise ValueError(
+                "AdaptiveRows holds tensors of one dtype with the same number (0 to 2) of per-group states of the "
+                "rule, then the virtual squared norm where has_rate"
+            )
         if not all(w.is_contiguous() for w in ws) or (ms is not None and not all(m.is_contiguous() for m in ms)):
             raise RuntimeError("the adaptive kernels write weights and first moments in place: their row views must be contiguous")
         self.layouts = [(p.data_ptr(), p.shape, p.stride()) for p in params]
@@ -410,12 +431,14 @@ class AdaptiveRows:
             state = self.states[i]
             if any(s.shape != (w.shape[0],) or s.dtype != self.dtype or not s.is_contiguous() for s in state):
                 raise ValueError("each per-group state must be a contiguous (rows,) tensor of the weights' dtype")
-            unused = [rows_sums.data_ptr()] * (2 - len(state))  # a valid address, never read
+            unused = rows_sums.data_ptr()  # a valid address, never read
+            rule_states = [s.data_ptr() for s in state[: self.n_states]] + [unused] * (2 - self.n_states)
+            nu_sq = state[-1].data_ptr() if has_rate else unused
             m = w if ms is None else ms[i]
             counter = (0, 0) if counters is None else (counters[i].data_ptr(), counters[i].element_size())
             table.append((w.data_ptr(), w.data_ptr(), m.data_ptr(), rows_sums.data_ptr(), *w.shape, 0,
-                          *(s.data_ptr() for s in state), *unused, *counter))  # fmt: skip
-        self.table = np.array(table, dtype=np.int64).reshape(-1, 11)
+                          *rule_states, nu_sq, *counter))  # fmt: skip
+        self.table = np.array(table, dtype=np.int64).reshape(-1, 12)
         self.flags = np.zeros(len(params), dtype=np.bool_)
         self.skip = np.zeros(len(params), dtype=np.bool_)
         self.xs = np.zeros((len(params), 3), dtype=np.float64)
@@ -465,11 +488,12 @@ class AdaptiveRows:
         return np.flatnonzero(self.flags).tolist() if self.flags.any() else []
 
     def update(self, xs: list[tuple[float, float, float]] | None, hyper: tuple[float, ...], *, maximize: bool,
-               skip: list[int] = ()) -> list[int]:  # fmt: skip
+               skip: list[int] = (), rate: tuple[float, float, float] | None = None) -> list[int]:  # fmt: skip
         """The write pass after :meth:`check`, in place, but on the tensors at the positions
         ``skip``. ``xs[i]``: tensor ``i``'s scalars where it has no step counter (``None``:
         zeros), ``hyper``: the group's hyperparameters (see
-        :data:`RULES`). Each counter of a tensor stepped is incremented. Returns the
+        :data:`RULES`), ``rate``: the ``(gain, power, pull)`` of the angular rate (given
+        exactly when the batch was made ``has_rate``). Each counter of a tensor stepped is incremented. Returns the
         positions of the tensors with a row left as it was:
         a weight row with a zero, underflowing or non-finite squared norm, or a first
         moment or state that gives no finite step (values that this batch did not write:
@@ -484,8 +508,11 @@ class AdaptiveRows:
         if skip:
             self.skip[list(skip)] = True
         self.flags[:] = False
+        if (rate is not None) != self.has_rate:
+            raise ValueError("an angular rate is given exactly to a batch made with has_rate")
+        rate_args = (1.0, *map(float, rate)) if rate is not None else (0.0, 0.0, 0.0, 0.0)
         _make_batched(self.dtype, self.rule).update(
-            self.table, self.xs, tuple(float(h) for h in hyper), self.has_m, self.n_states,
+            self.table, self.xs, tuple(float(h) for h in hyper), rate_args, self.has_m, self.n_states,
             -1.0 if maximize else 1.0, self.skip, self.flags,
         )  # fmt: skip
         self._grads = None

@@ -8,18 +8,22 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
-from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _to_scalar
+from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype, _to_scalar
 
 from ..manifold import PSIManifold
-from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows
-from ._adaptive_step import _AdaptiveKernelsMixin
+from ._adaptive_step import _AdamRule, _AdamRuleMixin
 from ._params import _check_finite, _PSIParamsMixin
+from ._rates import adam_rate, check_pull
 
 __all__ = ["PSIAdam", "PSIAdamW"]
 
 
+ANGULAR_RATES = ("adam", "constant")
+"""The angular rates of PSIAdam's scale-invariant groups (its ``angular_rate`` option)."""
+
+
 def _validate_adam_hyperparameters(
-    lr: Any, betas: Any, eps: Any, weight_decay: Any, foreach: bool | None, nesterov: Any
+    lr: Any, betas: Any, eps: Any, weight_decay: Any, foreach: bool | None, nesterov: Any, angular_rate: Any
 ) -> None:
     # The same checks and messages as torch.optim.Adam (capturable is never on here),
     # a finite lr and eps, and a bool nesterov (ours: a truthy string would pass silently).
@@ -53,9 +57,11 @@ def _validate_adam_hyperparameters(
                 raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
             if beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{index}] must be 1-element")
+    if angular_rate not in ANGULAR_RATES:
+        raise ValueError(f"angular_rate must be one of {', '.join(map(repr, ANGULAR_RATES))}, got {angular_rate!r}")
 
 
-class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
+class PSIAdam(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
     r"""Adam on the PSI manifold: a drop-in replacement for :class:`torch.optim.Adam`.
 
     Parameters are split as by :class:`psiopt.PSISGD`: scale-invariant ones (in a param
@@ -180,6 +186,7 @@ class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         nesterov: bool = True,
+        angular_rate: str = "adam",
     ) -> None:
         name = type(self).__name__
         for option, value, default in (("capturable", capturable, False), ("differentiable", differentiable, False)):
@@ -190,7 +197,7 @@ class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
                 )
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's message
-        _validate_adam_hyperparameters(lr, betas, eps, weight_decay, foreach, nesterov)
+        _validate_adam_hyperparameters(lr, betas, eps, weight_decay, foreach, nesterov, angular_rate)
         self._psi_manifolds = {}
         self._row_plans = {}
         defaults = {
@@ -206,6 +213,7 @@ class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
             "nesterov": nesterov,
+            "angular_rate": angular_rate,
             "grouping": None,
         }
         super().__init__(params, defaults)
@@ -225,12 +233,15 @@ class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
             group.setdefault("decoupled_weight_decay", False)
             # a state saved before the option existed resumes the step it was taken with
             group.setdefault("nesterov", False)
+            group.setdefault("angular_rate", "constant")  # as nesterov: the step the state was saved with
             group.setdefault("grouping", None)
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         _validate_adam_hyperparameters(
-            group["lr"], group["betas"], group["eps"], group["weight_decay"], group["foreach"], group["nesterov"]
-        )
+            group["lr"], group["betas"], group["eps"], group["weight_decay"], group["foreach"], group["nesterov"],
+            group["angular_rate"],
+        )  # fmt: skip
+        self._adam_rule(group)  # the angular rate's own limits
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -249,12 +260,12 @@ class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            self._adam_rule(group)  # a scheduler may have moved lr past the rate's limits: refused before any write
         self._adaptive_step()
         return loss
 
     # -- the hooks of the adaptive step (psiopt.optim._adaptive_step) ----------------------
-    _RULE = "adam"
-
     def _check_euclidean(self, group: dict[str, Any], euclid: list[tuple[Tensor, Any]]) -> None:
         for p, name in euclid:
             if p.grad.is_sparse:
@@ -306,58 +317,15 @@ class PSIAdam(_AdaptiveKernelsMixin, _PSIParamsMixin, Optimizer):
             decoupled_weight_decay=group["decoupled_weight_decay"],
         )
 
-    def _new_state(self, group: dict[str, Any], p: Tensor, manifold: PSIManifold) -> None:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        # one second moment per group, in the invariant units of ||grad f(u_j)||^2
-        for key in self._group_state_keys(group):
-            if key not in state:
-                state[key] = p.new_zeros(manifold.num_groups(p))
-
-    def _first_moment_key(self, group: dict[str, Any]) -> str | None:
-        return "exp_avg"
-
-    def _group_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg_sq",)
-
-    def _counter_key(self, group: dict[str, Any]) -> str | None:
-        return "step"  # the kernels take each tensor's bias corrections from it, and increment it
-
-    def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
-        beta1, beta2 = group["betas"]
-        return (group["lr"], beta1, beta2, group["eps"], group["amsgrad"], group["nesterov"])
-
-    def _reference_update(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
-        params = [p for p, _, _ in psi]
-        for p, _, manifold in psi:
-            self._new_state(group, p, manifold)
-        states = [self.state[p] for p in params]
-        group_states = [[s[key] for s in states] for key in self._group_state_keys(group)]
-        foreach = group["foreach"]
-        if foreach is None:
-            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    def _adam_rule(self, group: dict[str, Any]) -> _AdamRule:
         beta1, beta2 = (float(b) for b in group["betas"])
-        update = _multi_tensor_rows if foreach else _single_tensor_rows
-        update(
-            _psiadam_rows,
-            params,
-            [p.grad for p in params],
-            [m.rows for _, _, m in psi],
-            [[s["exp_avg"] for s in states]],
-            group_states,
-            [{"step": float(s["step"]) + 1.0} for s in states],
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            maximize=group["maximize"],
-            nesterov=group["nesterov"],
-        )
-        for s in states:
-            s["step"] += 1
+        rate = None
+        if group["angular_rate"] == "adam":
+            lr = float(group["lr"])
+            weight_decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+            rate = adam_rate(lr, beta1, weight_decay)
+            check_pull(rate[2], lr, weight_decay)
+        return _AdamRule(beta1, beta2, group["eps"], group["amsgrad"], group["nesterov"], rate)
 
 
 class PSIAdamW(PSIAdam):
@@ -401,6 +369,7 @@ class PSIAdamW(PSIAdam):
         differentiable: bool = False,
         fused: bool | None = None,
         nesterov: bool = True,
+        angular_rate: str = "adam",
     ) -> None:
         super().__init__(
             params,
@@ -416,6 +385,7 @@ class PSIAdamW(PSIAdam):
             fused=fused,
             decoupled_weight_decay=True,
             nesterov=nesterov,
+            angular_rate=angular_rate,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

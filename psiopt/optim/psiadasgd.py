@@ -11,7 +11,6 @@ from torch.optim.optimizer import ParamsT, _default_to_fused_or_foreach
 
 from ..manifold import PSIManifold
 from ._adaptive import _multi_tensor_rows, _psiadasgd_rows, _single_tensor_rows
-from ._adaptive_step import _AdaptiveKernelsMixin
 from ._params import _check_finite
 from .psisgd import PSISGD
 
@@ -28,7 +27,7 @@ def _validate_adaptive_options(eps: Any, initial_accumulator_value: Any) -> None
     _check_finite("initial_accumulator_value value", initial_accumulator_value)
 
 
-class PSIAdaSGD(_AdaptiveKernelsMixin, PSISGD):
+class PSIAdaSGD(PSISGD):
     r"""PSI-SGD with an adaptive angular step: AdaGrad-norm per scale-invariant group.
 
     Plain SGD on a scale-invariant group adapts its step by itself: the gradient is
@@ -115,8 +114,10 @@ class PSIAdaSGD(_AdaptiveKernelsMixin, PSISGD):
         _validate_adaptive_options(eps, initial_accumulator_value)
         # read by add_param_group, which the base constructor calls for every group
         self._adaptive_defaults = {"eps": eps, "initial_accumulator_value": initial_accumulator_value}
+        # PSISGD's angular rates are not this step's (its scale-invariant step is its own).
         super().__init__(
-            params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach, fused=fused
+            params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach, fused=fused,
+            angular_rate="constant",
         )
         self._step_supports_amp_scaling = False  # a GradScaler unscales the gradients itself
         self.defaults.update(self._adaptive_defaults)
@@ -165,6 +166,12 @@ class PSIAdaSGD(_AdaptiveKernelsMixin, PSISGD):
 
     def _first_moment_key(self, group: dict[str, Any]) -> str | None:
         return "momentum_buffer" if group["momentum"] != 0 else None
+
+    def _counter_key(self, group: dict[str, Any]) -> str | None:
+        return None  # the caller gives each tensor's scalars (_tensor_scalars)
+
+    def _rate(self, group: dict[str, Any]) -> tuple[float, float, float] | None:
+        return None
 
     def _group_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)

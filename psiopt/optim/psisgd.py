@@ -25,6 +25,8 @@ from ._functional import (
     _row_sums_and_flags,
     _single_tensor_psisgd,
 )
+from ._adaptive_step import _AdamRule, _AdamRuleMixin
+from ._rates import check_pull, sgd_rate
 from ._params import (
     _NON_FINITE,
     _any_flag,
@@ -37,6 +39,15 @@ from ._params import (
 )
 
 __all__ = ["PSISGD"]
+
+
+ANGULAR_RATES = ("sgd", "constant")
+"""The angular rates of PSISGD's scale-invariant groups (its ``angular_rate`` option)."""
+
+# The "sgd" rate's second moment decays as Adam's does by default, and its eps is far below
+# any gradient norm at a unit row: constants of the rate, not options.
+SGD_RATE_BETA2 = 0.999
+SGD_RATE_EPS = 1e-8
 
 
 def _validate_sgd_hyperparameters(lr: Any, momentum: float, dampening: float, weight_decay: Any, nesterov: bool) -> None:
@@ -54,7 +65,7 @@ def _validate_sgd_hyperparameters(lr: Any, momentum: float, dampening: float, we
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-class PSISGD(_PSIParamsMixin, Optimizer):
+class PSISGD(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
     r"""SGD with momentum on the PSI manifold: a drop-in replacement for :class:`torch.optim.SGD`.
 
     Parameters are split in two:
@@ -226,6 +237,7 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
+        angular_rate: str = "sgd",
     ) -> None:
         _validate_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
         if fused and foreach:
@@ -251,12 +263,14 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             "foreach": foreach,
             "fused": fused,
             "capturable": capturable,
+            "angular_rate": angular_rate,
             "grouping": None,
         }
         super().__init__(params, defaults)
         # As torch's fused optimizers: a torch.amp.GradScaler then hands the step its scale and
         # its found_inf flag (attributes grad_scale, found_inf) instead of unscaling and syncing.
-        self._step_supports_amp_scaling = bool(fused)
+        # The "sgd" rate's step takes unscaled gradients: the scaler unscales them itself.
+        self._step_supports_amp_scaling = bool(fused) and angular_rate == "constant"
         #: After each step: ``None``, or with ``capturable=True`` (or under a GradScaler) a 0-d
         #: bool tensor on the parameters' device, true when the step was refused.
         self.last_step_refused: Tensor | None = None
@@ -278,11 +292,28 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             group.setdefault("fused", None)
             group.setdefault("capturable", False)
             group.setdefault("grouping", None)
+            # A state saved before angular rates existed resumes the step it was saved with.
+            group.setdefault("angular_rate", "constant")
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         _validate_sgd_hyperparameters(
             group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
         )
+        rate = group["angular_rate"]
+        if rate not in ANGULAR_RATES:
+            raise ValueError(f"angular_rate must be one of {', '.join(map(repr, ANGULAR_RATES))}, got {rate!r}")
+        if self.param_groups[0] is not group and rate != self.param_groups[0]["angular_rate"]:
+            raise ValueError(
+                f"every param group of a PSISGD takes one angular rate: this group asks for {rate!r}, the first for "
+                f"{self.param_groups[0]['angular_rate']!r}; use one optimizer per rate"
+            )
+        if rate == "sgd":
+            if group["capturable"]:
+                raise ValueError(
+                    "capturable=True needs angular_rate='constant': the 'sgd' rate's step checks the gradients on the "
+                    "host before any write"
+                )
+            self._adam_rule(group)  # the rate's own limits
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -301,6 +332,11 @@ class PSISGD(_PSIParamsMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.param_groups[0]["angular_rate"] == "sgd":
+            for group in self.param_groups:
+                self._adam_rule(group)  # a scheduler may have moved lr past the rate's limits: refused before any write
+            self._adaptive_step()
+            return loss
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         inv_scale = None if grad_scale is None else grad_scale.reciprocal()
@@ -370,6 +406,22 @@ class PSISGD(_PSIParamsMixin, Optimizer):
             for st, plan in zip(steps, plans):
                 plan.batch = self._row_batch(st)
         return loss
+
+    # -- the "sgd" angular rate: the hooks of the adaptive step (psiopt.optim._adaptive_step) ----
+    def _adam_rule(self, group: dict[str, Any]) -> _AdamRule:
+        lr, momentum, weight_decay = float(group["lr"]), group["momentum"], group["weight_decay"]
+        if momentum >= 1.0:
+            raise ValueError(
+                f"angular_rate='sgd' needs momentum < 1 (got {momentum}): its first moment decays by the momentum "
+                "and its step size is lr / (1 - momentum); lower the momentum, or use angular_rate='constant'"
+            )
+        rate = sgd_rate(lr, momentum, weight_decay)
+        check_pull(rate[2], lr, weight_decay)
+        # The look-ahead always (dampening cancels in a first moment normalized by its weights).
+        return _AdamRule(momentum, SGD_RATE_BETA2, SGD_RATE_EPS, False, True, rate, first_moment=momentum != 0)
+
+    def _euclidean_update(self, group: dict[str, Any], params: list[Tensor], torch_fused: bool) -> None:
+        self._euclidean_step(group, params, None, None, torch_fused)
 
     # -- the step of kept row batches -----------------------------------------------------
     def _row_batch(self, st: _GroupStep) -> Any:
