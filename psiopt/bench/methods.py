@@ -316,10 +316,13 @@ def _build_psisgd(model: nn.Module, ctx: BuildContext) -> Setup:
 def _build_psisgd_constant(model: nn.Module, ctx: BuildContext) -> Setup:
     import psiopt
 
-    # PSISGD's constant angular step. Today's PSISGD takes exactly that step, so this
-    # method equals `psisgd` until PSISGD gains its invariant angular rate; then this
-    # line gets the option that keeps the constant step, and the cpu suite runs it.
-    return _swap(psiopt.PSISGD, model, ctx, momentum=MOMENTUM)
+    return _swap(psiopt.PSISGD, model, ctx, momentum=MOMENTUM, angular_rate="constant")
+
+
+def _build_sgd_nesterov(model: nn.Module, ctx: BuildContext) -> Setup:
+    return Setup(
+        model, torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=MOMENTUM, nesterov=True, weight_decay=ctx.weight_decay)
+    )
 
 
 class _RowsAsWeight(nn.Module):
@@ -488,6 +491,16 @@ _PSI = ("psiopt:param_groups",)
 register(Method("sgd", "SGD", "torch.optim.SGD, momentum 0.9 (the Euclidean baseline)", _build_sgd, SGD_WEIGHT_DECAY))
 register(
     Method(
+        "sgd-nesterov",
+        "SGD (Nesterov)",
+        "torch.optim.SGD, momentum 0.9, nesterov=True: a reference, not a peer of the verdicts (PSI-SGD's 'sgd' rate "
+        "takes a look-ahead step on scale-invariant groups: this row shows what the look-ahead alone gives SGD)",
+        _build_sgd_nesterov,
+        SGD_WEIGHT_DECAY,
+    )
+)
+register(
+    Method(
         "psisgd",
         "PSI-SGD",
         "psiopt.PSISGD(psiopt.param_groups(model, x), lr, momentum=0.9): the drop-in swap, one lr on SGD's grid",
@@ -500,8 +513,8 @@ register(
     Method(
         "psisgd-constant",
         "PSI-SGD (constant angle)",
-        "psiopt.PSISGD with its constant angular step, as psisgd otherwise (equal to psisgd until PSISGD's "
-        "invariant angular rate lands)",
+        "psiopt.PSISGD(angular_rate='constant'): the previous step, a constant angle per unit gradient, "
+        "torch's momentum; as psisgd otherwise (the ablation of the 'sgd' rate)",
         _build_psisgd_constant,
         SGD_WEIGHT_DECAY,
         requires=("psiopt:PSISGD", *_PSI),

@@ -60,13 +60,13 @@ DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 """The cpu suite's seeds: the first tunes, every one is reported (means with standard errors)."""
 
 STOCHASTIC_METHODS = (
-    "sgd", "psisgd", "psiadasgd", "rsgd-sphere", "sgdp", "sgdg",
+    "sgd", "sgd-nesterov", "psisgd", "psisgd-constant", "psiadasgd", "rsgd-sphere", "sgdp", "sgdg",
     "adam", "adamw", "adamp", "radam-sphere", "psiadam", "psiadamw",
     "wn", "enorm", "sbwn",
 )
 """The stochastic methods of the classification tasks, in run order (``sgd`` before the
-``own_si_lr`` methods that use its tuned lr). ``psisgd-constant`` joins them once PSISGD
-has its invariant angular rate (until then it is ``psisgd``)."""
+``own_si_lr`` methods that use its tuned lr). ``sgd-nesterov`` and ``psisgd-constant`` are
+references (the look-ahead alone on SGD, and PSI-SGD's previous step), not in any verdict."""
 
 LAYERNORM_METHODS = tuple(m for m in STOCHASTIC_METHODS if m not in ("wn", "enorm", "sbwn"))
 """The methods that apply to a LayerNorm network (WN, ENorm and SBWN replace or need BatchNorm)."""
