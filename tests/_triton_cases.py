@@ -132,13 +132,15 @@ def _triton_psisgd(params, **options) -> psiopt.PSISGD:
             return _triton_kernels
 
     groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)]
-    return TritonPSISGD(groups, lr=0.1, **options)
+    return TritonPSISGD(groups, lr=0.1, angular_rate="constant", **options)
 
 
 def _reference_psisgd(dtype, options) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     params = _params(dtype, "cpu")
     groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)]
-    opt = psiopt.PSISGD(groups, lr=0.1, foreach=False, **{k: v for k, v in options.items() if k != "capturable"})
+    opt = psiopt.PSISGD(
+        groups, lr=0.1, foreach=False, angular_rate="constant", **{k: v for k, v in options.items() if k != "capturable"}
+    )
     for k in range(STEPS):
         for p, g in zip(params, _grads(params, k)):
             p.grad = g
@@ -265,7 +267,7 @@ def psiadam_matches_the_loop(device: str, dtype: str, options: str) -> Checks:
                 _psiadam_rows, reference, _grads(reference, k), _rows(reference), [ref_state["exp_avg"]],
                 [ref_state[kind] for kind in group_kinds], [{"step": float(k + 1)}] * len(reference),
                 lr=0.05, beta1=opts["beta1"], beta2=opts["beta2"], eps=opts["eps"], maximize=opts["maximize"],
-                nesterov=opts["nesterov"],
+                nesterov=opts["nesterov"], amsgrad=amsgrad, rate=None,
             )  # fmt: skip
             refused = _triton_adam_step(params, _grads(params, k), state, k + 1, amsgrad=amsgrad, **opts)
         assert not bool(refused)

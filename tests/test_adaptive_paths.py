@@ -32,13 +32,16 @@ RULES = {
     "adasgd": lambda groups, **kw: psiopt.PSIAdaSGD(groups, lr=0.2, momentum=0.9, dampening=0.3, **kw),
     "adasgd-nesterov-maximize": lambda groups, **kw: psiopt.PSIAdaSGD(groups, lr=0.2, momentum=0.9, nesterov=True, maximize=True, **kw),
     "adasgd-plain": lambda groups, **kw: psiopt.PSIAdaSGD(groups, lr=0.2, **kw),
+    # PSISGD's default 'sgd' angular rate is PSIAdam's step at a rate from SGD's settings
+    "psisgd-weight-decay": lambda groups, **kw: psiopt.PSISGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-4, **kw),
+    "psisgd-plain-maximize": lambda groups, **kw: psiopt.PSISGD(groups, lr=0.1, maximize=True, **kw),
 }
 PATHS = {
     "foreach": dict(foreach=True),
     "fused": pytest.param(dict(fused=True), marks=needs_numba),
     "default": dict(),
 }
-FIRST_MOMENT = {"adam": "exp_avg", "adasgd": "momentum_buffer"}
+FIRST_MOMENT = {"adam": "exp_avg", "adasgd": "momentum_buffer", "psisgd": "momentum_buffer"}
 
 
 def _params(dtype, channels_last=False, seed=5):
@@ -202,7 +205,7 @@ def test_fused_and_foreach_together_are_refused_as_by_torch() -> None:
 
 @needs_numba
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("rule", ["adam", "adam-plain-amsgrad", "adasgd-nesterov-maximize", "adasgd-plain"])
+@pytest.mark.parametrize("rule", ["adam", "adam-plain-amsgrad", "adasgd-nesterov-maximize", "adasgd-plain", "psisgd-weight-decay"])
 def test_resumed_kernel_steps_equal_uninterrupted_ones_bit_for_bit(rule, dtype) -> None:
     """From its second step the kernel path runs on row batches kept from step to step; a run
     resumed from a state dict makes new ones: the two agree bit for bit, weights and state."""
@@ -229,7 +232,7 @@ def test_resumed_kernel_steps_equal_uninterrupted_ones_bit_for_bit(rule, dtype) 
             assert torch.equal(value, fresh.state[q][key]), key
 
 
-@pytest.mark.parametrize("rule", ["adam", "adasgd"])
+@pytest.mark.parametrize("rule", ["adam", "adasgd", "psisgd-weight-decay"])
 @pytest.mark.parametrize("path", [dict(foreach=False), *PATHS.values()], ids=["loop", *PATHS.keys()])
 def test_a_state_dict_of_one_path_resumes_on_every_other(rule, path) -> None:
     """State dicts keep torch's keys and shapes on every path (as psiopt has always saved
@@ -367,7 +370,7 @@ def test_float32_gradient_sums_that_overflow_take_the_reference_step() -> None:
 # -- the defining property on every path ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("rule", ["adam", "adasgd-nesterov-maximize"])
+@pytest.mark.parametrize("rule", ["adam", "adasgd-nesterov-maximize", "psisgd-weight-decay"])
 @pytest.mark.parametrize("path", [dict(foreach=False), *PATHS.values()], ids=["loop", *PATHS.keys()])
 def test_rescaled_starts_stay_rescaled_on_every_path(path, rule) -> None:
     params = _params(torch.float64)

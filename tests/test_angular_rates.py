@@ -145,7 +145,7 @@ def test_psisgd_virtual_norm_decays_the_step_like_sgds_norm() -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda m: psiopt.PSISGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-2),
+        lambda m: psiopt.PSISGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
         lambda m: psiopt.PSIAdam(m.parameters(), lr=0.03, amsgrad=True),
     ],
     ids=["psisgd-weight-decay", "psiadam-amsgrad"],

@@ -351,7 +351,8 @@ def test_one_pass_row_scalars_give_the_retracted_rows_and_the_transported_moment
     mu, alpha, c_m = per_group(1.0), per_group(1.0), per_group(0.5)
     c_r = per_group(0.5) if look_ahead else torch.zeros(5, dtype=torch.float64)
     a, b, gg, mg, mw, mm = psiopt.manifold.step_row_sums(w, g, m).unbind(1)
-    s2, q = psiopt.manifold.one_pass_row_scalars(a, b, gg, mg, mw, mm, mu, alpha, c_m, c_r)
+    sq = psiopt.manifold.grad_metric_sq_from_sums(a, b, gg)
+    s2, q = psiopt.manifold.one_pass_row_scalars(a, b, sq, mg, mw, mm, mu, alpha, c_m, c_r)
     s, q = s2.sqrt().unsqueeze(1), q.unsqueeze(1)
     mu, alpha, c_m, c_r = (x.unsqueeze(1) for x in (mu, alpha, c_m, c_r))
 

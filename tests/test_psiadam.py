@@ -93,12 +93,14 @@ def test_adasgd_euclidean_parameters_follow_torch_sgd_bit_for_bit(options, forea
 # -- the step on scale-invariant groups --------------------------------------------------------
 
 
-def _reference_psiadam(w, grads, lr, beta1, beta2, eps, amsgrad=False, nesterov=False):
-    """PSIAdam written out row by row from the documented formulas, one group at a time."""
+def _reference_psiadam(w, grads, lr, beta1, beta2, eps, amsgrad=False, nesterov=False, rate=None):
+    """PSIAdam written out row by row from the documented formulas, one group at a time;
+    ``rate``: ``(gain, power, pull)`` of an angular rate, ``None`` for the constant one."""
     w = w.clone()
     m = torch.zeros_like(w)
     v = torch.zeros(w.shape[0], dtype=w.dtype)
     v_max = torch.zeros_like(v)
+    nu_sq = torch.ones_like(v)  # the virtual squared norm: 1 in the unit-row frame
     for t, g in enumerate(grads, start=1):
         for j in range(w.shape[0]):
             norm = w[j].norm()
@@ -114,21 +116,33 @@ def _reference_psiadam(w, grads, lr, beta1, beta2, eps, amsgrad=False, nesterov=
             else:
                 numerator = m[j] / (1 - beta1**t)
             d = numerator / ((second / (1 - beta2**t)).sqrt() + eps)
-            moved = w[j] - lr * d
+            step = lr
+            if rate is not None:
+                gain, power, pull = rate
+                step = lr * gain / nu_sq[j] ** (power / 2)
+            moved = w[j] - step * d
+            if rate is not None:  # the norm the retraction would have grown to, less the pull
+                nu_sq[j] = nu_sq[j] * (moved @ moved / norm**2 - pull)
             new = norm * moved / moved.norm()
             m[j] = m[j] - (m[j] @ new) / (new @ new) * new
             w[j] = new
-    return w, m, v
+    return w, m, v, nu_sq
 
 
+@pytest.mark.parametrize("angular_rate", ["adam", "constant"])
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_psiadam_step_is_the_documented_formula(amsgrad: bool, nesterov: bool) -> None:
+def test_psiadam_step_is_the_documented_formula(amsgrad: bool, nesterov: bool, angular_rate: str) -> None:
     w = _psi((4, 6), seed=3)
     gen = torch.Generator().manual_seed(4)
     grads = [torch.randn(4, 6, generator=gen, dtype=torch.float64) * (0.1 + t) for t in range(5)]
-    expected_w, expected_m, expected_v = _reference_psiadam(w.detach(), grads, 0.05, 0.8, 0.95, 1e-6, amsgrad, nesterov)
-    opt = psiopt.PSIAdam([w], lr=0.05, betas=(0.8, 0.95), eps=1e-6, amsgrad=amsgrad, nesterov=nesterov)
+    rate = (3.0, 1.0, 0.0) if angular_rate == "adam" else None  # gain 3, Adam's power 1, no weight decay
+    expected_w, expected_m, expected_v, expected_nu_sq = _reference_psiadam(
+        w.detach(), grads, 0.05, 0.8, 0.95, 1e-6, amsgrad, nesterov, rate
+    )
+    opt = psiopt.PSIAdam(
+        [w], lr=0.05, betas=(0.8, 0.95), eps=1e-6, amsgrad=amsgrad, nesterov=nesterov, angular_rate=angular_rate
+    )
     for g in grads:
         w.grad = g.clone()
         opt.step()
@@ -136,6 +150,11 @@ def test_psiadam_step_is_the_documented_formula(amsgrad: bool, nesterov: bool) -
     torch.testing.assert_close(opt.state[w]["exp_avg"], expected_m, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(opt.state[w]["exp_avg_sq"], expected_v, rtol=1e-12, atol=1e-15)
     assert float(opt.state[w]["step"]) == 5.0
+    if rate is not None:
+        torch.testing.assert_close(opt.state[w]["virtual_sq_norm"], expected_nu_sq, rtol=1e-12, atol=0)
+        assert (expected_nu_sq > 1.01).all()  # the norm the steps would have grown: the rate decayed
+    else:
+        assert "virtual_sq_norm" not in opt.state[w]
 
 
 def test_psiadasgd_step_is_the_documented_formula() -> None:
@@ -203,11 +222,28 @@ def test_rescaled_start_gives_rescaled_iterates(name: str, grouping: str) -> Non
 
 @pytest.mark.parametrize("name", list(ADAPTIVE))
 def test_weight_decay_is_not_applied_to_scale_invariant_groups(name: str) -> None:
+    """Weight decay is never applied to a scale-invariant weight. PSIAdam's coupled L2 term
+    is radial (the projection removes it), PSIAdaSGD has no rate; PSIAdamW's decoupled
+    decay acts only through the 'adam' rate's pull, so at the constant rate it does nothing."""
     a = _sym(5, 3)
     w, v = _psi((3, 5), seed=1), _psi((3, 5), seed=1)
-    _rayleigh_steps(ADAPTIVE[name]([w], weight_decay=0.5), [w], [a], 5)
-    _rayleigh_steps(ADAPTIVE[name]([v], weight_decay=0.0), [v], [a], 5)
+    options = {"angular_rate": "constant"} if name == "PSIAdamW" else {}
+    _rayleigh_steps(ADAPTIVE[name]([w], weight_decay=0.5, **options), [w], [a], 5)
+    _rayleigh_steps(ADAPTIVE[name]([v], weight_decay=0.0, **options), [v], [a], 5)
     assert torch.equal(w, v)
+
+
+def test_psiadamw_weight_decay_slows_the_rates_decay_and_keeps_the_norms() -> None:
+    """At the 'adam' rate, AdamW's decay pulls the virtual norm down (the group keeps
+    turning faster than without decay) while the stored norms stay where they started."""
+    a = _sym(5, 3)
+    w, v = _psi((3, 5), seed=1), _psi((3, 5), seed=1)
+    norms = w.detach().norm(dim=1)
+    decayed, plain = psiopt.PSIAdamW([w], lr=0.05, weight_decay=0.5), psiopt.PSIAdamW([v], lr=0.05, weight_decay=0.0)
+    _rayleigh_steps(decayed, [w], [a], 5)
+    _rayleigh_steps(plain, [v], [a], 5)
+    assert (decayed.state[w]["virtual_sq_norm"] < plain.state[v]["virtual_sq_norm"]).all()
+    torch.testing.assert_close(w.detach().norm(dim=1), norms, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("name", list(ADAPTIVE))

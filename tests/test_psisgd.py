@@ -74,7 +74,7 @@ def test_one_step_is_the_retraction_of_the_riemannian_gradient_at_kept_norms() -
     rows = start.reshape(4, -1)
     grad = torch.randn(4, 3, 2, dtype=torch.float64)
     w.grad = grad.clone()
-    psiopt.PSISGD([w], lr=0.3).step()
+    psiopt.PSISGD([w], lr=0.3, angular_rate="constant").step()
     g = grad.reshape(4, -1)
     sq = (rows * rows).sum(1, keepdim=True)
     riem = sq * (g - (g * rows).sum(1, keepdim=True) / sq * rows)
@@ -273,7 +273,7 @@ def test_resume_from_checkpoint_is_exact(foreach) -> None:
 def test_agrees_with_geoopt_riemannian_sgd_without_momentum() -> None:
     a = _sym(5, 4)
     w, v = _psi((4, 5)), _psi((4, 5))
-    ours = psiopt.PSISGD([w], lr=0.1)
+    ours = psiopt.PSISGD([w], lr=0.1, angular_rate="constant")
     theirs = geoopt.optim.RiemannianSGD([v], lr=0.1)
     for _ in range(20):
         for p, opt in ((w, ours), (v, theirs)):
@@ -352,10 +352,12 @@ def test_non_finite_gradient_refuses_the_step_untouched(bad, foreach) -> None:
 
 def test_huge_finite_gradient_whose_norm_overflows_is_not_refused() -> None:
     """The finite check screens with a 2-norm, which overflows here (1e30^2 > float32 max):
-    a gradient that is finite entry by entry must still be stepped, like torch's SGD would."""
+    a gradient that is finite entry by entry must still be stepped, like torch's SGD would.
+    (The 'sgd' rate keeps a mean square of the gradients in the weights' dtype, as torch's
+    Adam does, and overflows with it: the constant rate is the one that takes this step.)"""
     w = torch.nn.Parameter(torch.ones(3, 2))
     w.grad = torch.full((3, 2), 1e30)
-    opt = psiopt.PSISGD([{"params": [w], "grouping": "channel"}], lr=1e-31)
+    opt = psiopt.PSISGD([{"params": [w], "grouping": "channel"}], lr=1e-31, angular_rate="constant")
     assert torch.isinf(torch.linalg.vector_norm(w.grad))
     before = w.detach().clone()
     opt.step()

@@ -1,9 +1,11 @@
-"""PSISGD's step paths: the reference loop, the one-pass torch step (foreach), the fused
-kernels, and the default; their checks with and without host synchronization; GradScaler
-and torch.compile."""
+"""PSISGD's step paths at the constant angular rate: the reference loop, the one-pass torch
+step (foreach), the fused kernels, and the default; their checks with and without host
+synchronization; GradScaler and torch.compile. (The default 'sgd' rate takes the adaptive
+step's paths, tested with the other adaptive rules in test_adaptive_paths.py.)"""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 
@@ -13,6 +15,7 @@ from torch import nn
 
 import psiopt
 
+PSISGD = functools.partial(psiopt.PSISGD, angular_rate="constant")
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="the fused CPU kernels need numba (a psiopt dependency; missing here)")
 
@@ -52,7 +55,7 @@ def _params(dtype, channels_last=False, seed=5):
 
 def _run(params, steps=4, scale=None, **kwargs):
     groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)]
-    opt = psiopt.PSISGD(groups, lr=0.1, **kwargs)
+    opt = PSISGD(groups, lr=0.1, **kwargs)
     for k in range(steps):
         gen = torch.Generator().manual_seed(100 + k)
         for p in params:
@@ -103,7 +106,7 @@ def test_many_tensors_of_mixed_dtypes_in_one_group_match_the_reference_loop(path
         return params, [{"params": ps, "grouping": g} for g, ps in by_grouping.items()]
 
     (reference, ref_groups), (params, groups) = build(), build()
-    opts = [psiopt.PSISGD(ref_groups, lr=0.1, foreach=False, **options), psiopt.PSISGD(groups, lr=0.1, **path, **options)]
+    opts = [PSISGD(ref_groups, lr=0.1, foreach=False, **options), PSISGD(groups, lr=0.1, **path, **options)]
     for k in range(3):
         gen = torch.Generator().manual_seed(200 + k)
         for p, q in zip(params, reference):
@@ -124,7 +127,7 @@ def test_weights_and_buffers_replaced_between_steps_are_the_ones_stepped(path) -
     be read and written there, not in the memory of the old views."""
     reference, params = _params(torch.float64), _params(torch.float64, channels_last=True)
     groups = [[{"params": [p], "grouping": g} for p, (_, g) in zip(ps, SHAPES)] for ps in (reference, params)]
-    opts = [psiopt.PSISGD(groups[0], lr=0.1, momentum=0.9, foreach=False), psiopt.PSISGD(groups[1], lr=0.1, momentum=0.9, **path)]
+    opts = [PSISGD(groups[0], lr=0.1, momentum=0.9, foreach=False), PSISGD(groups[1], lr=0.1, momentum=0.9, **path)]
     for k in range(4):
         gen = torch.Generator().manual_seed(300 + k)
         for p, q in zip(params, reference):
@@ -151,7 +154,7 @@ def test_kept_row_batches_hand_any_other_step_to_the_general_one(change) -> None
     reference, params = _params(torch.float64), _params(torch.float64)
     extra = [nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(2)]
     opts = [
-        psiopt.PSISGD([*({"params": [p], "grouping": g} for p, (_, g) in zip(ps, SHAPES)), {"params": [e]}], lr=0.1, momentum=0.9, **path)
+        PSISGD([*({"params": [p], "grouping": g} for p, (_, g) in zip(ps, SHAPES)), {"params": [e]}], lr=0.1, momentum=0.9, **path)
         for ps, e, path in ((reference, extra[0], dict(foreach=False)), (params, extra[1], dict(fused=True)))
     ]  # fmt: skip
     for k in range(4):
@@ -195,7 +198,7 @@ def _kept_batch_optimizers(dtype, seed=7):
     """PSISGD with fused kernels, two steps taken: its next steps run on kept row batches
     (the row-resident write pass). Returns the parameters, the optimizer and a gradient maker."""
     params = _params(dtype, seed=seed)
-    opt = psiopt.PSISGD([{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)], lr=0.1, momentum=0.9, fused=True)
+    opt = PSISGD([{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)], lr=0.1, momentum=0.9, fused=True)
 
     def grads(k):
         gen = torch.Generator().manual_seed(500 + k)
@@ -219,7 +222,7 @@ def test_kept_row_resident_steps_equal_general_steps_bit_for_bit(dtype, options)
     kept, general = _params(dtype), _params(dtype)
 
     def make(params):
-        return psiopt.PSISGD([{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)], lr=0.1, fused=True, **options)
+        return PSISGD([{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)], lr=0.1, fused=True, **options)
 
     opt = make(kept)
     state = None
@@ -348,7 +351,7 @@ def test_rescaled_starts_stay_rescaled_on_every_path(path) -> None:
     opts = []
     for ps in (params, scaled):
         groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(ps, SHAPES)]
-        opts.append(psiopt.PSISGD(groups, lr=0.05, momentum=0.9, nesterov=True, **path))
+        opts.append(PSISGD(groups, lr=0.05, momentum=0.9, nesterov=True, **path))
     for _ in range(10):
         for ps, opt in zip((params, scaled), opts):
             opt.zero_grad()
@@ -369,7 +372,7 @@ def test_euclidean_parameters_still_follow_torch_sgd_bit_for_bit(path) -> None:
     euclid = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(5, 3), (7,)]]
     reference = [nn.Parameter(p.detach().clone()) for p in euclid]
     si = nn.Parameter(torch.randn(4, 3, generator=gen))
-    ours = psiopt.PSISGD([{"params": euclid}, {"params": [si], "grouping": "channel"}], lr=0.1, momentum=0.9, **path)
+    ours = PSISGD([{"params": euclid}, {"params": [si], "grouping": "channel"}], lr=0.1, momentum=0.9, **path)
     # The same options in torch; psiopt's default takes torch's fused step where torch has one.
     theirs = torch.optim.SGD(reference, lr=0.1, momentum=0.9, **(path or dict(fused=True)))
     for _ in range(3):
@@ -411,7 +414,7 @@ def test_capturable_refuses_the_step_on_the_device_without_raising(path, problem
     params = _params(torch.float64)
     euclid = nn.Parameter(torch.randn(3, dtype=torch.float64))
     groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)] + [{"params": [euclid]}]
-    opt = psiopt.PSISGD(groups, lr=0.1, momentum=0.9, capturable=True, **path)
+    opt = PSISGD(groups, lr=0.1, momentum=0.9, capturable=True, **path)
     everything = [*params, euclid]
     for p in everything:
         p.grad = torch.randn_like(p)
@@ -435,9 +438,9 @@ def test_capturable_refuses_the_step_on_the_device_without_raising(path, problem
 
 def test_capturable_needs_the_one_pass_step() -> None:
     with pytest.raises(ValueError, match="capturable=True needs the one-pass step"):
-        psiopt.PSISGD([{"params": [nn.Parameter(torch.ones(2, 2))], "grouping": "channel"}], capturable=True, foreach=False)
+        PSISGD([{"params": [nn.Parameter(torch.ones(2, 2))], "grouping": "channel"}], capturable=True, foreach=False)
     with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
-        psiopt.PSISGD([{"params": [nn.Parameter(torch.ones(2, 2))], "grouping": "channel"}], fused=True, foreach=True)
+        PSISGD([{"params": [nn.Parameter(torch.ones(2, 2))], "grouping": "channel"}], fused=True, foreach=True)
 
 
 @needs_numba
@@ -475,9 +478,9 @@ def test_compiled_step_has_no_graph_break_in_the_no_sync_mode() -> None:
     params = _params(torch.float32)[:3]
     euclid = nn.Parameter(torch.randn(4))
     groups = [{"params": params, "grouping": "channel"}, {"params": [euclid]}]
-    opt = psiopt.PSISGD(groups, lr=0.1, momentum=0.9, capturable=True)
+    opt = PSISGD(groups, lr=0.1, momentum=0.9, capturable=True)
     twin_params = [nn.Parameter(p.detach().clone()) for p in [*params, euclid]]
-    twin = psiopt.PSISGD([{"params": twin_params[:3], "grouping": "channel"}, {"params": twin_params[3:]}],
+    twin = PSISGD([{"params": twin_params[:3], "grouping": "channel"}, {"params": twin_params[3:]}],
                          lr=0.1, momentum=0.9, capturable=True, foreach=True)
     torch._dynamo.reset()
     step = torch.compile(opt.step, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
@@ -513,7 +516,7 @@ def _cuda_model_params() -> tuple[list[nn.Parameter], nn.Parameter]:
 
 def _cuda_optimizer(params, euclid, **options) -> psiopt.PSISGD:
     groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)] + [{"params": [euclid]}]
-    opt = psiopt.PSISGD(groups, lr=0.1, momentum=0.9, **options)
+    opt = PSISGD(groups, lr=0.1, momentum=0.9, **options)
     for _ in range(2):  # a first step (it makes the buffers), then the step measured
         for p in [*params, euclid]:
             p.grad = torch.randn_like(p)
@@ -561,7 +564,7 @@ def test_one_batch_steps_checks_and_writes_in_one_call(problem) -> None:
         params = _params(torch.float64)
         euclid = nn.Parameter(torch.linspace(-1.0, 1.0, 5, dtype=torch.float64))
         psi = [params[i] for i in channel]
-        opt = psiopt.PSISGD([{"params": psi, "grouping": "channel"}, {"params": [euclid]}], lr=0.1, momentum=0.9, **path)
+        opt = PSISGD([{"params": psi, "grouping": "channel"}, {"params": [euclid]}], lr=0.1, momentum=0.9, **path)
         return [*psi, euclid], opt
 
     (reference, ref_opt), (params, opt) = build(dict(foreach=False)), build(dict(fused=True))

@@ -54,7 +54,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach, _get_scalar_dtyp
 
 from ..manifold import PSIManifold
 from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows
-from ._functional import _PLAIN
+from ._functional import _PLAIN, _dtensor_type
 from ._params import _LazyName, _plan_signature, _torch_has_fused
 
 __all__: list[str] = []
@@ -192,6 +192,17 @@ class _AdaptiveKernelsMixin:
                 plan.euclid_positions.append(j)
                 continue
             name = _LazyName(group, index, j, p)
+            dtensor = _dtensor_type()
+            if dtensor is not None and isinstance(p, dtensor) and manifold.grouping.kind != "channel":
+                # Channel groups are whole on each shard of dim 0, and DTensor's own operations step
+                # them; a block or tensor group may straddle shards, which the reference loop cannot.
+                raise NotImplementedError(
+                    f"{name} is a sharded DTensor (FSDP2) with {manifold.grouping.kind!r} groups, which may straddle "
+                    "shards: the adaptive steps (PSIAdam, PSIAdamW, PSIAdaSGD, and PSISGD's 'sgd' angular rate) "
+                    "step sharded weights only with 'channel' groups; the step was refused and nothing was changed. "
+                    "Use psiopt.PSISGD(..., angular_rate='constant'), which steps every grouping on the local "
+                    "shards, or an unsharded model"
+                )
             kernels = self._adaptive_kernels(group, p) if type(p) in _PLAIN or isinstance(p, geoopt.ManifoldParameter) else None
             row_plan, has_row_view = (None, False) if kernels is None else self._row_plan(p, name, manifold)  # type: ignore[attr-defined]
             if kernels is None or row_plan.sharded or not has_row_view:
@@ -360,10 +371,12 @@ class _AdamRuleMixin(_AdaptiveKernelsMixin):
     PSIAdam's step: :class:`psiopt.PSIAdam` (and PSIAdamW), and :class:`psiopt.PSISGD`
     with its ``"sgd"`` angular rate. Each gives its :meth:`_adam_rule`; the state is
     ``step`` (the tensor's step counter), ``exp_avg`` (the first moment, laid out like the
-    weight), ``exp_avg_sq`` (one second moment per group), ``max_exp_avg_sq`` (AMSGrad)
+    weight; ``momentum_buffer`` in PSISGD), ``exp_avg_sq`` (one second moment per group), ``max_exp_avg_sq`` (AMSGrad)
     and ``virtual_sq_norm`` (with an angular rate)."""
 
     _RULE = "adam"
+    # PSISGD keeps its first moment under torch's SGD name, PSIAdam under Adam's
+    _FIRST_MOMENT = "exp_avg"
 
     def _adam_rule(self, group: dict[str, Any]) -> _AdamRule:
         raise NotImplementedError
@@ -372,8 +385,9 @@ class _AdamRuleMixin(_AdaptiveKernelsMixin):
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
-        if self._first_moment_key(group) is not None and "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        key = self._first_moment_key(group)
+        if key is not None and key not in state:
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         for key in self._group_state_keys(group):
             if key not in state:
                 # the second moments in the invariant units of ||grad f(u_j)||^2; nu^2 starts at 1
@@ -382,7 +396,7 @@ class _AdamRuleMixin(_AdaptiveKernelsMixin):
                 )
 
     def _first_moment_key(self, group: dict[str, Any]) -> str | None:
-        return "exp_avg" if self._adam_rule(group).first_moment else None
+        return self._FIRST_MOMENT if self._adam_rule(group).first_moment else None
 
     def _group_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         rule = self._adam_rule(group)
@@ -414,7 +428,7 @@ class _AdamRuleMixin(_AdaptiveKernelsMixin):
             params,
             [p.grad for p in params],
             [m.rows for _, _, m in psi],
-            [[s["exp_avg"] if rule.first_moment else None for s in states]],
+            [[s[self._FIRST_MOMENT] if rule.first_moment else None for s in states]],
             [[s[key] for s in states] for key in self._group_state_keys(group)],
             [{"step": float(s["step"]) + 1.0} for s in states],
             lr=float(group["lr"]),

@@ -79,10 +79,21 @@ class PSISGD(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
       (the same function, :func:`torch.optim.sgd.sgd`, is called on them): momentum,
       dampening, Nesterov, weight decay, maximize, sparse gradients.
 
+    By default (``angular_rate="sgd"``) the scale-invariant groups turn as SGD with these
+    ``lr``, ``momentum`` and ``weight_decay`` would turn them, without SGD's dependence on
+    their norms: each group carries a virtual squared norm :math:`\nu_j^2` (starting at 1)
+    and takes a step of :math:`\alpha_j = \eta\,\kappa/((1-\mu)\,\nu_j^2)` radians along
+    :class:`psiopt.PSIAdam`'s normalized direction (:math:`\beta_1 = \mu`,
+    :math:`\beta_2 = 0.999`, the look-ahead), and :math:`\nu_j^2` grows by the factor the
+    retraction grew the norm and shrinks by the weight decay's pull
+    :math:`2\eta\lambda/(1+\mu)`, so the steps decay as SGD's do and settle at SGD's
+    equilibrium angle :math:`\sqrt{2\eta\lambda/(1+\mu)}`. The docs' algorithms page
+    (*Angular rates*) derives it. ``angular_rate="constant"`` is the step below.
+
     For a scale-invariant tensor with groups :math:`w_j` (rows of
     :meth:`psiopt.Grouping.rows`) and Euclidean gradient :math:`g = \nabla f(w)`
-    (:math:`-\nabla f` with ``maximize``), one step with learning rate :math:`\eta`,
-    momentum :math:`\mu` and dampening :math:`\tau` is
+    (:math:`-\nabla f` with ``maximize``), one step at the constant rate with learning
+    rate :math:`\eta`, momentum :math:`\mu` and dampening :math:`\tau` is
 
     .. math::
 
@@ -107,13 +118,18 @@ class PSISGD(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
         Parameters or param groups (dicts), as for any :class:`torch.optim.Optimizer`;
         ``model.named_parameters()`` also works and puts the names into error messages.
     lr : float or Tensor, default 1e-3
-        Learning rate. On a scale-invariant group it is an **angular** step: the unit
-        vector :math:`w_j/\|w_j\|` moves by :math:`\eta` times the gradient of the loss
-        at that unit vector, whatever :math:`\|w_j\|` is.
+        Learning rate: SGD's own, for both kinds of parameters. At the constant rate,
+        on a scale-invariant group it is an **angular** step: the unit vector
+        :math:`w_j/\|w_j\|` moves by :math:`\eta` times the gradient of the loss at that
+        unit vector, whatever :math:`\|w_j\|` is.
     momentum, dampening, nesterov
-        As in :class:`torch.optim.SGD`, for both kinds of parameters.
+        As in :class:`torch.optim.SGD`, for both kinds of parameters (at the ``"sgd"``
+        rate the scale-invariant groups always take the look-ahead and ignore
+        ``dampening`` and ``nesterov``).
     weight_decay : float, default 0
-        L2 penalty, applied to the Euclidean parameters only (see Notes).
+        SGD's L2 penalty on the Euclidean parameters. On scale-invariant groups it is
+        never applied to the weights; at the ``"sgd"`` rate it is the pull on the
+        virtual norm (see Notes).
     maximize : bool, default False
         Maximize the objective instead.
     foreach : bool, optional
@@ -135,7 +151,14 @@ class PSISGD(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
         flag back to the host (free on the CPU, a pipeline stall on a GPU). ``True``: no
         host synchronization; such a step is refused on the device, leaves weights and
         momentum untouched, and :attr:`last_step_refused` (a 0-d bool tensor) says so.
-        Needed for ``torch.compile(..., fullgraph=True)`` and CUDA graphs.
+        Needed for ``torch.compile(..., fullgraph=True)`` and CUDA graphs; needs
+        ``angular_rate="constant"``.
+    angular_rate : {"sgd", "constant"}, default "sgd"
+        How far a scale-invariant group turns per step (the same for every param group
+        of the optimizer). ``"sgd"``: SGD's decay and equilibrium from ``lr``,
+        ``momentum`` and ``weight_decay``, with the state ``momentum_buffer``,
+        ``exp_avg_sq``, ``virtual_sq_norm`` and ``step``. ``"constant"``: the step
+        written out above (PSISGD's only step before the rates; a state saved then resumes it).
 
     Notes
     -----
@@ -147,17 +170,18 @@ class PSISGD(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
       is the same point of the manifold; fixed norms cannot overflow or underflow over
       long runs, and a copy started from :math:`a\cdot w` stays exactly
       :math:`a\cdot w_t` (up to rounding). The transport's norm ratio is then 1.
-    * **No weight decay on scale-invariant groups.** :math:`w \mapsto (1 - \eta\lambda) w`
+    * **No weight decay on scale-invariant weights.** :math:`w \mapsto (1 - \eta\lambda) w`
       only moves along the class :math:`[w]` (a vertical move): it does nothing to the
       network's function or to the point of the manifold. Its only effect under plain
-      SGD is to raise the effective angular step :math:`\eta/\|w_j\|^2`; here the
-      angular step is :math:`\eta` itself, so schedule the learning rate instead.
-    * **Own learning rate.** Because the step on scale-invariant groups is angular, it is
-      not on the scale of SGD's learning rate. Give them their own param group (and so
-      their own schedule with any :mod:`torch.optim.lr_scheduler`)::
+      SGD is to raise the effective angular step :math:`\eta/\|w_j\|^2`; the ``"sgd"``
+      rate has that effect as the pull on the virtual norm, without touching the weights.
+    * **One learning rate.** At the ``"sgd"`` rate the ``lr`` tuned for SGD works as it
+      is. At the constant rate the step on scale-invariant groups is an angle per unit
+      gradient, not on the scale of SGD's learning rate: give them their own param group
+      (and so their own schedule with any :mod:`torch.optim.lr_scheduler`)::
 
           groups = psiopt.param_groups(model, images, scale_invariant={"lr": 0.05})
-          PSISGD(groups, lr=0.1, momentum=0.9)
+          PSISGD(groups, lr=0.1, momentum=0.9, angular_rate="constant")
 
     * **Retraction, not exponential map.** :math:`w + \xi` agrees with the geodesic
       (:meth:`psiopt.PSIManifold.expmap`) to second order, costs no trigonometry, and
@@ -223,6 +247,8 @@ class PSISGD(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
     >>> torch.nn.functional.cross_entropy(model(x), y).backward()
     >>> opt.step()
     """
+
+    _FIRST_MOMENT = "momentum_buffer"
 
     def __init__(
         self,
