@@ -59,6 +59,7 @@ from ._cpu_kernels import (
     _all_finite,
     _any_bad_row,
     _float64_momentum_sums,
+    _make_views,
     _make_weight_gradient_sums,
     _pointer,
     all_finite,
@@ -324,15 +325,7 @@ def _make_batched(dtype: torch.dtype, rule_name: str) -> _Passes:
     rows_rule, tensor_rule = RULES[rule_name]
     check_kernel, update_kernel = _make_check(cast), _make_update(cast, rows_rule)
 
-    @numba.njit(nogil=True)
-    def views(table, t):  # pragma: no cover - compiled
-        k, d = table[t, _ROWS], table[t, _COLS]
-        return (
-            numba.carray(_pointer(table[t, _W]), (k, d), cast),
-            numba.carray(_pointer(table[t, _G]), (k, d), cast),
-            numba.carray(_pointer(table[t, _M]), (k, d), cast),
-            numba.carray(_pointer(table[t, _S]), (k, 6), np.float64),
-        )
+    views = _make_views(cast)  # the first six columns of the table are _cpu_kernels'
 
     @numba.njit(nogil=True)
     def check(table, bad, others):  # pragma: no cover - compiled

@@ -299,6 +299,25 @@ def _pointer(typingctx, address):  # pragma: no cover - compiled
 _W, _G, _M, _S, _ROWS, _COLS, _FIRST = range(7)
 
 
+def _make_views(cast):
+    """The compiled ``views(table, t)``: tensor ``t``'s (rows, entries) views of weight,
+    gradient and momentum, and its (rows, 6) sums, from the addresses in row ``t`` of a
+    table whose first columns are ``_W, _G, _M, _S, _ROWS, _COLS`` (this module's tables
+    and :mod:`._cpu_adaptive_kernels`')."""
+
+    @numba.njit(nogil=True)
+    def views(table, t):  # pragma: no cover - compiled
+        k, d = table[t, _ROWS], table[t, _COLS]
+        return (
+            numba.carray(_pointer(table[t, _W]), (k, d), cast),
+            numba.carray(_pointer(table[t, _G]), (k, d), cast),
+            numba.carray(_pointer(table[t, _M]), (k, d), cast),
+            numba.carray(_pointer(table[t, _S]), (k, 6), np.float64),
+        )
+
+    return views
+
+
 class _Passes(NamedTuple):
     """The compiled batched calls for one dtype (:func:`_make_batched`)."""
 
@@ -316,17 +335,7 @@ def _make_batched(cast) -> _Passes:
     momentum takes ``guard`` then ``resident_update``."""
     row_sums_kernel, update_kernel = _make_row_sums(cast), _make_update(cast)
     guard_kernel, resident_kernel = _make_guard(cast), _make_resident_update(cast)
-
-    @numba.njit(nogil=True)
-    def views(table, t):  # pragma: no cover - compiled
-        # Tensor t's (rows, entries) views of weight, gradient and momentum, and its (rows, 6) sums.
-        k, d = table[t, _ROWS], table[t, _COLS]
-        return (
-            numba.carray(_pointer(table[t, _W]), (k, d), cast),
-            numba.carray(_pointer(table[t, _G]), (k, d), cast),
-            numba.carray(_pointer(table[t, _M]), (k, d), cast),
-            numba.carray(_pointer(table[t, _S]), (k, 6), np.float64),
-        )
+    views = _make_views(cast)
 
     @numba.njit(nogil=True)
     def row_sums(table, has_m, inv_scale, bad):  # pragma: no cover - compiled
@@ -555,6 +564,20 @@ class RowBatch:
             (p.data_ptr(), p.shape, p.stride()) == layout for p, layout in zip(self.params, self.layouts)
         )
 
+    def _bind_gradients(self, grads: list[Tensor], others: list[Tensor]) -> np.ndarray | None:
+        """Point the table at this step's gradients and return the table of ``others``;
+        ``None`` (nothing changed) when a gradient is not laid out as its weight or one of
+        ``others`` is not a dense CPU float32 or float64 tensor."""
+        addresses = []
+        for g, (_, _, stride) in zip(grads, self.layouts):
+            if g.layout != torch.strided or g.dtype != self.dtype or g.stride() != stride:
+                return None
+            addresses.append(g.data_ptr())
+        others_table = finite_table(others) if others else _NO_TENSORS
+        if others_table is not None and addresses:
+            self.table[:, _G] = addresses
+        return others_table
+
     def row_sums(self, grads: list[Tensor], others: list[Tensor] = ()) -> bool | None:
         """The check pass with these gradients, and in the same compiled call the check that
         every entry of ``others`` (the group's other gradients) is finite: whether a row is
@@ -563,16 +586,9 @@ class RowBatch:
         ``others`` is not finite, or ``None`` (nothing computed) when a gradient is not
         laid out as its weight or one of ``others`` is not a dense CPU float32 or float64
         tensor."""
-        addresses = []
-        for g, (_, _, stride) in zip(grads, self.layouts):
-            if g.layout != torch.strided or g.dtype != self.dtype or g.stride() != stride:
-                return None
-            addresses.append(g.data_ptr())
-        others_table = finite_table(others) if others else _NO_TENSORS
+        others_table = self._bind_gradients(grads, others)
         if others_table is None:
             return None
-        if addresses:
-            self.table[:, _G] = addresses
         finite = _BATCHED[self.dtype].guard(self.table, 1.0, self.flags, others_table)
         return not finite or bool(self.flags.any())
 
@@ -584,16 +600,9 @@ class RowBatch:
         in one compiled call (a step whose other writes need not come between the two).
         Returns ``None`` where :meth:`row_sums` would not return ``False`` (nothing is then
         written), else what :meth:`update` returns."""
-        addresses = []
-        for g, (_, _, stride) in zip(grads, self.layouts):
-            if g.layout != torch.strided or g.dtype != self.dtype or g.stride() != stride:
-                return None
-            addresses.append(g.data_ptr())
-        others_table = finite_table(others) if others else _NO_TENSORS
+        others_table = self._bind_gradients(grads, others)
         if others_table is None:
             return None
-        if addresses:
-            self.table[:, _G] = addresses
         wrote = _BATCHED[self.dtype].checked_resident_update(
             self.table, 1.0, float(lr), float(momentum), float(dampening), bool(nesterov),
             -1.0 if maximize else 1.0, self.flags, others_table,
