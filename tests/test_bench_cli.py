@@ -92,7 +92,8 @@ def test_quick_run_writes_valid_outputs(quick_runs, capsys):
     assert len(sizes) == 2 and sizes[0] < sizes[1]
     for point in results["step_time_scaling"]:
         assert [e["path"] for e in point["paths"]] == [
-            "sgd-foreach", "sgd-fused", "psisgd-loop", "psisgd-foreach", "psisgd-fused", "psiadasgd-fused",
+            "sgd-foreach", "sgd-fused", "psisgd-loop", "psisgd-foreach", "psisgd-fused", "psisgd-constant-foreach",
+            "psisgd-constant-fused", "psiadasgd-fused",
             "adamw-foreach", "adamw-fused", "psiadamw-foreach", "psiadamw-fused", "psiadam-fused",
         ]
         assert all(e["status"] == "ok" and e["step_peak_extra_bytes"] is not None for e in point["paths"])

@@ -134,6 +134,8 @@ PATHS: tuple[StepPath, ...] = (
     StepPath("psisgd-loop", "PSI-SGD loop", _psisgd(foreach=False)),
     StepPath("psisgd-foreach", "PSI-SGD foreach", _psisgd(foreach=True)),
     StepPath("psisgd-fused", "PSI-SGD fused", _psisgd(fused=True)),
+    StepPath("psisgd-constant-foreach", "PSI-SGD constant foreach", _psisgd(foreach=True, angular_rate="constant")),
+    StepPath("psisgd-constant-fused", "PSI-SGD constant fused", _psisgd(fused=True, angular_rate="constant")),
     StepPath("psiadasgd-fused", "PSI-AdaSGD fused", _psiopt("PSIAdaSGD", momentum=MOMENTUM, fused=True)),
     StepPath("adamw-foreach", "torch AdamW foreach", _adamw(foreach=True), "adam"),
     StepPath("adamw-fused", "torch AdamW fused", _adamw(fused=True), "adam"),
@@ -142,7 +144,7 @@ PATHS: tuple[StepPath, ...] = (
     StepPath("psiadam-fused", "PSI-Adam fused", _psiopt("PSIAdam", fused=True), "adam"),
 )
 """The optimizer paths of the scaling curve: SGD with momentum 0.9 (torch's and PSI-SGD's
-steps, PSI-AdaSGD's fused step) and the Adam family with its defaults (torch's AdamW,
+steps, at its default 'sgd' angular rate and at the constant one, PSI-AdaSGD's fused step) and the Adam family with its defaults (torch's AdamW,
 PSI-AdamW's foreach and fused steps, PSI-Adam's fused step)."""
 
 BASELINE_PATH = "sgd-foreach"
