@@ -382,6 +382,143 @@ def adaptive_kernels_read_gradients_in_any_layout(device: str) -> Checks:
     return {}
 
 
+# -- the adaptive steps through the optimizers (psiopt.optim._triton_adaptive_kernels) ----------
+
+OPTIMIZER_STEPS = 3  # a general step, then two on the kept batches
+# (class name, options): PSIAdam with its "adam" angular rate (no pull), PSIAdamW with
+# weight decay (the rate's pull), PSIAdaSGD, and PSISGD's default "sgd" angular rate.
+ADAPTIVE_OPTIMIZERS = {
+    "psiadam-plain": ("PSIAdam", dict(lr=0.05)),
+    "psiadam-nesterov-amsgrad-maximize": ("PSIAdam", dict(lr=0.05, nesterov=True, amsgrad=True, maximize=True)),
+    "psiadamw-decay": ("PSIAdamW", dict(lr=0.05, weight_decay=0.5, nesterov=True)),
+    "psiadasgd-momentum": ("PSIAdaSGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+    "psisgd-rate-momentum-decay": ("PSISGD", dict(lr=0.1, momentum=0.9, weight_decay=5e-3)),
+    "psisgd-rate-plain": ("PSISGD", dict(lr=0.1, momentum=0.0)),
+}
+
+
+def _adaptive_optimizer(name: str, params: list[nn.Parameter], *, triton: bool, **options):
+    """The optimizer ``name`` on ``params`` grouped as :data:`SHAPES`, with a Euclidean
+    parameter (``params[-1]``) in a group of its own: with ``triton``, every
+    scale-invariant tensor takes the Triton adaptive kernels (on CPU tensors: the
+    interpreter's); else the reference loop (``foreach=False``)."""
+    cls = getattr(psiopt, name)
+    if triton:
+        from psiopt.optim import _triton_adaptive_kernels
+
+        class Triton(cls):
+            def _adaptive_kernels(self, group, p):
+                return _triton_adaptive_kernels
+
+        cls = Triton
+    else:
+        options = dict(options, foreach=False)
+    groups = [{"params": [p], "grouping": g} for p, (_, g) in zip(params, SHAPES)] + [{"params": params[-1:]}]
+    return cls(groups, **options)
+
+
+def _adaptive_params(dtype: torch.dtype, device: str) -> list[nn.Parameter]:
+    bias = torch.randn(7, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(device, dtype)
+    return [*_params(dtype, device), nn.Parameter(bias)]
+
+
+def _state_tensors(opt, params) -> dict[str, list[torch.Tensor]]:
+    """The optimizer state of ``params`` by key, ``step`` with the rest."""
+    keys = sorted({key for p in params for key in opt.state[p]})
+    return {key: [opt.state[p][key] for p in params if key in opt.state[p]] for key in keys}
+
+
+def _assert_kept_triton_batches(opt) -> None:
+    """Every scale-invariant tensor was stepped by the Triton module, whose batches are kept."""
+    from psiopt.optim import _triton_adaptive_kernels
+
+    plans = list(opt._adaptive_plans.values())
+    assert all(not plan.loop and plan.kernel_sets for plan in plans[: len(SHAPES)])
+    for plan in plans:
+        for ks in plan.kernel_sets:
+            assert isinstance(ks.batch, _triton_adaptive_kernels.AdaptiveRows)
+
+
+def adaptive_optimizer_matches_the_loop(device: str, dtype: str, optimizer: str) -> Checks:
+    """Several steps of the optimizer with the Triton adaptive kernels against the
+    reference loop: the weights and every state tensor (the step counters exactly)."""
+    dtype_ = DTYPES[dtype]
+    name, options = ADAPTIVE_OPTIMIZERS[optimizer]
+    ours, reference = _adaptive_params(dtype_, device), _adaptive_params(dtype_, "cpu")
+    opts = [_adaptive_optimizer(name, ps, triton=t, **options) for ps, t in ((ours, True), (reference, False))]
+    for k in range(OPTIMIZER_STEPS):
+        for ps, opt in zip((ours, reference), opts):
+            for p, g in zip(ps, _grads(ps, k)):
+                p.grad = g
+            opt.step()
+    _assert_kept_triton_batches(opts[0])
+    states = [_state_tensors(opt, ps) for ps, opt in zip((ours, reference), opts)]
+    assert states[0].keys() == states[1].keys(), (states[0].keys(), states[1].keys())
+    assert "exp_avg_sq" in states[0] or "sum" in states[0]
+    checks = {"weights": (_relative_error(ours, reference), TOLERANCE[dtype_])}
+    for key, tensors in states[0].items():
+        if key == "step":
+            assert all(torch.equal(x.cpu(), y) for x, y in zip(tensors, states[1][key])), key
+        else:
+            checks[key] = (_relative_error(tensors, states[1][key]), STATE_TOLERANCE[dtype_])
+    return checks
+
+
+def adaptive_optimizer_refuses_non_finite_gradients_before_any_write(device: str) -> Checks:
+    """On the kept batches (after a first step), a NaN in a scale-invariant gradient or in
+    the Euclidean one raises, and no weight or state is written."""
+    for where in (2, -1):
+        params = _adaptive_params(torch.float32, device)
+        opt = _adaptive_optimizer("PSIAdamW", params, triton=True, lr=0.05, weight_decay=0.5)
+        for k in range(2):
+            for p, g in zip(params, _grads(params, k)):
+                p.grad = g
+            if k == 1:
+                params[where].grad.view(-1)[1] = float("nan")
+                before = [t.clone() for t in [*params, *(t for ts in _state_tensors(opt, params).values() for t in ts)]]
+                try:
+                    opt.step()
+                except FloatingPointError:
+                    pass
+                else:
+                    raise AssertionError(f"a NaN gradient (parameter {where}) was stepped")
+                after = [*params, *(t for ts in _state_tensors(opt, params).values() for t in ts)]
+                assert all(torch.equal(x, y) for x, y in zip(after, before)), where
+            else:
+                opt.step()
+    return {}
+
+
+def adaptive_optimizer_leaves_and_then_refuses_a_tampered_state(device: str) -> Checks:
+    """A NaN written into a per-group state behind the optimizer's back: the next step
+    (on the kept batches, which do not read the state) leaves that row as it was and
+    steps the others; the step after reports it (the check pass reads the write pass's
+    device flag) and raises, naming the state, before any write."""
+    params = _adaptive_params(torch.float32, device)
+    opt = _adaptive_optimizer("PSIAdam", params, triton=True, lr=0.05)
+
+    def step(k):
+        for p, g in zip(params, _grads(params, k)):
+            p.grad = g
+        opt.step()
+
+    step(0)
+    step(1)
+    opt.state[params[0]]["exp_avg_sq"][0] = float("nan")  # channel 0 of the conv weight
+    before = params[0].detach().clone()
+    step(2)
+    assert torch.equal(params[0][0], before[0]) and not torch.equal(params[0][1:], before[1:])
+    before = [p.detach().clone() for p in params]
+    try:
+        step(3)
+    except FloatingPointError as err:
+        assert "optimizer state holds NaN" in str(err), err
+    else:
+        raise AssertionError("a NaN state was stepped")
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    return {}
+
+
 # -- the cases -------------------------------------------------------------------------------
 
 
@@ -414,6 +551,13 @@ def _cases() -> dict[str, Callable[[str], Checks]]:
     add("psiadasgd-bfloat16-nesterov", psiadasgd_matches_the_loop, dtype="bfloat16", options="nesterov")
     add("adaptive-grad-scale-and-refusal", adaptive_kernels_unscale_exactly_and_refuse_on_the_device)
     add("adaptive-gradient-layouts", adaptive_kernels_read_gradients_in_any_layout)
+    # Through the optimizers: every one in float64; PSIAdamW and PSISGD's rate in float32.
+    for optimizer in ADAPTIVE_OPTIMIZERS:
+        add(f"optimizer-float64-{optimizer}", adaptive_optimizer_matches_the_loop, dtype="float64", optimizer=optimizer)
+    for optimizer in ("psiadamw-decay", "psisgd-rate-momentum-decay"):
+        add(f"optimizer-float32-{optimizer}", adaptive_optimizer_matches_the_loop, dtype="float32", optimizer=optimizer)
+    add("optimizer-non-finite-gradients", adaptive_optimizer_refuses_non_finite_gradients_before_any_write)
+    add("optimizer-tampered-state", adaptive_optimizer_leaves_and_then_refuses_a_tampered_state)
     return cases
 
 

@@ -74,7 +74,8 @@ def test_kernel_matches_the_reference_on_cuda(case) -> None:
 
 def _launches() -> dict[str, object]:
     """One launch of each kernel per set of options that changes its compiled code: every
-    flag on, every flag off, and the dtypes the kernels take, on small CPU tensors."""
+    flag on, every flag off, and the dtypes the kernels take, on small CPU tensors (PSIAdam's
+    angular rate of power 2 in float32, of power 1 in float64, none in bfloat16)."""
     from psiopt.optim import _triton_adaptive as A
     from psiopt.optim import _triton_kernels as K
 
@@ -95,11 +96,13 @@ def _launches() -> dict[str, object]:
         out[f"psiadam-{dtype}"] = A._psiadam_launch(
             w, g, m, t(4, dtype), t(4, dtype) if every else None, sums, flag if every else None, inv if every else None,
             step=3.0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, maximize=not every, nesterov=every,
+            rate=None if dtype == torch.bfloat16 else (t(4, dtype), (1 / 3, 2.0 if every else 1.0, 1e-3)),
+            left=flag if every else None,
         )  # fmt: skip
         out[f"psiadasgd-{dtype}"] = A._psiadasgd_launch(
             w, g, m if every else None, t(4, dtype), sums, flag if every else None, inv if every else None,
             first=every, lr=0.1, momentum=0.9 if every else 0.0, dampening=0.0, nesterov=every, eps=1e-10,
-            maximize=False,
+            maximize=False, left=flag if every else None,
         )  # fmt: skip
     return out
 

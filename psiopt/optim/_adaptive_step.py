@@ -10,29 +10,34 @@ the next, the checks before any write, and the writes.
 other two. The Euclidean parameters get torch's own step with the same options; by
 default torch's fused one where torch has it.
 
-A kernel module (numba's :mod:`._cpu_adaptive_kernels` on the CPU; a CUDA module with
-the same entry points is looked up under :data:`CUDA_KERNELS`) provides:
+A kernel module (numba's :mod:`._cpu_adaptive_kernels` on the CPU; on CUDA, where Triton
+is installed, :mod:`._triton_adaptive_kernels`, named by :data:`CUDA_KERNELS`) provides:
 
 * ``supports(t) -> bool``: whether it steps tensor ``t`` (device and dtype);
 * ``all_finite(tensors) -> bool | None``: whether every entry is finite (``None``: it
   cannot tell, the caller checks);
-* ``AdaptiveRows(rule, params, moments, states, rows, counters)``: one param group's
-  tensors of one dtype, kept from step to step (``rule``: ``"adam"`` or ``"adasgd"``;
+* ``AdaptiveRows(rule, params, moments, states, rows, counters, has_rate=...)``: one
+  param group's tensors of one dtype, kept from step to step (``rule``: ``"adam"`` or
+  ``"adasgd"``;
   ``moments``: the first moments, or ``None``; ``states``: per tensor, the tuple of its
   ``(k,)`` per-group states; ``rows``: per tensor, the map to its ``(k, d)`` row view;
   ``counters``: PSIAdam's ``"step"`` tensors, which the update reads and increments, or
-  ``None``), with
+  ``None``; ``has_rate``: each tensor's last state is the virtual squared norm of an
+  angular rate), a :class:`_KeptRows` with
 
   * ``matches(moments, states, counters) -> bool``: whether the kept batch still holds;
   * ``check(grads, others=()) -> list[int] | None``: the check pass; the positions of
     the tensors with a bad row, or ``None`` where an entry of the tensors ``others``
     (the other gradients) is not finite, or it cannot tell;
-  * ``update(xs, hyper, *, maximize, skip=()) -> list[int]``: the write pass (``xs``:
-    per tensor, the rule's scalars where there is no counter, ``None`` for zeros;
-    ``hyper``: the group's hyperparameters as a tuple); the positions of the tensors
-    with a row left as it was.
+  * ``update(xs, hyper, *, maximize, skip=(), rate=None) -> list[int]``: the write pass
+    (``xs``: per tensor, the rule's scalars where there is no counter, ``None`` for
+    zeros; ``hyper``: the group's hyperparameters as a tuple; ``rate``: the angular
+    rate's ``(gain, power, pull)``, given exactly to a batch made ``has_rate``); the
+    positions of the tensors with a row left as it was (the CUDA module reports them
+    through its next ``check`` instead: it reads nothing back in the write pass).
 
-  See :class:`._cpu_adaptive_kernels.AdaptiveRows` and its :data:`RULES`.
+  See :class:`._cpu_adaptive_kernels.AdaptiveRows` and its :data:`RULES`, and
+  :class:`._triton_adaptive_kernels.AdaptiveRows`.
 
 The step's algebra is on the docs' algorithms page (*How an adaptive step is computed*):
 :func:`psiopt.manifold.one_pass_row_scalars` with each rule's coefficients
@@ -61,6 +66,49 @@ __all__: list[str] = []
 
 CUDA_KERNELS = "psiopt.optim._triton_adaptive_kernels"
 """The module of the adaptive steps' CUDA kernels, used where it can be imported."""
+
+
+class _KeptRows:
+    """What a kernel module's ``AdaptiveRows`` holds from one step to the next, and
+    :meth:`matches`, shared by the kernel modules: the weights (``params``) and where they
+    lie, their first moments (``None``: none), per-group states and step counters (0-d
+    float32 or float64 CPU tensors, or ``None``)."""
+
+    def __init__(self, params: list[Tensor], moments: list[Tensor] | None, states: list[tuple[Tensor, ...]],
+                 counters: list[Tensor] | None) -> None:  # fmt: skip
+        self.params, self.moments, self.has_m = params, moments, moments is not None
+        self.states = [tuple(s) for s in states]
+        self.counters = counters
+        if counters is not None and not all(
+            c.dim() == 0 and c.is_cpu and c.dtype in (torch.float32, torch.float64) for c in counters
+        ):
+            # read and incremented on the host, with no wait for a device
+            raise ValueError("a step counter must be a 0-d float32 or float64 CPU tensor")
+        self.dtype = params[0].dtype if params else torch.float32
+        self.layouts = [(p.data_ptr(), p.shape, p.stride()) for p in params]
+
+    def matches(
+        self, moments: list[Tensor] | None, states: list[tuple[Tensor, ...]], counters: list[Tensor] | None = None
+    ) -> bool:
+        """Whether every weight is where it was, with the same shape and strides, and
+        ``moments``, ``states`` and ``counters`` (the optimizer's current ones) are the kept
+        tensors."""
+        if (moments is None) != (self.moments is None) or (counters is None) != (self.counters is None):
+            return False
+        if len(states) != len(self.states):
+            return False
+        return (
+            all(len(s) == len(kept) and all(x is y for x, y in zip(s, kept)) for s, kept in zip(states, self.states))
+            and (moments is None or all(m is kept for m, kept in zip(moments, self.moments)))
+            and (counters is None or all(c is kept for c, kept in zip(counters, self.counters)))
+            and all((p.data_ptr(), p.shape, p.stride()) == layout for p, layout in zip(self.params, self.layouts))
+        )
+
+    def step_grads(self, grads: list[Tensor]) -> list[Tensor]:
+        """This step's gradients as the kernels read them: each laid out as its weight, in
+        the weights' dtype (a copy where it is not)."""
+        return [g if g.dtype == self.dtype and g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+                for g, p in zip(grads, self.params)]  # fmt: skip
 
 
 @dataclass

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from ..manifold import grad_metric_sq_from_sums, one_pass_row_scalars
 from . import _adaptive
+from ._adaptive_step import _KeptRows
 from ._cpu_kernels import (
     _FASTMATH,
     _NO_TENSORS,
@@ -368,7 +369,7 @@ def _make_batched(dtype: torch.dtype, rule_name: str) -> _Passes:
     return _Passes(check, update)
 
 
-class AdaptiveRows:
+class AdaptiveRows(_KeptRows):
     """One param group's scale-invariant tensors as the compiled calls read them, kept by
     the optimizer from one step to the next: the entry point of these kernels.
 
@@ -393,15 +394,8 @@ class AdaptiveRows:
     def __init__(self, rule: str, params: list[Tensor], moments: list[Tensor] | None,
                  states: list[tuple[Tensor, ...]], rows: list, counters: list[Tensor] | None = None, *,
                  has_rate: bool = False) -> None:  # fmt: skip
-        self.rule, self.params, self.moments, self.has_m = rule, params, moments, moments is not None
-        self.has_rate = has_rate
-        self.states = [tuple(s) for s in states]
-        self.counters = counters
-        if counters is not None and not all(
-            c.dim() == 0 and c.is_cpu and c.dtype in (torch.float32, torch.float64) for c in counters
-        ):
-            raise ValueError("a step counter must be a 0-d float32 or float64 CPU tensor")
-        self.dtype = params[0].dtype if params else torch.float32
+        super().__init__(params, moments, states, counters)
+        self.rule, self.has_rate = rule, has_rate
         self.n_states = len(self.states[0]) - has_rate if params else 0  # the rule's own states
         ws = [r(p) for r, p in zip(rows, params)]
         ms = None if moments is None else [r(m) for r, m in zip(rows, moments)]
@@ -416,7 +410,6 @@ class AdaptiveRows:
             )
         if not all(w.is_contiguous() for w in ws) or (ms is not None and not all(m.is_contiguous() for m in ms)):
             raise RuntimeError("the adaptive kernels write weights and first moments in place: their row views must be contiguous")
-        self.layouts = [(p.data_ptr(), p.shape, p.stride()) for p in params]
         counts = [w.shape[0] for w in ws]
         self.sums = list(torch.zeros(sum(counts), 6, dtype=torch.float64).split_with_sizes(counts))
         table = []
@@ -439,23 +432,6 @@ class AdaptiveRows:
         self._views = (ws, ms)  # the table points into them
         self._grads: list[Tensor] | None = None
 
-    def matches(
-        self, moments: list[Tensor] | None, states: list[tuple[Tensor, ...]], counters: list[Tensor] | None = None
-    ) -> bool:
-        """Whether every weight is where it was, with the same shape and strides, and
-        ``moments``, ``states`` and ``counters`` (the optimizer's current ones) are the kept
-        tensors."""
-        if (moments is None) != (self.moments is None) or (counters is None) != (self.counters is None):
-            return False
-        if len(states) != len(self.states):
-            return False
-        return (
-            all(len(s) == len(kept) and all(x is y for x, y in zip(s, kept)) for s, kept in zip(states, self.states))
-            and (moments is None or all(m is kept for m, kept in zip(moments, self.moments)))
-            and (counters is None or all(c is kept for c, kept in zip(counters, self.counters)))
-            and all((p.data_ptr(), p.shape, p.stride()) == layout for p, layout in zip(self.params, self.layouts))
-        )
-
     def check(self, grads: list[Tensor], others: list[Tensor] = ()) -> list[int] | None:
         """The check pass with these gradients (any layout: one not laid out as its weight
         is copied into that layout for this step), and in the same compiled call the check
@@ -471,8 +447,7 @@ class AdaptiveRows:
         others_table = finite_table(others) if others else _NO_TENSORS
         if others_table is None or any(g.layout != torch.strided for g in grads):
             return None
-        self._grads = [g if g.dtype == self.dtype and g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-                       for g, p in zip(grads, self.params)]  # fmt: skip
+        self._grads = self.step_grads(grads)
         if self.params:
             self.table[:, _G] = [g.data_ptr() for g in self._grads]
         self.table[:, _READ_W] = [p._version != v for p, v in zip(self.params, self.versions)]
