@@ -94,9 +94,19 @@ class PSIAdam(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
     step, whatever the scale of :math:`w_j`: runs started from :math:`w` and from
     :math:`a\cdot w` stay equivalent. ``eps`` is in the same invariant units.
 
+    That is the step at ``angular_rate="constant"``. By default (``"adam"``) each group
+    carries a virtual squared norm :math:`\nu_j^2` (1 at the start, whatever the
+    weights), :math:`\eta` becomes :math:`3\eta/\nu_j` on that group, and after the step
+    :math:`\nu_j^2` is multiplied by :math:`\|w_j - \eta_j d_j\|^2/\|w_j\|^2` (the growth
+    Adam's step would have given the norm) less PSIAdamW's pull
+    :math:`2\eta\lambda(1-\beta_1)/(1+\beta_1)`: Adam's decay of the angular step as the
+    norms grow, and AdamW's equilibrium angle, without their dependence on the initial
+    norm (the docs' algorithms page, *Angular rates*).
+
     State, under torch's keys: ``"step"`` (a float32 CPU tensor, as torch keeps it),
     ``"exp_avg"`` (horizontal at the stored weights, the parameter's shape) and
-    ``"exp_avg_sq"`` / ``"max_exp_avg_sq"`` (one entry per group, shape ``(k,)``), in the
+    ``"exp_avg_sq"`` / ``"max_exp_avg_sq"`` and, at the ``"adam"`` rate,
+    ``"virtual_sq_norm"`` (one entry per group, shape ``(k,)``), in the
     parameter's dtype as torch stores Adam's state (the step itself computes in float32
     for half-precision parameters).
 
@@ -106,12 +116,14 @@ class PSIAdam(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
         Parameters or param groups, as for :class:`torch.optim.Adam`; param groups may
         carry ``"grouping"`` and ``"param_names"`` as for :class:`psiopt.PSISGD`.
     lr : float or Tensor, default 1e-3
-        Learning rate; on scale-invariant groups an angle (radians per step, roughly).
+        Learning rate: Adam's own. On scale-invariant groups it sets an angle: the first
+        steps turn a group by about ``3 * lr`` radians (``lr`` at the constant rate).
     betas, eps, amsgrad, maximize
         As in :class:`torch.optim.Adam`, for both kinds of parameters.
     weight_decay : float, default 0
         L2 penalty (decoupled with ``decoupled_weight_decay=True``, as
-        :class:`PSIAdamW`), applied to the Euclidean parameters only (see Notes).
+        :class:`PSIAdamW`), applied to the Euclidean parameters only; the decoupled one
+        is also the ``"adam"`` rate's pull on scale-invariant groups (see Notes).
     foreach, fused : bool, optional
         As in torch. On the scale-invariant groups ``foreach=False`` is the reference
         loop (each tensor's ``(k, d)`` group matrix through the formulas of
@@ -131,6 +143,9 @@ class PSIAdam(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
         NAdam's look-ahead on the scale-invariant groups (the formula above); ``False``
         gives plain Riemannian Adam there. It does not change the Euclidean parameters,
         which always get :class:`torch.optim.Adam`'s update. A param group may set its own.
+    angular_rate : {"adam", "constant"}, default "adam"
+        How far a scale-invariant group turns per step (above). A state saved before the
+        option existed resumes the constant rate it was saved with.
 
     Notes
     -----
@@ -139,8 +154,9 @@ class PSIAdam(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
       horizontal projection removes it; :math:`w_j \mapsto (1-\eta\lambda) w_j` is a
       rescaling). Neither changes the network's function or the point of the manifold.
       Under Euclidean Adam their effect on such a group is to keep its norm small and
-      so its angular step :math:`\approx \eta\sqrt{d}/\|w_j\|` large; here the angular
-      step is set by :math:`\eta` itself: schedule the learning rate instead.
+      so its angular step :math:`\approx \eta\sqrt{d}/\|w_j\|` large; at the ``"adam"``
+      rate the decoupled decay does that through the virtual norm, never through the
+      weights; at the constant rate schedule the learning rate instead.
     * **Per-group second moments.** A per-coordinate :math:`v` would make the step
       depend on the basis of each group and not be a step on the sphere; one scalar per
       group keeps the direction of :math:`m_j` (as geoopt's ``RiemannianAdam`` does on
@@ -334,11 +350,14 @@ class PSIAdamW(PSIAdam):
     :class:`PSIAdam` with ``decoupled_weight_decay=True`` and AdamW's default
     ``weight_decay=1e-2``: every parameter that is not scale invariant gets
     :class:`torch.optim.AdamW`'s update bit for bit; scale-invariant groups take
-    :class:`PSIAdam`'s adaptive angular step and **no weight decay**. Decoupled decay
-    :math:`w_j \mapsto (1 - \eta\lambda) w_j` is a rescaling, a move along the class that
-    leaves the network's function and the point of the PSI manifold unchanged; what it
-    does under Euclidean AdamW (shrink the norm, and so enlarge the angular step) is
-    done here by the learning rate, which already is the angular step.
+    :class:`PSIAdam`'s adaptive angular step, and their weights are **never decayed**.
+    Decoupled decay :math:`w_j \mapsto (1 - \eta\lambda) w_j` is a rescaling, a move
+    along the class that leaves the network's function and the point of the PSI manifold
+    unchanged; what it does under Euclidean AdamW (shrink the norm, and so enlarge the
+    angular step, until the group turns by AdamW's equilibrium angle
+    :math:`\sqrt{2\eta\lambda(1-\beta_1)/(1+\beta_1)}` per step) the default ``"adam"``
+    angular rate does through each group's virtual norm; at the constant rate, the
+    learning rate's schedule is that knob.
 
     Parameters are those of :class:`PSIAdam` (without ``decoupled_weight_decay``).
 
@@ -348,8 +367,7 @@ class PSIAdamW(PSIAdam):
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8),
     ...                             torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-    >>> groups = psiopt.param_groups(model, x, scale_invariant={"lr": 0.01})
-    >>> opt = psiopt.PSIAdamW(groups, lr=1e-3, weight_decay=1e-2)
+    >>> opt = psiopt.PSIAdamW(psiopt.param_groups(model, x), lr=1e-3, weight_decay=1e-2)
     >>> torch.nn.functional.cross_entropy(model(x), y).backward()
     >>> opt.step()
     """
