@@ -2,6 +2,7 @@ r"""PSIAdam and PSIAdamW: Adam with per-group adaptive angular steps on the PSI 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,20 @@ def _validate_adam_hyperparameters(
                 raise ValueError(f"Tensor betas[{index}] must be 1-element")
     if angular_rate not in ANGULAR_RATES:
         raise ValueError(f"angular_rate must be one of {', '.join(map(repr, ANGULAR_RATES))}, got {angular_rate!r}")
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of the group's numbers, asked for several times a step
+def _psiadam_rule(
+    lr: float, beta1: float, beta2: float, eps: float, amsgrad: bool, nesterov: bool, angular_rate: str,
+    weight_decay: float,
+) -> _AdamRule:
+    """PSIAdam's adaptive rule for these hyperparameters (``weight_decay``: the decoupled
+    one, 0 for the L2 term)."""
+    rate = None
+    if angular_rate == "adam":
+        rate = adam_rate(lr, beta1, weight_decay)
+        check_pull(rate[2], lr, weight_decay)
+    return _AdamRule(beta1, beta2, eps, amsgrad, nesterov, rate)
 
 
 class PSIAdam(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
@@ -335,13 +350,11 @@ class PSIAdam(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
 
     def _adam_rule(self, group: dict[str, Any]) -> _AdamRule:
         beta1, beta2 = (float(b) for b in group["betas"])
-        rate = None
-        if group["angular_rate"] == "adam":
-            lr = float(group["lr"])
-            weight_decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
-            rate = adam_rate(lr, beta1, weight_decay)
-            check_pull(rate[2], lr, weight_decay)
-        return _AdamRule(beta1, beta2, group["eps"], group["amsgrad"], group["nesterov"], rate)
+        weight_decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+        return _psiadam_rule(
+            float(group["lr"]), beta1, beta2, group["eps"], group["amsgrad"], group["nesterov"], group["angular_rate"],
+            weight_decay,
+        )  # fmt: skip
 
 
 class PSIAdamW(PSIAdam):

@@ -2,6 +2,7 @@ r"""PSISGD: stochastic gradient descent with momentum on the PSI manifold."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,20 @@ def _validate_sgd_hyperparameters(lr: Any, momentum: float, dampening: float, we
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of three numbers, asked for several times a step
+def _sgd_rate_rule(lr: float, momentum: float, weight_decay: float) -> _AdamRule:
+    """The adaptive rule of PSISGD's ``"sgd"`` angular rate for these hyperparameters."""
+    if momentum >= 1.0:
+        raise ValueError(
+            f"angular_rate='sgd' needs momentum < 1 (got {momentum}): its first moment decays by the momentum "
+            "and its step size is lr / (1 - momentum); lower the momentum, or use angular_rate='constant'"
+        )
+    rate = sgd_rate(lr, momentum, weight_decay)
+    check_pull(rate[2], lr, weight_decay)
+    # The look-ahead always (dampening cancels in a first moment normalized by its weights).
+    return _AdamRule(momentum, SGD_RATE_BETA2, SGD_RATE_EPS, False, True, rate, first_moment=momentum != 0)
 
 
 class PSISGD(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
@@ -435,16 +450,7 @@ class PSISGD(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
 
     # -- the "sgd" angular rate: the hooks of the adaptive step (psiopt.optim._adaptive_step) ----
     def _adam_rule(self, group: dict[str, Any]) -> _AdamRule:
-        lr, momentum, weight_decay = float(group["lr"]), group["momentum"], group["weight_decay"]
-        if momentum >= 1.0:
-            raise ValueError(
-                f"angular_rate='sgd' needs momentum < 1 (got {momentum}): its first moment decays by the momentum "
-                "and its step size is lr / (1 - momentum); lower the momentum, or use angular_rate='constant'"
-            )
-        rate = sgd_rate(lr, momentum, weight_decay)
-        check_pull(rate[2], lr, weight_decay)
-        # The look-ahead always (dampening cancels in a first moment normalized by its weights).
-        return _AdamRule(momentum, SGD_RATE_BETA2, SGD_RATE_EPS, False, True, rate, first_moment=momentum != 0)
+        return _sgd_rate_rule(float(group["lr"]), group["momentum"], group["weight_decay"])
 
     def _euclidean_update(self, group: dict[str, Any], params: list[Tensor], torch_fused: bool) -> None:
         self._euclidean_step(group, params, None, None, torch_fused)
