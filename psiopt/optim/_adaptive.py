@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from ..manifold import group_sq_norms, horizontal_lift_rows, metric_inner_rows, normalize_rows, transport_rows
 
@@ -367,3 +368,11 @@ def _multi_tensor_rows(
             else:
                 for i, x in zip(idx, pieces):
                     kind[i] = x.clone(memory_format=torch.contiguous_format)
+
+
+def _rows_update(foreach: bool | None, params: list[Tensor]):
+    """:func:`_multi_tensor_rows` or :func:`_single_tensor_rows`, as a param group's
+    ``foreach`` asks; where it is ``None``, torch's default choice for ``params``."""
+    if foreach is None:
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    return _multi_tensor_rows if foreach else _single_tensor_rows

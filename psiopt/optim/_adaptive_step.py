@@ -55,10 +55,10 @@ import geoopt
 import torch
 from torch import Tensor
 
-from torch.optim.optimizer import _default_to_fused_or_foreach, _get_scalar_dtype
+from torch.optim.optimizer import _get_scalar_dtype
 
 from ..manifold import PSIManifold
-from ._adaptive import _multi_tensor_rows, _psiadam_rows, _single_tensor_rows
+from ._adaptive import _psiadam_rows, _rows_update
 from ._functional import _PLAIN, _dtensor_type
 from ._params import _LazyName, _plan_signature, _torch_has_fused
 
@@ -231,6 +231,7 @@ class _AdaptiveKernelsMixin:
             return kept
         plan = _AdaptivePlan(signature, [], [], [])
         sets: dict[tuple, _KernelSet] = {}
+        dtensor = _dtensor_type()
         for j, p in enumerate(params):
             if grads[j] is None:
                 continue
@@ -240,7 +241,6 @@ class _AdaptiveKernelsMixin:
                 plan.euclid_positions.append(j)
                 continue
             name = _LazyName(group, index, j, p)
-            dtensor = _dtensor_type()
             if dtensor is not None and isinstance(p, dtensor) and manifold.grouping.kind != "channel":
                 # Channel groups are whole on each shard of dim 0, and DTensor's own operations step
                 # them; a block or tensor group may straddle shards, which the reference loop cannot.
@@ -467,11 +467,7 @@ class _AdamRuleMixin(_AdaptiveKernelsMixin):
         for p, _, manifold in psi:
             self._new_state(group, p, manifold)
         states = [self.state[p] for p in params]
-        foreach = group["foreach"]
-        if foreach is None:
-            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        update = _multi_tensor_rows if foreach else _single_tensor_rows
-        update(
+        _rows_update(group["foreach"], params)(
             _psiadam_rows,
             params,
             [p.grad for p in params],

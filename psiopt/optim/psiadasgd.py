@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import ParamsT, _default_to_fused_or_foreach
+from torch.optim.optimizer import ParamsT
 
 from ..manifold import PSIManifold
-from ._adaptive import _multi_tensor_rows, _psiadasgd_rows, _single_tensor_rows
+from ._adaptive import _psiadasgd_rows, _rows_update
 from ._params import _check_finite
 from .psisgd import PSISGD
 
@@ -190,11 +190,7 @@ class PSIAdaSGD(PSISGD):
             if "sum" not in state:
                 state["sum"] = p.new_full((manifold.num_groups(p),), group["initial_accumulator_value"])
         buffers = [self.state[p].get("momentum_buffer") for p in params]
-        foreach = group["foreach"]
-        if foreach is None:
-            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        update = _multi_tensor_rows if foreach else _single_tensor_rows
-        update(
+        _rows_update(group["foreach"], params)(
             _psiadasgd_rows,
             params,
             [p.grad for p in params],
