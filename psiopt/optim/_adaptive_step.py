@@ -59,8 +59,9 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from ..manifold import PSIManifold
 from ._adaptive import _psiadam_rows, _rows_update
-from ._functional import _PLAIN, _dtensor_type
-from ._params import _LazyName, _plan_signature, _torch_has_fused
+from ._functional import _PLAIN, _dtensor_type, _local
+from ._params import _check_finite_gradients, _LazyName, _plan_signature, _torch_has_fused
+from ._sharded_adaptive import ShardedTensor, adam_group_steps, sharded_tensor, whole_group_sums, write_group_steps
 
 __all__: list[str] = []
 
@@ -138,6 +139,8 @@ class _AdaptivePlan:
     loop: list[tuple[Tensor, Any, PSIManifold]]  # the reference or multi-tensor torch step
     kernel_sets: list[_KernelSet] = field(default_factory=list)
     euclid_fused: bool = False  # whether torch's fused step takes the Euclidean tensors
+    # groups that may straddle the shards of an FSDP2 DTensor (psiopt.optim._sharded_adaptive)
+    sharded: list[ShardedTensor] = field(default_factory=list)
 
 
 class _AdaptiveKernelsMixin:
@@ -194,6 +197,18 @@ class _AdaptiveKernelsMixin:
         virtual squared norm is the last of :meth:`_group_state_keys`; ``None``: none."""
         return None
 
+    def _sharded_steps(self, groups: list[tuple[dict[str, Any], list[ShardedTensor]]]) -> list[Any]:
+        """Per param group, the checked, unwritten step of its tensors whose groups may
+        straddle FSDP2 shards (:mod:`._sharded_adaptive`; one all-reduce for all of them),
+        or ``None`` where it has none. Only the rules that have such a step plan such tensors."""
+        if any(tensors for _, tensors in groups):
+            raise NotImplementedError
+        return [None] * len(groups)
+
+    def _write_sharded(self, group: dict[str, Any], steps: Any) -> None:
+        """Write what :meth:`_sharded_steps` computed."""
+        raise NotImplementedError
+
     # -- which tensors the kernels step ------------------------------------------------------
     def _adaptive_kernels(self, group: dict[str, Any], p: Tensor):
         """The kernel module that steps ``p``, or ``None`` for the torch steps."""
@@ -241,16 +256,21 @@ class _AdaptiveKernelsMixin:
                 plan.euclid_positions.append(j)
                 continue
             name = _LazyName(group, index, j, p)
-            if dtensor is not None and isinstance(p, dtensor) and manifold.grouping.kind != "channel":
-                # Channel groups are whole on each shard of dim 0, and DTensor's own operations step
-                # them; a block or tensor group may straddle shards, which the reference loop cannot.
-                raise NotImplementedError(
-                    f"{name} is a sharded DTensor (FSDP2) with {manifold.grouping.kind!r} groups, which may straddle "
-                    "shards: the adaptive steps (PSIAdam, PSIAdamW, PSIAdaSGD, and PSISGD's 'sgd' angular rate) "
-                    "step sharded weights only with 'channel' groups; the step was refused and nothing was changed. "
-                    "Use psiopt.PSISGD(..., angular_rate='constant'), which steps every grouping on the local "
-                    "shards, or an unsharded model"
-                )
+            if dtensor is not None and isinstance(p, dtensor):
+                if self._RULE == "adam":
+                    # Local rows, and one all-reduce of every group's sums (a group may straddle shards).
+                    row_plan, _ = self._row_plan(p, name, manifold)  # type: ignore[attr-defined]
+                    plan.sharded.append(sharded_tensor(p, name, manifold, row_plan))
+                    continue
+                if manifold.grouping.kind != "channel":
+                    # Channel groups are whole on each shard of dim 0, and DTensor's own operations step
+                    # them in the reference loop; a block or tensor group may straddle shards.
+                    raise NotImplementedError(
+                        f"{name} is a sharded DTensor (FSDP2) with {manifold.grouping.kind!r} groups, which may "
+                        f"straddle shards: {type(self).__name__} steps sharded weights only with 'channel' groups; "
+                        "the step was refused and nothing was changed. Use psiopt.PSIAdamW, psiopt.PSIAdam or "
+                        "psiopt.PSISGD, which step every grouping of sharded weights, or an unsharded model"
+                    )
             kernels = self._adaptive_kernels(group, p) if type(p) in _PLAIN or isinstance(p, geoopt.ManifoldParameter) else None
             row_plan, has_row_view = (None, False) if kernels is None else self._row_plan(p, name, manifold)  # type: ignore[attr-defined]
             if kernels is None or row_plan.sharded or not has_row_view:
@@ -298,7 +318,7 @@ class _AdaptiveKernelsMixin:
         another way)."""
         kernel_sets = []
         for group, plan, group_grads in zip(self.param_groups, plans, grads):
-            if plan.loop:
+            if plan.loop or plan.sharded:
                 return False
             for ks in plan.kernel_sets:
                 current = None if ks.batch is None else self._moments_and_states(group, ks)
@@ -324,6 +344,10 @@ class _AdaptiveKernelsMixin:
     def _general_step(self, plans: list[_AdaptivePlan], grads: list[list[Tensor | None]]) -> None:
         """Every check first (raising, naming the parameter, before anything is written),
         then new state and new row batches, then the writes."""
+        # Groups split across shards first: their sums and every rank's gradient check go in one
+        # all-reduce, so that all ranks refuse alike (a rank raising alone would leave the
+        # others waiting in a collective).
+        sharded = self._sharded_steps([(group, plan.sharded) for group, plan in zip(self.param_groups, plans)])
         collected = self._collect()  # type: ignore[attr-defined]  # gradients finite, groups nonzero
         for group, _, euclid in collected:
             self._check_euclidean(group, euclid)
@@ -337,7 +361,7 @@ class _AdaptiveKernelsMixin:
                             "weight was changed. Reset that state (optimizer.state[p]) or load a saved optimizer state"
                         )
         tampered = []
-        for group, plan, group_grads in zip(self.param_groups, plans, grads):
+        for group, plan, group_grads, sharded_steps in zip(self.param_groups, plans, grads, sharded):
             overflowed: list[tuple[Tensor, Any, PSIManifold]] = []
             steps = []
             for ks in plan.kernel_sets:
@@ -359,6 +383,8 @@ class _AdaptiveKernelsMixin:
                 self._euclidean_update(group, plan.euclid, plan.euclid_fused)
             if plan.loop or overflowed:
                 self._reference_update(group, [*plan.loop, *overflowed])
+            if sharded_steps is not None:
+                self._write_sharded(group, sharded_steps)
             for ks, first, flagged in steps:
                 tampered += self._kernel_update(group, ks, first, flagged)
                 if flagged:
@@ -431,6 +457,8 @@ class _AdamRuleMixin(_AdaptiveKernelsMixin):
 
     def _new_state(self, group: dict[str, Any], p: Tensor, manifold: PSIManifold) -> None:
         state = self.state[p]
+        # A DTensor's per-group states are replicated on every rank, as plain tensors (_sharded_adaptive).
+        owner = _local(p)
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
         key = self._first_moment_key(group)
@@ -439,9 +467,7 @@ class _AdamRuleMixin(_AdaptiveKernelsMixin):
         for key in self._group_state_keys(group):
             if key not in state:
                 # the second moments in the invariant units of ||grad f(u_j)||^2; nu^2 starts at 1
-                state[key] = p.new_ones(manifold.num_groups(p)) if key == "virtual_sq_norm" else p.new_zeros(
-                    manifold.num_groups(p)
-                )
+                state[key] = (owner.new_ones if key == "virtual_sq_norm" else owner.new_zeros)(manifold.num_groups(p))
 
     def _first_moment_key(self, group: dict[str, Any]) -> str | None:
         return self._FIRST_MOMENT if self._adam_rule(group).first_moment else None
@@ -486,3 +512,57 @@ class _AdamRuleMixin(_AdaptiveKernelsMixin):
         )
         for s in states:
             s["step"] += 1
+
+    def _sharded_steps(self, groups: list[tuple[dict[str, Any], list[ShardedTensor]]]) -> list[Any]:
+        tensors, moments = [], []
+        for group, group_tensors in groups:
+            rule = self._adam_rule(group)
+            for t in group_tensors:
+                self._new_state(group, t.param, t.manifold)
+                tensors.append(t)
+                moments.append(self.state[t.param][self._FIRST_MOMENT] if rule.first_moment else None)
+        if not tensors:
+            return [None] * len(groups)
+        try:  # this rank's other gradients: their flag goes in the all-reduce
+            collected = self._collect(check=False)  # type: ignore[attr-defined]
+            _check_finite_gradients([(p, name) for _, psi, eu in collected for p, name, *_ in (*psi, *eu)])
+            local_error = None
+        except FloatingPointError as error:
+            local_error = error
+        sums = iter(whole_group_sums(tensors, moments, local_error))  # one all-reduce per process group
+        moment_of = iter(moments)
+        out = []
+        for group, group_tensors in groups:
+            if not group_tensors:
+                out.append(None)
+                continue
+            rule = self._adam_rule(group)
+            states = [self.state[t.param] for t in group_tensors]
+            for state in states:
+                for key in self._group_state_keys(group):
+                    # saved by versions that kept them as replicated DTensors: the local copy is whole
+                    state[key] = _local(state[key])
+            group_moments = [next(moment_of) for _ in group_tensors]
+            group_states = [[s[key] for key in self._group_state_keys(group)] for s in states]
+            steps = adam_group_steps(
+                group_tensors,
+                [next(sums) for _ in group_tensors],
+                group_states,
+                [s["step"] for s in states],
+                lr=float(group["lr"]),
+                beta1=rule.beta1,
+                beta2=rule.beta2,
+                eps=rule.eps,
+                amsgrad=rule.amsgrad,
+                nesterov=rule.nesterov,
+                maximize=group["maximize"],
+                rate=rule.rate,
+            )
+            out.append((steps, group_moments, group_states))
+        return out
+
+    def _write_sharded(self, group: dict[str, Any], steps: Any) -> None:
+        group_steps, moments, group_states = steps
+        write_group_steps(group_steps, moments, group_states, group["maximize"])
+        for st in group_steps:
+            self.state[st.tensor.param]["step"] += 1

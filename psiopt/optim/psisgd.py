@@ -235,7 +235,10 @@ class PSISGD(_AdamRuleMixin, _PSIParamsMixin, Optimizer):
       **one all-reduce per step** for all of them, together with the flags of the
       checks (so every rank takes the same decision): :math:`8(6G + T + 1)` bytes for
       :math:`G` split groups and :math:`T` sharded tensors. The weights are never
-      gathered.
+      gathered. That is the constant rate's step; the ``"sgd"`` rate takes PSIAdam's
+      (:mod:`psiopt.optim._sharded_adaptive`): local shards, and one all-reduce of the
+      six sums of every group and a flag, :math:`8(6G + 1)` bytes for :math:`G` groups,
+      the per-group states replicated on every rank.
 
     Compared with :class:`geoopt.optim.RiemannianSGD` on the same
     :class:`psiopt.PSIManifold` parameters (it calls the manifold's ``egrad2rgrad``,
