@@ -58,10 +58,10 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from ..manifold import PSIManifold
-from ._adaptive import _psiadam_rows, _rows_update
+from ._adaptive import _psiadam_rows, _rows_update, psiadam_bias_corrections, psiadam_coefficients
 from ._functional import _PLAIN, _dtensor_type, _local
 from ._params import _check_finite_gradients, _LazyName, _plan_signature, _torch_has_fused
-from ._sharded_adaptive import ShardedTensor, adam_group_steps, sharded_tensor, whole_group_sums, write_group_steps
+from ._sharded_adaptive import GroupRule, ShardedTensor, group_steps, sharded_tensor, whole_group_sums, write_group_steps
 
 __all__: list[str] = []
 
@@ -197,17 +197,62 @@ class _AdaptiveKernelsMixin:
         virtual squared norm is the last of :meth:`_group_state_keys`; ``None``: none."""
         return None
 
+    def _sharded_rule(self, group: dict[str, Any], p: Tensor, first: bool) -> GroupRule:
+        """The rule of ``p``'s groups for this step, for the sharded step
+        (:data:`._sharded_adaptive.GroupRule`); ``first``: whether its first moment is new."""
+        raise NotImplementedError
+
+    # -- DTensors (FSDP2) ---------------------------------------------------------------------
     def _sharded_steps(self, groups: list[tuple[dict[str, Any], list[ShardedTensor]]]) -> list[Any]:
-        """Per param group, the checked, unwritten step of its tensors whose groups may
-        straddle FSDP2 shards (:mod:`._sharded_adaptive`; one all-reduce for all of them),
-        or ``None`` where it has none. Only the rules that have such a step plan such tensors."""
-        if any(tensors for _, tensors in groups):
-            raise NotImplementedError
-        return [None] * len(groups)
+        """Per param group, the checked, unwritten step of its DTensors
+        (:mod:`._sharded_adaptive`), or ``None`` where it has none: one all-reduce for all of
+        them, which also carries this rank's check of every other gradient, so that every
+        rank refuses alike."""
+        tensors, moments, firsts = [], [], []
+        for group, group_tensors in groups:
+            moment_key = self._first_moment_key(group)
+            for t in group_tensors:
+                firsts.append(moment_key is not None and moment_key not in self.state[t.param])
+                self._new_state(group, t.param, t.manifold)
+                tensors.append(t)
+                moments.append(None if moment_key is None else self.state[t.param][moment_key])
+        if not tensors:
+            return [None] * len(groups)
+        try:
+            collected = self._collect(check=False)  # type: ignore[attr-defined]
+            _check_finite_gradients([(p, name) for _, psi, eu in collected for p, name, *_ in (*psi, *eu)])
+            local_error = None
+        except FloatingPointError as error:
+            local_error = error
+        sums, moment_of, first_of = iter(whole_group_sums(tensors, moments, local_error)), iter(moments), iter(firsts)
+        out = []
+        for group, group_tensors in groups:
+            if not group_tensors:
+                out.append(None)
+                continue
+            states = [self.state[t.param] for t in group_tensors]
+            for state in states:
+                for key in self._group_state_keys(group):
+                    # saved by versions that kept them as replicated DTensors: the local copy is whole
+                    state[key] = _local(state[key])
+            group_moments = [next(moment_of) for _ in group_tensors]
+            rules = [self._sharded_rule(group, t.param, next(first_of)) for t in group_tensors]
+            group_states = [[s[key] for key in self._group_state_keys(group)] for s in states]
+            steps = group_steps(
+                group_tensors, [next(sums) for _ in group_tensors], group_states, rules,
+                maximize=group["maximize"], rate=self._rate(group),
+            )  # fmt: skip
+            out.append((steps, group_moments, group_states))
+        return out
 
     def _write_sharded(self, group: dict[str, Any], steps: Any) -> None:
-        """Write what :meth:`_sharded_steps` computed."""
-        raise NotImplementedError
+        """Write what :meth:`_sharded_steps` computed for ``group``, and count the step."""
+        group_steps_, moments, group_states = steps
+        write_group_steps(group_steps_, moments, group_states, group["maximize"])
+        counter = self._counter_key(group)
+        if counter is not None:
+            for st in group_steps_:
+                self.state[st.tensor.param][counter] += 1
 
     # -- which tensors the kernels step ------------------------------------------------------
     def _adaptive_kernels(self, group: dict[str, Any], p: Tensor):
@@ -257,20 +302,10 @@ class _AdaptiveKernelsMixin:
                 continue
             name = _LazyName(group, index, j, p)
             if dtensor is not None and isinstance(p, dtensor):
-                if self._RULE == "adam":
-                    # Local rows, and one all-reduce of every group's sums (a group may straddle shards).
-                    row_plan, _ = self._row_plan(p, name, manifold)  # type: ignore[attr-defined]
-                    plan.sharded.append(sharded_tensor(p, name, manifold, row_plan))
-                    continue
-                if manifold.grouping.kind != "channel":
-                    # Channel groups are whole on each shard of dim 0, and DTensor's own operations step
-                    # them in the reference loop; a block or tensor group may straddle shards.
-                    raise NotImplementedError(
-                        f"{name} is a sharded DTensor (FSDP2) with {manifold.grouping.kind!r} groups, which may "
-                        f"straddle shards: {type(self).__name__} steps sharded weights only with 'channel' groups; "
-                        "the step was refused and nothing was changed. Use psiopt.PSIAdamW, psiopt.PSIAdam or "
-                        "psiopt.PSISGD, which step every grouping of sharded weights, or an unsharded model"
-                    )
+                # Local rows, and one all-reduce of every group's sums (a group may straddle shards).
+                row_plan, _ = self._row_plan(p, name, manifold)  # type: ignore[attr-defined]
+                plan.sharded.append(sharded_tensor(p, name, manifold, row_plan))
+                continue
             kernels = self._adaptive_kernels(group, p) if type(p) in _PLAIN or isinstance(p, geoopt.ManifoldParameter) else None
             row_plan, has_row_view = (None, False) if kernels is None else self._row_plan(p, name, manifold)  # type: ignore[attr-defined]
             if kernels is None or row_plan.sharded or not has_row_view:
@@ -513,56 +548,17 @@ class _AdamRuleMixin(_AdaptiveKernelsMixin):
         for s in states:
             s["step"] += 1
 
-    def _sharded_steps(self, groups: list[tuple[dict[str, Any], list[ShardedTensor]]]) -> list[Any]:
-        tensors, moments = [], []
-        for group, group_tensors in groups:
-            rule = self._adam_rule(group)
-            for t in group_tensors:
-                self._new_state(group, t.param, t.manifold)
-                tensors.append(t)
-                moments.append(self.state[t.param][self._FIRST_MOMENT] if rule.first_moment else None)
-        if not tensors:
-            return [None] * len(groups)
-        try:  # this rank's other gradients: their flag goes in the all-reduce
-            collected = self._collect(check=False)  # type: ignore[attr-defined]
-            _check_finite_gradients([(p, name) for _, psi, eu in collected for p, name, *_ in (*psi, *eu)])
-            local_error = None
-        except FloatingPointError as error:
-            local_error = error
-        sums = iter(whole_group_sums(tensors, moments, local_error))  # one all-reduce per process group
-        moment_of = iter(moments)
-        out = []
-        for group, group_tensors in groups:
-            if not group_tensors:
-                out.append(None)
-                continue
-            rule = self._adam_rule(group)
-            states = [self.state[t.param] for t in group_tensors]
-            for state in states:
-                for key in self._group_state_keys(group):
-                    # saved by versions that kept them as replicated DTensors: the local copy is whole
-                    state[key] = _local(state[key])
-            group_moments = [next(moment_of) for _ in group_tensors]
-            group_states = [[s[key] for key in self._group_state_keys(group)] for s in states]
-            steps = adam_group_steps(
-                group_tensors,
-                [next(sums) for _ in group_tensors],
-                group_states,
-                [s["step"] for s in states],
-                lr=float(group["lr"]),
-                beta1=rule.beta1,
-                beta2=rule.beta2,
-                eps=rule.eps,
-                amsgrad=rule.amsgrad,
-                nesterov=rule.nesterov,
-                maximize=group["maximize"],
-                rate=rule.rate,
-            )
-            out.append((steps, group_moments, group_states))
-        return out
+    def _sharded_rule(self, group: dict[str, Any], p: Tensor, first: bool) -> GroupRule:
+        rule, lr = self._adam_rule(group), float(group["lr"])
+        corrections = psiadam_bias_corrections(float(self.state[p]["step"]) + 1.0, rule.beta1, rule.beta2)
 
-    def _write_sharded(self, group: dict[str, Any], steps: Any) -> None:
-        group_steps, moments, group_states = steps
-        write_group_steps(group_steps, moments, group_states, group["maximize"])
-        for st in group_steps:
-            self.state[st.tensor.param]["step"] += 1
+        def adam(sq: Tensor, states: list[Tensor]) -> tuple:
+            v = states[0]
+            mu, alpha, c_m, c_r, new_v, new_max = psiadam_coefficients(
+                sq, v, states[1] if rule.amsgrad else v, *corrections,
+                lr, rule.beta1, rule.beta2, rule.eps, rule.amsgrad, rule.nesterov,
+            )  # fmt: skip
+            return mu, alpha, c_m, c_r, [new_v, *([new_max] if rule.amsgrad else [])]
+
+        return adam
+

@@ -1,4 +1,4 @@
-r"""PSIAdam's step (PSIAdam, PSIAdamW, PSISGD's ``"sgd"`` angular rate) on DTensors: weights
+r"""The adaptive steps (PSIAdam, PSIAdamW, PSISGD's ``"sgd"`` angular rate, PSIAdaSGD) on DTensors: weights
 sharded on dim 0 by FSDP2's ``fully_shard`` (whose ``"block"`` and ``"tensor"`` groups may
 be split across the shards), or replicated, of every grouping.
 
@@ -12,10 +12,11 @@ group:
 2. **one all-reduce** per step (per process group) completes them, with a flag for this
    rank's other gradients: every rank then holds the whole sums of every group;
 3. every rank applies the rule to every group, from these sums and the group's state
-   (:func:`._adaptive.psiadam_coefficients`, :func:`._adaptive.rate_factor`,
-   :func:`._adaptive.next_virtual_sq_norm`): the same arithmetic on the same numbers,
-   so the per-group states (``exp_avg_sq``, ``max_exp_avg_sq``, ``virtual_sq_norm``) are
-   plain tensors, replicated and equal on every rank;
+   (:data:`GroupRule`: the optimizer's coefficients, then :func:`._adaptive.rate_factor`
+   and :func:`._adaptive.next_virtual_sq_norm`): the same arithmetic on the same
+   numbers, so the per-group states (``exp_avg_sq``, ``max_exp_avg_sq``,
+   ``virtual_sq_norm``; PSIAdaSGD's ``sum``) are plain tensors, replicated and equal on
+   every rank;
 4. each rank writes its local rows with its groups' coefficients.
 
 The first moment is a DTensor laid out like the weight; only its local shard is read and
@@ -29,6 +30,7 @@ rank makes it alike and refuses the step before anything is written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..manifold import PSIManifold, grad_metric_sq_from_sums, one_pass_row_scalars, step_row_sums
-from ._adaptive import next_virtual_sq_norm, psiadam_bias_corrections, psiadam_coefficients, rate_factor
+from ._adaptive import next_virtual_sq_norm, rate_factor
 from ._functional import _dim0_shard, _local, _RowPlan
 
 __all__: list[str] = []
@@ -119,6 +121,16 @@ def whole_group_sums(
     return partial
 
 
+GroupRule = Callable[[Tensor, list[Tensor]], tuple]
+"""A tensor's rule on all its groups at once: ``(sq, states) -> (mu, alpha, c_m, c_r,
+new_states)``, from the invariant squared gradient norms ``sq`` and the per-group states
+(float64, ``(num_groups,)``; the virtual squared norm of an angular rate excluded): the
+coefficients of :func:`psiopt.manifold.one_pass_row_scalars` (floats or ``(num_groups,)``
+tensors) and the new states in the same order. Each optimizer builds it from its own
+rule's coefficients (:func:`._adaptive.psiadam_coefficients`,
+:func:`._adaptive.psiadasgd_coefficients`)."""
+
+
 @dataclass
 class _GroupStep:
     """A tensor's step, computed and checked, not yet written: per-group coefficients and
@@ -126,8 +138,8 @@ class _GroupStep:
 
     tensor: ShardedTensor
     sums: Tensor
-    mu: float
-    alpha: float
+    mu: Tensor
+    alpha: Tensor
     c_m: Tensor
     c_r: Tensor
     s2: Tensor
@@ -135,47 +147,35 @@ class _GroupStep:
     states: list[Tensor]
 
 
-def adam_group_steps(
+def group_steps(
     tensors: list[ShardedTensor],
     sums: list[Tensor],
     group_states: list[list[Tensor]],
-    counters: list[Tensor],
+    rules: list[GroupRule],
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    amsgrad: bool,
-    nesterov: bool,
     maximize: bool,
     rate: tuple[float, float, float] | None,
 ) -> list[_GroupStep]:
-    """PSIAdam's rule on every group of each tensor (``group_states[i]``: its
-    ``exp_avg_sq``, then ``max_exp_avg_sq`` with ``amsgrad``, then the virtual squared
-    norm with a ``rate``; ``counters[i]``: its step counter before this step), in float64.
+    """Each tensor's rule (``rules[i]``) on every one of its groups, in float64, scaled by
+    the angular ``rate`` (whose virtual squared norm is the last of ``group_states[i]``).
     Raises ``FloatingPointError`` where a group's step is not finite; nothing is written."""
     out = []
-    for t, whole, states, counter in zip(tensors, sums, group_states, counters):
+    for t, whole, states, rule in zip(tensors, sums, group_states, rules):
         a, b, gg, mg, mw, mm = whole.unbind(1)
         if maximize:
             b, mg = -b, -mg
         sq = grad_metric_sq_from_sums(a, b, gg).clamp_min(0.0)
-        v = states[0].double()
-        v_max = states[1].double() if amsgrad else v
-        mu, alpha, c_m, c_r, new_v, new_max = psiadam_coefficients(
-            sq, v, v_max, *psiadam_bias_corrections(float(counter) + 1.0, beta1, beta2),
-            lr, beta1, beta2, eps, amsgrad, nesterov,
-        )  # fmt: skip
-        new_states = [new_v, *([new_max] if amsgrad else [])]
+        states = [s.double() for s in states]
+        nu_sq = states.pop() if rate is not None else None
+        mu, alpha, c_m, c_r, new_states = rule(sq, states)
         if rate is not None:
             gain, power, pull = rate
-            nu_sq = states[-1].double()
             factor = rate_factor(gain, power, nu_sq)
             c_m, c_r = c_m * factor, c_r * factor
         s2, q = one_pass_row_scalars(a, b, sq, mg, mw, mm, mu, alpha, c_m, c_r)
         if rate is not None:
             new_states.append(next_virtual_sq_norm(nu_sq, s2, pull))
-        c_m, c_r = torch.as_tensor(c_m, dtype=torch.float64), torch.as_tensor(c_r, dtype=torch.float64)
+        mu, alpha, c_m, c_r = (torch.as_tensor(x, dtype=torch.float64).expand_as(a) for x in (mu, alpha, c_m, c_r))
         finite = torch.isfinite(s2) & torch.isfinite(q) & torch.isfinite(c_m) & torch.isfinite(c_r)
         if not bool(finite.all()):
             groups = (~finite).nonzero().flatten().tolist()
@@ -212,7 +212,7 @@ def write_group_steps(
         u = w_acc - per_row(st.c_r) * r
         new_m = None
         if m is not None:
-            new_m = m_rows = rows(m).to(acc) * st.mu + st.alpha * r
+            new_m = m_rows = rows(m).to(acc) * per_row(st.mu) + per_row(st.alpha) * r
             u = u - per_row(st.c_m) * m_rows
         w_new = s * u
         _write_rows(t, t.param.detach(), w_new)

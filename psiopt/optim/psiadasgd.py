@@ -10,8 +10,10 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ..manifold import PSIManifold
-from ._adaptive import _psiadasgd_rows, _rows_update
+from ._adaptive import _psiadasgd_rows, _rows_update, psiadasgd_coefficients
+from ._functional import _local
 from ._params import _check_finite
+from ._sharded_adaptive import GroupRule
 from .psisgd import PSISGD
 
 __all__ = ["PSIAdaSGD"]
@@ -160,7 +162,8 @@ class PSIAdaSGD(PSISGD):
     def _new_state(self, group: dict[str, Any], p: Tensor, manifold: PSIManifold) -> None:
         state = self.state[p]
         if "sum" not in state:
-            state["sum"] = p.new_full((manifold.num_groups(p),), group["initial_accumulator_value"])
+            # a DTensor's sums replicated on every rank, as a plain tensor (_sharded_adaptive)
+            state["sum"] = _local(p).new_full((manifold.num_groups(p),), group["initial_accumulator_value"])
         if group["momentum"] != 0 and "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -181,6 +184,17 @@ class PSIAdaSGD(PSISGD):
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         return (group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["eps"])
+
+    def _sharded_rule(self, group: dict[str, Any], p: Tensor, first: bool) -> GroupRule:
+        lr, momentum, dampening, nesterov, eps = self._hyper(group)
+
+        def adasgd(sq: Tensor, states: list[Tensor]) -> tuple:
+            mu, alpha, c_m, c_r, total = psiadasgd_coefficients(
+                sq, states[0], first, float(lr), momentum, dampening, nesterov, eps
+            )
+            return mu, alpha, c_m, c_r, [total]
+
+        return adasgd
 
     def _reference_update(self, group: dict[str, Any], psi: list[tuple[Tensor, str, PSIManifold]]) -> None:
         params = [p for p, _, _ in psi]
