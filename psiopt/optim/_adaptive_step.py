@@ -139,7 +139,7 @@ class _AdaptivePlan:
     loop: list[tuple[Tensor, Any, PSIManifold]]  # the reference or multi-tensor torch step
     kernel_sets: list[_KernelSet] = field(default_factory=list)
     euclid_fused: bool = False  # whether torch's fused step takes the Euclidean tensors
-    # groups that may straddle the shards of an FSDP2 DTensor (psiopt.optim._sharded_adaptive)
+    # DTensors (FSDP2): local shards and one all-reduce (psiopt.optim._sharded_adaptive)
     sharded: list[ShardedTensor] = field(default_factory=list)
 
 
@@ -379,7 +379,7 @@ class _AdaptiveKernelsMixin:
     def _general_step(self, plans: list[_AdaptivePlan], grads: list[list[Tensor | None]]) -> None:
         """Every check first (raising, naming the parameter, before anything is written),
         then new state and new row batches, then the writes."""
-        # Groups split across shards first: their sums and every rank's gradient check go in one
+        # DTensors first: their groups' sums and every rank's gradient check go in one
         # all-reduce, so that all ranks refuse alike (a rank raising alone would leave the
         # others waiting in a collective).
         sharded = self._sharded_steps([(group, plan.sharded) for group, plan in zip(self.param_groups, plans)])

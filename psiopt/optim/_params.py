@@ -160,10 +160,9 @@ class _PSIParamsMixin:
         if not check:
             return plan
         _check_finite_gradients([(p, name) for _, psi, eu in plan for p, name, *_ in (*psi, *eu)])
-        # Groups that may straddle the shards of a DTensor are checked by the step that
-        # completes their sums across the ranks (DTensor cannot view them as rows).
-        psi_all = [(p, name, m) for _, psi, _ in plan for p, name, m in psi
-                   if m.grouping.kind == "channel" or _local(p) is p]  # fmt: skip
+        # A DTensor's groups (which may straddle its shards) are checked by the step that
+        # completes their sums across the ranks, on every rank alike, before this runs.
+        psi_all = [(p, name, m) for _, psi, _ in plan for p, name, m in psi if _local(p) is p]
         if any_zero_groups([m.rows(p.detach()) for p, _, m in psi_all]):
             for p, name, m in psi_all:
                 m.check_nonzero_groups(p.detach(), name)

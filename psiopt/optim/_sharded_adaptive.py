@@ -1,6 +1,6 @@
-r"""The adaptive steps (PSIAdam, PSIAdamW, PSISGD's ``"sgd"`` angular rate, PSIAdaSGD) on DTensors: weights
-sharded on dim 0 by FSDP2's ``fully_shard`` (whose ``"block"`` and ``"tensor"`` groups may
-be split across the shards), or replicated, of every grouping.
+r"""The adaptive steps (PSIAdam, PSIAdamW, PSISGD's ``"sgd"`` angular rate, PSIAdaSGD) on
+DTensors of every grouping: weights sharded on dim 0 by FSDP2's ``fully_shard`` (whose
+``"block"`` and ``"tensor"`` groups may be split across the shards), or replicated.
 
 A group's rule needs its whole gradient norm, and the retraction its whole norm, so a
 split group cannot be stepped from one shard's entries alone. The step is the one-pass
