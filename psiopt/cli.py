@@ -35,8 +35,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seeds",
         default=None,
-        help="comma-separated seeds, e.g. 0,1,2; the first tunes the learning rates (default: the suite's, "
-        "0,1,2,3,4 for cpu; --quick: 0)",
+        help="comma-separated seeds, e.g. 0,1,2, run by every task; the first tunes the learning rates "
+        "(default: the suite's, 0,1,2,3,4 for cpu, where the language model runs 0-19; --quick: 0)",
     )
     parser.add_argument("--out", default="bench-out", help="output directory (default: ./bench-out)")
     parser.add_argument("--quick", action="store_true", help="a shrunken suite that runs in well under a minute")

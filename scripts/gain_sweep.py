@@ -92,9 +92,9 @@ def main() -> None:
         for task in tasks:
             task = dataclasses.replace(task, methods=(args.method,))
             dataset = training.load_dataset(task, None)
-            record = training.task_record(task, dataset)
-            training.run_task(task, dataset, tuple(range(args.seeds)), torch.device("cpu"), {}, record,
-                              lambda run, text: None)  # fmt: skip
+            seeds = tuple(range(args.seeds))
+            record = training.task_record(task, dataset, seeds)
+            training.run_task(task, dataset, seeds, torch.device("cpu"), {}, record, lambda run, text: None)
             print(_line(task, text, record.methods[0]), flush=True)
 
 

@@ -96,7 +96,7 @@ def test_run_task_reads_the_test_part_once_per_reported_run(digits):
         state["tuning"] = "lr=" in text and not text.endswith(f"lr={TASK.lr_grid[-1]:g}")
 
     guarded = GuardedDataset(digits, allowed=lambda: not state["tuning"])
-    record = task_record(TASK, digits)  # (describe reads the sizes of the parts)
+    record = task_record(TASK, digits, (0, 1, 2))  # (describe reads the sizes of the parts)
     tuned = run_task(TASK, guarded, (0, 1, 2), CPU, {}, record, done)
     assert set(tuned) == {"sgd", "rsgd-sphere"}
     assert guarded.reads == 2 * 3 * 2  # (x_test, y_test) x 3 seeds x 2 methods

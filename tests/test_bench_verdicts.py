@@ -135,3 +135,20 @@ def test_language_model_verdicts_use_the_test_loss_and_psiadamw_against_adamw() 
     adamw_missed = _by_target(_task(_entry("psiadamw", [150] * 5, lower, "loss"),
                                     _entry("adamw", [100, 100, None, 100, 100], lower, "loss"), metric="loss"))
     assert adamw_missed["psiadamw-vs-adamw"].status == "met"
+
+
+def test_comparisons_report_the_steps_difference_with_its_welch_standard_error() -> None:
+    ours_steps, peer_steps = [44, 46, 45, 43, 47], [50, 53, 49, 51, 52]
+    v = _by_target(_task(_entry("psisgd", ours_steps, PEER_ACC), _entry("sgd", peer_steps, PEER_ACC)))["psisgd"]
+    assert v.steps_difference == pytest.approx(statistics.fmean(ours_steps) - statistics.fmean(peer_steps))
+    assert v.steps_difference_se == pytest.approx(_welch(ours_steps, peer_steps))
+    lower = [2.10, 2.11, 2.12, 2.13, 2.14]
+    c = _by_target(_task(_entry("psiadamw", [150, 170, 160, 140, 155], lower, "loss"),
+                         _entry("adamw", [160, 180, 150, 165, 170], lower, "loss"), metric="loss"))  # fmt: skip
+    c = c["psiadamw-vs-adamw"]
+    assert c.steps_difference == pytest.approx(155 - 165)
+    assert c.steps_difference_se == pytest.approx(_welch([150, 170, 160, 140, 155], [160, 180, 150, 165, 170]))
+    missed = _by_target(_task(_entry("psiadamw", [150, 170, 160, 140, 155], lower, "loss"),
+                              _entry("adamw", [160, None, 150, 165, 170], lower, "loss"), metric="loss"))  # fmt: skip
+    assert missed["psiadamw-vs-adamw"].status == "met"
+    assert missed["psiadamw-vs-adamw"].steps_difference is None  # AdamW missed a seed: no steps to compare

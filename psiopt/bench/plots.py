@@ -69,7 +69,7 @@ def make_plots(results: BenchResults, out_dir: Path) -> list[str]:
                 "validation loss" if task.target_on == "val_loss"
                 else f"train loss (mean of last {results.config.smoothing_window} steps)"
             )
-            ax.set_title(f"{task.task}: mean over {len(results.config.seeds)} seed(s)")
+            ax.set_title(f"{task.task}: mean over {len(task.seeds or results.config.seeds)} seed(s)")
             ax.legend(fontsize=7)
             _save(fig, out_dir, f"{task.task}-{suffix}.png", names)
             plt.close(fig)

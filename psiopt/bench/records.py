@@ -252,7 +252,8 @@ class TaskResult:
     """A training task and every method's result on it (``metric`` and ``target_on`` as
     in :class:`psiopt.bench.suites.TrainTask`). ``scale_invariant`` names the weights
     discovery put in scale-invariant groups for psiopt's optimizers (``None`` when none
-    of them ran)."""
+    of them ran). ``seeds`` are the task's (:func:`psiopt.bench.suites.task_seeds`; ``None``
+    in results written before tasks had their own: the run's)."""
 
     task: str
     dataset: DatasetInfo
@@ -268,6 +269,7 @@ class TaskResult:
     eval_every: int | None
     scale_invariant: list[str] | None = None
     methods: list[MethodTraining] = field(default_factory=list)
+    seeds: list[int] | None = None
 
 
 @dataclass
@@ -442,7 +444,9 @@ class Verdict:
     """One target of one task, checked on the results (:mod:`psiopt.bench.verdicts`).
 
     ``ours`` and ``peer`` are the two methods compared; ``steps_ratio`` is ours' mean
-    steps to target over the peer's; ``difference`` is ours' mean held-out metric
+    steps to target over the peer's, ``steps_difference`` ours' mean steps minus the
+    peer's and ``steps_difference_se`` its standard error (Welch; ``None`` in results
+    written before it); ``difference`` is ours' mean held-out metric
     minus the peer's (test accuracy, or test loss where ``metric`` is ``"loss"``:
     there a negative difference is better), ``difference_se`` its standard error
     (Welch). ``status`` is ``"met"``, ``"not met"``, or ``"no verdict"`` (with the
@@ -463,6 +467,8 @@ class Verdict:
     difference: float | None = None
     difference_se: float | None = None
     reason: str | None = None
+    steps_difference: float | None = None
+    steps_difference_se: float | None = None
 
 
 # -- the whole run ----------------------------------------------------------------------

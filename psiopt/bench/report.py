@@ -241,7 +241,7 @@ def _training_tables(results: BenchResults) -> list[Table]:
         title = (
             f"{task.task}: {task.model} on {ds.name} ({ds.train_size} train / {fmt(ds.val_size)} validation / "
             f"{ds.test_size} test), {task.steps} steps, batch {task.batch_size}, {_target_text(task)}{found}; "
-            "mean ± standard error over the seeds"
+            f"mean ± standard error over the seeds{_own_seeds_text(task, results)}"
         )
         headers = [
             "method",
@@ -313,6 +313,15 @@ def _sensitivity_table(task: TaskResult, results: BenchResults) -> list[Table]:
     return [(title, ["method", *[fmt(g) for g in grid], "basin"], rows)]
 
 
+def _own_seeds_text(task: TaskResult, results: BenchResults) -> str:
+    """`` (20 seeds: 0-19)`` where the task ran other seeds than the run's, else nothing."""
+    if task.seeds is None or task.seeds == results.config.seeds:
+        return ""
+    consecutive = task.seeds == list(range(task.seeds[0], task.seeds[0] + len(task.seeds)))
+    listed = f"{task.seeds[0]}-{task.seeds[-1]}" if consecutive else ", ".join(map(str, task.seeds))
+    return f" ({len(task.seeds)} seeds: {listed})"
+
+
 def _verdict_table(results: BenchResults) -> list[Table]:
     if not results.verdicts:
         return []
@@ -324,12 +333,21 @@ def _verdict_table(results: BenchResults) -> list[Table]:
             v.ours or "-",
             v.peer or "-",
             fmt(v.steps_ratio, 3),
+            _steps_difference_text(v),
             _difference_text(v),
         ]
         for v in results.verdicts
     ]
     title = "verdicts (see the findings for each target and the reasons)"
-    return [(title, ["task", "target", "verdict", "ours", "peer", "steps ratio", "test metric difference ± SE"], rows)]
+    headers = ["task", "target", "verdict", "ours", "peer", "steps ratio", "steps difference ± SE",
+               "test metric difference ± SE"]  # fmt: skip
+    return [(title, headers, rows)]
+
+
+def _steps_difference_text(v: Verdict) -> str:
+    if v.steps_difference is None:
+        return "-"
+    return f"{v.steps_difference:+.1f} ± {v.steps_difference_se:.1f}"
 
 
 def _difference_text(v: Verdict) -> str:
@@ -452,8 +470,13 @@ def _verdict_findings(results: BenchResults) -> list[str]:
         if v.ours is not None and v.peer is not None and v.steps_ratio is not None:
             text += (
                 f": {labels.get(v.ours, v.ours)} reached the target in {fmt(v.ours_steps)} steps, "
-                f"{labels.get(v.peer, v.peer)} in {fmt(v.peer_steps)} ({fmt(v.steps_ratio, 3)}x)"
+                f"{labels.get(v.peer, v.peer)} in {fmt(v.peer_steps)} ({fmt(v.steps_ratio, 3)}x"
             )
+            if v.steps_difference is not None:
+                se = v.steps_difference_se
+                se_units = f", {v.steps_difference / se:+.1f} standard errors" if se else ""
+                text += f"; difference {_steps_difference_text(v)} steps{se_units}"
+            text += ")"
             if v.difference is not None:
                 se_units = f", {v.difference / v.difference_se:+.1f} standard errors" if v.difference_se else ""
                 text += f"; test {v.metric} difference {_difference_text(v)}{se_units}"

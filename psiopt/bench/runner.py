@@ -32,7 +32,9 @@ from .methods import METHODS, MOMENTUM
 from .rayleigh import FULL_BATCH_METHODS, make_rayleigh, run_full_batch
 from .records import BenchResults, FullBatchProblem, FullBatchRun, MethodTraining, RunConfig, from_json, to_json
 from .steptime import measure_discovery, measure_methods, measure_scaling_point
-from .suites import DiscoverySpec, FullBatchSpec, ScaleSweep, StepScalingSpec, StepTimeSpec, Suite, TrainTask
+from .suites import (
+    DiscoverySpec, FullBatchSpec, ScaleSweep, StepScalingSpec, StepTimeSpec, Suite, TrainTask, task_seeds,
+)
 from .training import (
     BASIN_FACTOR,
     DIVERGED_LOSS,
@@ -142,7 +144,7 @@ def _step_time_devices(suite: Suite, device: torch.device) -> list[torch.device]
 def _count_units(suite: Suite, devices: int) -> int:
     total = 0
     for task in suite.train:
-        total += len(task.methods) * (len(task.lr_grid) + len(suite.seeds) - 1)
+        total += len(task.methods) * (len(task.lr_grid) + len(task_seeds(task, suite.seeds)) - 1)
     for sweep in suite.sweeps:
         total += len(sweep.methods) * len(sweep.scales)
     if suite.full_batch is not None:
@@ -292,10 +294,11 @@ class _Run:
 
     def train(self, task: TrainTask) -> None:
         dataset = self.datasets[task.name] = load_dataset(task, self.config.data_dir).to(self.device)
-        record = task_record(task, dataset)
+        seeds = task_seeds(task, self.suite.seeds)
+        record = task_record(task, dataset, seeds)
         self.results.training.append(record)
         self.tuned[task.name] = run_task(
-            task, dataset, self.suite.seeds, self.device, self.results.unavailable_methods, record, self.done
+            task, dataset, seeds, self.device, self.results.unavailable_methods, record, self.done
         )
         self.results.verdicts += task_verdicts(record)  # once every run of the task finished
 

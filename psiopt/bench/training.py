@@ -467,8 +467,8 @@ def run_task(
     return tuned
 
 
-def task_record(task: TrainTask, dataset: Data) -> TaskResult:
-    """An empty record of ``task`` on ``dataset``, filled by :func:`run_task`."""
+def task_record(task: TrainTask, dataset: Data, seeds: tuple[int, ...]) -> TaskResult:
+    """An empty record of ``task`` on ``dataset`` with these ``seeds``, filled by :func:`run_task`."""
     return TaskResult(
         task=task.name,
         dataset=from_json(DatasetInfo, dataset.describe()),
@@ -482,6 +482,7 @@ def task_record(task: TrainTask, dataset: Data) -> TaskResult:
         metric=task.metric,
         target_on=task.target_on,
         eval_every=task.eval_every,
+        seeds=list(seeds),
     )
 
 

@@ -6,7 +6,9 @@ mean number of steps to the task's target; a side counts only if it reached the 
 on **every** seed. The held-out metric is the mean final test accuracy, or the mean
 final test loss on the tasks measured by their loss (the language model; lower is
 better there), and the difference between two methods is judged against its standard
-error, Welch's: :math:`\sqrt{s_a^2/n_a + s_b^2/n_b}` from the per-seed values.
+error, Welch's: :math:`\sqrt{s_a^2/n_a + s_b^2/n_b}` from the per-seed values; every
+verdict that compares two methods reports the difference of their mean steps with its
+standard error the same way, so that a reader sees whether the steps decided it.
 
 (a) **PSI-SGD against the SGD family** (``"psisgd"``): against the fastest of SGD, SGDP
     and SGD-G, PSI-SGD (the drop-in swap, one lr on SGD's grid) is **met** when it
@@ -44,6 +46,7 @@ __all__ = [
     "reached_on_every_seed",
     "fastest",
     "metric_difference",
+    "steps_difference",
     "task_verdicts",
     "verdicts",
 ]
@@ -81,15 +84,36 @@ def _held_out(entry: MethodTraining, metric: str) -> list[float]:
     return [getattr(r, key) for r in entry.runs if getattr(r, key) is not None]
 
 
-def metric_difference(ours: MethodTraining, peer: MethodTraining, metric: str) -> tuple[float, float] | None:
-    """The difference of the mean held-out metric (``ours`` minus ``peer``: test accuracy,
-    or test loss for ``metric="loss"``) and its standard error (Welch); ``None`` when a
-    side has fewer than 2 seeds."""
-    a, b = _held_out(ours, metric), _held_out(peer, metric)
+def _welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
+    """``mean(a) - mean(b)`` and its standard error (Welch); ``None`` when a side has
+    fewer than 2 values."""
     if len(a) < 2 or len(b) < 2:
         return None
     se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
     return statistics.fmean(a) - statistics.fmean(b), se
+
+
+def metric_difference(ours: MethodTraining, peer: MethodTraining, metric: str) -> tuple[float, float] | None:
+    """The difference of the mean held-out metric (``ours`` minus ``peer``: test accuracy,
+    or test loss for ``metric="loss"``) and its standard error (Welch); ``None`` when a
+    side has fewer than 2 seeds."""
+    return _welch(_held_out(ours, metric), _held_out(peer, metric))
+
+
+def steps_difference(ours: MethodTraining, peer: MethodTraining) -> tuple[float, float] | None:
+    """The difference of the mean steps to target (``ours`` minus ``peer``, over the seeds
+    that reached it) and its standard error (Welch); ``None`` when a side has fewer than 2
+    such seeds."""
+    def steps(entry: MethodTraining) -> list[float]:
+        return [float(r.steps_to_target) for r in entry.runs if r.steps_to_target is not None]
+
+    return _welch(steps(ours), steps(peer))
+
+
+def _set_steps_difference(verdict: Verdict, ours: MethodTraining, peer: MethodTraining) -> None:
+    difference = steps_difference(ours, peer)
+    if difference is not None:
+        verdict.steps_difference, verdict.steps_difference_se = difference
 
 
 def _better_by(difference: float, metric: str) -> float:
@@ -106,6 +130,7 @@ def _compare(
     verdict = Verdict(task.task, target, description, "no verdict", task.metric, ours.method, peer.method,
                       ours.summary.steps_to_target_mean, peer.summary.steps_to_target_mean)  # fmt: skip
     verdict.steps_ratio = verdict.ours_steps / verdict.peer_steps
+    _set_steps_difference(verdict, ours, peer)
     difference = metric_difference(ours, peer, task.metric)
     if difference is None:
         verdict.reason = "a verdict needs at least 2 seeds, for a standard error"
@@ -195,6 +220,7 @@ def _psiadamw_verdict(task: TaskResult) -> Verdict | None:
     adamw = peers[0]
     verdict.peer, verdict.peer_steps = adamw.method, adamw.summary.steps_to_target_mean
     verdict.steps_ratio = verdict.ours_steps / verdict.peer_steps
+    _set_steps_difference(verdict, psi, adamw)
     difference = metric_difference(psi, adamw, task.metric)
     if difference is not None:
         verdict.difference, verdict.difference_se = difference
