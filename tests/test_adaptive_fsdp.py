@@ -2,7 +2,9 @@
 CPU with gloo: channel groups, and groups split across the shards (a block grouping whose
 middle block straddles them, a tensor grouping), step like a single process, with one
 all-reduce per step for all of them and no other collective, and per-group states equal
-on every rank."""
+on every rank; replicated DTensors step alone with no collective, and HSDP's layout
+(replicated over one mesh dimension, sharded over the other) all-reduces over the
+sharding dimension only."""
 
 from __future__ import annotations
 
@@ -201,3 +203,89 @@ def test_fsdp2_adaptive_steps_on_split_groups_step_like_a_single_process(tmp_pat
         for weight in SHARDED:
             first, second = (results[name]["states"][weight] for results in ranks)
             assert first and all(torch.equal(a, b) for a, b in zip(first, second)), (name, weight)
+
+
+# Three raw weights, one per grouping, with gradients given by hand: 5 channels (3 + 2 rows
+# on two shards), block(2) on 6 rows (3 + 3: the middle block straddles), one tensor group.
+LAYOUT_WEIGHTS = (((5, 3, 3, 3), "channel"), ((6, 4), "block(2)"), ((5, 4), "tensor"))
+
+
+def _layout_run(make, weights: list[torch.Tensor], grads: list[list[torch.Tensor]], on_step=contextlib.nullcontext):
+    groups = [{"params": [w], "grouping": g} for w, (_, g) in zip(weights, LAYOUT_WEIGHTS)]
+    opt = make(groups)
+    for step_grads in grads:
+        for w, g in zip(weights, step_grads):
+            w.grad = g
+        with on_step():
+            opt.step()
+
+
+def _layout_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    original_all_reduce = dist.all_reduce
+    try:
+        layouts = {
+            "replicated": (init_device_mesh("cpu", (WORLD,)), [Replicate()]),
+            # HSDP's layout: replicated over the first mesh dimension, sharded over the second.
+            "hsdp": (init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")),
+                     [Replicate(), Shard(0)]),
+        }  # fmt: skip
+        gen = torch.Generator().manual_seed(5)
+        start = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape, _ in LAYOUT_WEIGHTS]
+        grads = [[torch.randn(shape, generator=gen, dtype=torch.float64) for shape, _ in LAYOUT_WEIGHTS]
+                 for _ in range(STEPS)]  # fmt: skip
+        results: dict[str, object] = {}
+        for layout, (mesh, placements) in layouts.items():
+            for name, make in OPTIMIZERS.items():
+                reference = [nn.Parameter(w.clone()) for w in start]
+                _layout_run(make, reference, grads)
+                weights = [nn.Parameter(distribute_tensor(w.clone(), mesh, placements)) for w in start]
+                dgrads = [[distribute_tensor(g, mesh, placements) for g in step] for step in grads]
+                sizes: list[int] = []
+                collectives: list[int] = []
+
+                def counted(tensor, *args, **kwargs):
+                    sizes.append(tensor.numel() * tensor.element_size())
+                    return original_all_reduce(tensor, *args, **kwargs)
+
+                @contextlib.contextmanager
+                def on_step():
+                    dist.all_reduce = counted
+                    try:
+                        with CommDebugMode() as comm:
+                            yield
+                        collectives.append(sum(comm.get_comm_counts().values()))
+                    finally:
+                        dist.all_reduce = original_all_reduce
+
+                _layout_run(make, weights, dgrads, on_step)
+                err = max(float((w.detach().full_tensor() - r.detach()).abs().max()) for w, r in zip(weights, reference))
+                results[f"{layout}/{name}"] = dict(err=err, sizes=sizes, collectives=collectives)
+        torch.save(results, f"{out_dir}/layouts-rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.all_reduce = original_all_reduce
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def test_replicated_and_hsdp_dtensors_step_like_a_single_process(tmp_path) -> None:
+    pytest.importorskip("torch.distributed.tensor")
+    mp.spawn(_layout_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        results = torch.load(tmp_path / f"layouts-rank{rank}.pt")
+        for name in OPTIMIZERS:
+            # Replicated: every rank holds whole groups and steps them alone, with no collective.
+            replicated = results[f"replicated/{name}"]
+            assert replicated["err"] < 1e-9, (name, replicated["err"])
+            assert replicated["sizes"] == [] and replicated["collectives"] == [0] * STEPS, (name, replicated)
+            # HSDP: the sums go over the sharding dimension only, in one all-reduce of 440 bytes per step.
+            hsdp = results[f"hsdp/{name}"]
+            assert hsdp["err"] < 1e-9, (name, hsdp["err"])
+            assert hsdp["sizes"] == [8 * (6 * (5 + 3 + 1) + 1)] * STEPS, (name, hsdp["sizes"])
+            assert hsdp["collectives"] == [1] * STEPS, (name, hsdp["collectives"])
