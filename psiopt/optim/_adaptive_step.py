@@ -383,7 +383,9 @@ class _AdaptiveKernelsMixin:
         # all-reduce, so that all ranks refuse alike (a rank raising alone would leave the
         # others waiting in a collective).
         sharded = self._sharded_steps([(group, plan.sharded) for group, plan in zip(self.param_groups, plans)])
-        collected = self._collect()  # type: ignore[attr-defined]  # gradients finite, groups nonzero
+        # Groups nonzero, and gradients finite unless the sharded step checked them all.
+        checked = any(steps is not None for steps in sharded)
+        collected = self._collect(gradients_checked=checked)  # type: ignore[attr-defined]
         for group, _, euclid in collected:
             self._check_euclidean(group, euclid)
         for group, plan in zip(self.param_groups, plans):

@@ -127,15 +127,18 @@ class _PSIParamsMixin:
             )
 
     def _collect(
-        self, check: bool = True, groups: list[tuple[int, dict[str, Any]]] | None = None
+        self, check: bool = True, groups: list[tuple[int, dict[str, Any]]] | None = None,
+        gradients_checked: bool = False,
     ) -> list[tuple[dict[str, Any], list[tuple[Tensor, str, PSIManifold]], list[tuple[Tensor, str]]]]:
         """Per param group: its scale-invariant and Euclidean parameters that have a gradient.
 
         With ``check`` (the default), checks every gradient and every scale-invariant
         weight before anything is modified, so a refused step leaves weights and state
         untouched. ``check=False`` leaves the checks to the caller (PSISGD's one-pass step
-        reads them from its reduction pass, without a host synchronization). ``groups``:
-        only these ``(index, group)`` pairs (default: every param group).
+        reads them from its reduction pass, without a host synchronization);
+        ``gradients_checked`` leaves it the gradients only (the adaptive steps' sharded
+        step checked every one of them already). ``groups``: only these ``(index, group)``
+        pairs (default: every param group).
         """
         plan = []
         for gi, group in enumerate(self.param_groups) if groups is None else groups:
@@ -159,7 +162,8 @@ class _PSIParamsMixin:
             plan.append((group, psi, euclid))
         if not check:
             return plan
-        _check_finite_gradients([(p, name) for _, psi, eu in plan for p, name, *_ in (*psi, *eu)])
+        if not gradients_checked:
+            _check_finite_gradients([(p, name) for _, psi, eu in plan for p, name, *_ in (*psi, *eu)])
         # A DTensor's groups (which may straddle its shards) are checked by the step that
         # completes their sums across the ranks, on every rank alike, before this runs.
         psi_all = [(p, name, m) for _, psi, _ in plan for p, name, m in psi if _local(p) is p]
