@@ -79,11 +79,11 @@ LANGUAGE_MODEL_METHODS = ("adam", "adamw", "adamp", "radam-sphere", "psiadam", "
 
 LANGUAGE_MODEL_SEEDS = 20
 """The seeds of the cpu suite's language model (its ``min_seeds``). Its verdict (PSI-AdamW
-in no more steps than AdamW) has no margin, so it is only as good as the standard error
-of the steps, and its runs spread the most from seed to seed of the suite's tasks
-(standard deviation 13-15 steps to target, about 9%): at 5 seeds the standard error of
-a difference of means is about 9 steps, larger than the differences measured between
-the Adam family's members; at 20 it is about 4."""
+in no more steps than AdamW) has no margin, unlike the others' 0.9x, so it is decided by
+the standard error of the steps: the runs spread by 13-15 steps to target from seed to
+seed (about 9%), so at 5 seeds the standard error of a difference of means is about 9
+steps, more than the differences measured between the Adam family's members there; at
+20 it is about 4."""
 
 
 @dataclass(frozen=True)
