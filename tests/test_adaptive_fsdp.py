@@ -89,15 +89,55 @@ def _refusal(sharded: nn.Module, opt: torch.optim.Optimizer, poison) -> dict:
     return dict(message=str(refused.value), unchanged=unchanged)
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, distribute_tensor
-    from torch.distributed.tensor.debug import CommDebugMode
-
+@contextlib.contextmanager
+def _gloo(rank: int, init_file: str):
+    """This rank in a gloo process group of ``WORLD`` ranks, one torch thread; yields the
+    real ``dist.all_reduce`` (restored on the way out, whatever a test replaced it with)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     original_all_reduce = dist.all_reduce
     try:
+        yield original_all_reduce
+        dist.barrier()  # no rank leaves while another still talks to it
+    finally:
+        dist.all_reduce = original_all_reduce
+        # Models in reference cycles still hold the process group; freed at interpreter exit,
+        # after gloo's threads, they abort the process.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _counting(original_all_reduce):
+    """``(sizes, collectives, on_step)``: ``on_step()`` wraps one optimizer step, appending
+    the bytes of each ``dist.all_reduce`` it makes to ``sizes`` and its number of
+    collectives of any kind (DTensor's own included) to ``collectives``."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    sizes: list[int] = []
+    collectives: list[int] = []
+
+    def counted(tensor, *args, **kwargs):
+        sizes.append(tensor.numel() * tensor.element_size())
+        return original_all_reduce(tensor, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def on_step():
+        dist.all_reduce = counted
+        try:
+            with CommDebugMode() as comm:
+                yield
+            collectives.append(sum(comm.get_comm_counts().values()))
+        finally:
+            dist.all_reduce = original_all_reduce
+
+    return sizes, collectives, on_step
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    with _gloo(rank, init_file) as original_all_reduce:
         mesh = init_device_mesh("cpu", (WORLD,))
         results: dict[str, object] = {}
         for name, make in OPTIMIZERS.items():
@@ -110,24 +150,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             sharded = fully_sharded_copy(reference, mesh)
             _train(reference, make(hand_param_groups(reference)), _batches(), maximize)
             opt = make(hand_param_groups(sharded))
-            sizes: list[int] = []
-
-            def counted(tensor, *args, **kwargs):
-                sizes.append(tensor.numel() * tensor.element_size())
-                return original_all_reduce(tensor, *args, **kwargs)
-
-            collectives: list[int] = []
-
-            @contextlib.contextmanager
-            def on_step():
-                dist.all_reduce = counted
-                try:
-                    with CommDebugMode() as comm:
-                        yield
-                    collectives.append(sum(comm.get_comm_counts().values()))
-                finally:
-                    dist.all_reduce = original_all_reduce
-
+            sizes, collectives, on_step = _counting(original_all_reduce)
             _train(sharded, opt, _batches(), maximize, on_step)
             results[name] = dict(
                 err=_max_error(sharded, reference), sizes=sizes, collectives=collectives,
@@ -166,13 +189,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results[f"nan-{where}"] = _refusal(sharded, opt, poison)
 
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()  # no rank leaves while another still talks to it
-    finally:
-        dist.all_reduce = original_all_reduce
-        # Models in reference cycles still hold the process group; freed at interpreter exit,
-        # after gloo's threads, they abort the process.
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def test_fsdp2_adaptive_steps_on_split_groups_step_like_a_single_process(tmp_path) -> None:
@@ -223,12 +239,8 @@ def _layout_run(make, weights: list[torch.Tensor], grads: list[list[torch.Tensor
 def _layout_worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    from torch.distributed.tensor.debug import CommDebugMode
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    original_all_reduce = dist.all_reduce
-    try:
+    with _gloo(rank, init_file) as original_all_reduce:
         layouts = {
             "replicated": (init_device_mesh("cpu", (WORLD,)), [Replicate()]),
             # HSDP's layout: replicated over the first mesh dimension, sharded over the second.
@@ -246,32 +258,11 @@ def _layout_worker(rank: int, init_file: str, out_dir: str) -> None:
                 _layout_run(make, reference, grads)
                 weights = [nn.Parameter(distribute_tensor(w.clone(), mesh, placements)) for w in start]
                 dgrads = [[distribute_tensor(g, mesh, placements) for g in step] for step in grads]
-                sizes: list[int] = []
-                collectives: list[int] = []
-
-                def counted(tensor, *args, **kwargs):
-                    sizes.append(tensor.numel() * tensor.element_size())
-                    return original_all_reduce(tensor, *args, **kwargs)
-
-                @contextlib.contextmanager
-                def on_step():
-                    dist.all_reduce = counted
-                    try:
-                        with CommDebugMode() as comm:
-                            yield
-                        collectives.append(sum(comm.get_comm_counts().values()))
-                    finally:
-                        dist.all_reduce = original_all_reduce
-
+                sizes, collectives, on_step = _counting(original_all_reduce)
                 _layout_run(make, weights, dgrads, on_step)
                 err = max(float((w.detach().full_tensor() - r.detach()).abs().max()) for w, r in zip(weights, reference))
                 results[f"{layout}/{name}"] = dict(err=err, sizes=sizes, collectives=collectives)
         torch.save(results, f"{out_dir}/layouts-rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.all_reduce = original_all_reduce
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def test_replicated_and_hsdp_dtensors_step_like_a_single_process(tmp_path) -> None:
